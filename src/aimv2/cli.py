@@ -1,0 +1,70 @@
+"""The ``aimv2`` command. Each subcommand lives in ``aimv2.commands.<name>`` and is imported lazily,
+so ``aimv2 --help`` answers at once and a subcommand pays only for what it uses.
+
+A subcommand module defines ``HELP`` (one line), ``DESCRIPTION`` (the text of its ``--help``),
+``add_arguments(parser)`` and ``run(args) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of `aimv2 --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("aimv2.commands.pretrain", "pretrain an encoder with the AIMv2 objective from a YAML config"),
+    "probe": ("aimv2.commands.probe", "train a probe on frozen features and report top-1"),
+    "extract": ("aimv2.commands.extract", "extract features of a folder of images"),
+    "convert": ("aimv2.commands.convert", "convert an encoder checkpoint to Apple's or transformers' layout"),
+}
+
+EPILOG = """examples:
+  aimv2 pretrain configs/tiny-synthetic.yaml train.steps=200 out_dir=runs/tiny
+  aimv2 probe runs/tiny --train probe/train --val probe/val --method attentive
+  aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors images/ feats.safetensors
+  aimv2 convert model.safetensors --to hf hf-model/
+
+run `aimv2 COMMAND --help` for the options of each command."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aimv2",
+        description="AIMv2: multimodal autoregressive pre-training of vision encoders.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"aimv2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=getattr(module, "DESCRIPTION", help_),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "")
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The AIMv2 vision encoder: a ViT with RMSNorm, SwiGLU and prefix attention, and no class token.
+
+    pixels [B, 3, H, W]
+      -> conv patch embed (p x p, stride p, bias) -> RMSNorm          [B, N, D], N = (H/p) * (W/p)
+      -> + position embedding (learned absolute, or 2D sin-cos)       [B, N, D]
+      -> depth x pre-norm Block (prefix attention during pretraining) [B, N, D]
+      -> final RMSNorm                                                [B, N, D]
+
+During pretraining, sample b attends bidirectionally among its first ``prefix_len[b]`` patches and
+causally after them, so the decoder can regress every later patch from the features. At inference
+``prefix_len=None`` makes attention fully bidirectional; the paper uses the model so with no tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import Block, RMSNorm, init_trunk_linear_, prefix_causal_mask
+
+
+@dataclass
+class EncoderConfig:
+    """Numbers that define an encoder. Sizes derive from them (patch_dim = patch_size**2 * in_chans)."""
+
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 8
+    mlp_hidden_dim: int = 2816
+    patch_size: int = 14
+    img_size: int | tuple[int, int] = 224
+    pos_embed: str = "learned"  # "learned" (absolute, resized to other grids) or "sincos" (2D, native resolution)
+    in_chans: int = 3
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if isinstance(self.img_size, list):
+            self.img_size = tuple(self.img_size)
+        if self.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
+        h, w = self.grid_size
+        if h * self.patch_size != self.image_hw[0] or w * self.patch_size != self.image_hw[1]:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"2D sin-cos position embedding needs embed_dim divisible by 4, got {self.embed_dim}")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_chans
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["img_size"] = list(self.image_hw) if not isinstance(self.img_size, int) else self.img_size
+        return d
+
+
+def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """2D sin-cos embedding of an h x w grid in raster order, columns first.
+
+    pe(r, c) = [sin(c*w_k), cos(c*w_k), sin(r*w_k), cos(r*w_k)], w_k = temperature^(-k / (dim/4)).
+    Computed in float64 so large grids keep their precision. Returns float32 [h*w, dim].
+    """
+    quarter = dim // 4
+    omega = temperature ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    c = cols.flatten()[:, None] * omega[None]  # [N, D/4]
+    r = rows.flatten()[:, None] * omega[None]  # [N, D/4]
+    return torch.cat([c.sin(), c.cos(), r.sin(), r.cos()], dim=1).float()  # [N, D]
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchifier followed by RMSNorm (Apple's ``preprocessor.patchifier``)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.proj(pixels)  # [B, D, H/p, W/p]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D], raster order
+        return self.norm(x)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, name: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.name = name
+        self.patch_embed = PatchEmbed(cfg)
+        if cfg.pos_embed == "learned":
+            gh, gw = cfg.grid_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, cfg.embed_dim))
+        else:
+            self.register_parameter("pos_embed", None)
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth)
+        )
+        self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+        self.grad_checkpointing = False
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ---------------------------------------------------------------- init / switches
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference init: xavier-uniform trunk and patch conv (flattened), zero biases, pos std 0.02.
+
+        Call it after ``to_empty`` when the model was built on the meta device.
+        """
+        init_trunk_linear_(self.blocks)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        self._pos_cache.clear()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> VisionEncoder:
+        """Recompute each block in the backward pass: activation memory O(1) in depth for ~1/3 more compute."""
+        self.grad_checkpointing = enable
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.cfg.patch_size
+
+    # ---------------------------------------------------------------- position embeddings
+    def _pos_embed(self, gh: int, gw: int, device: torch.device) -> torch.Tensor:
+        """Position embedding for a gh x gw grid: [1, gh*gw, D]."""
+        if self.pos_embed is None:
+            key = ("sincos", gh, gw, device)
+            if key not in self._pos_cache:
+                pe = sincos_pos_embed_2d(gh, gw, self.cfg.embed_dim).to(device)
+                self._pos_cache[key] = pe.unsqueeze(0)
+            return self._pos_cache[key]
+        g0h, g0w = self.cfg.grid_size
+        if (gh, gw) == (g0h, g0w):
+            return self.pos_embed
+        # Resize the learned grid (bicubic, antialiased like timm). Cached only when no gradient flows to it:
+        # in training the parameter changes every step and the resize must stay differentiable.
+        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
+        key = ("learned", gh, gw, device, self.pos_embed.dtype, self.pos_embed._version, self.pos_embed.data_ptr())
+        if cacheable and key in self._pos_cache:
+            return self._pos_cache[key]
+        D = self.cfg.embed_dim
+        grid = self.pos_embed.reshape(1, g0h, g0w, D).permute(0, 3, 1, 2).float()  # [1, D, g0h, g0w]
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
+        pe = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, D).to(self.pos_embed.dtype)  # [1, gh*gw, D]
+        if cacheable:
+            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[0] != "learned"}  # one stale entry max
+            self._pos_cache[key] = pe
+        return pe
+
+    # ---------------------------------------------------------------- forward
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embedding: [B, 3, H, W] -> [B, N, D]."""
+        if pixels.ndim != 4 or pixels.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"expected pixels [B, {self.cfg.in_chans}, H, W], got {tuple(pixels.shape)}")
+        H, W = pixels.shape[-2:]
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f"image size {H}x{W} is not divisible by the patch size {p}; resize or crop to a multiple of {p}"
+            )
+        x = self.patch_embed(pixels)  # [B, N, D]
+        pe = self._pos_embed(H // p, W // p, pixels.device)  # [1, N, D]
+        return x + pe.to(self.patch_embed.proj.weight.dtype)
+
+    def attention_mask(self, prefix_len: torch.Tensor | int | None, batch: int, seq_len: int, device) -> torch.Tensor:
+        """bool [B, 1, N, N] prefix-causal mask, or None for full bidirectional attention."""
+        if prefix_len is None:
+            return None
+        if isinstance(prefix_len, int):
+            prefix_len = torch.full((batch,), prefix_len, dtype=torch.long, device=device)
+        prefix_len = prefix_len.to(device=device).reshape(-1)
+        if prefix_len.numel() not in (1, batch):
+            raise ValueError(f"prefix_len must have one entry per sample ({batch}), got {prefix_len.numel()}")
+        return prefix_causal_mask(prefix_len, seq_len)
+
+    def _run_block(self, blk: Block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, mask, use_reentrant=False)
+        return blk(x, mask)
+
+    def forward(self, pixels: torch.Tensor, prefix_len: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Patch features after the final norm: [B, 3, H, W] -> [B, N, D]."""
+        x = self.embed(pixels)  # [B, N, D]
+        mask = self.attention_mask(prefix_len, x.shape[0], x.shape[1], x.device)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, mask)
+        return self.norm(x)
+
+    def forward_features(
+        self,
+        pixels: torch.Tensor,
+        prefix_len: torch.Tensor | int | None = None,
+        *,
+        blocks: Sequence[int] | int | None = None,
+        norm: bool = True,
+    ) -> list[torch.Tensor]:
+        """Outputs of chosen blocks, for probes and dense tasks that read (or average) several layers.
+
+        blocks: indices into the trunk (negative counts from the end), or an int n for the last n
+            blocks; None is the last block only. The trunk stops after the deepest block asked for.
+        norm: apply the final RMSNorm to each output (the released models were trained with it on the
+            last block; AIMv1 probes averaged normalized features of several blocks).
+        Returns: a list of [B, N, D], in the order asked.
+        """
+        depth = len(self.blocks)
+        if blocks is None:
+            idx = [depth - 1]
+        elif isinstance(blocks, int):
+            if not 1 <= blocks <= depth:
+                raise ValueError(f"blocks={blocks}: ask for between 1 and {depth} last blocks")
+            idx = list(range(depth - blocks, depth))
+        else:
+            idx = [i + depth if i < 0 else i for i in blocks]
+            bad = [i for i in idx if not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"block indices {list(blocks)} out of range for an encoder with {depth} blocks")
+        wanted = set(idx)
+        x = self.embed(pixels)
+        mask = self.attention_mask(prefix_len, x.shape[0], x.shape[1], x.device)
+        outs: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[: max(idx) + 1]):
+            x = self._run_block(blk, x, mask)
+            if i in wanted:
+                outs[i] = self.norm(x) if norm else x
+        return [outs[i] for i in idx]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self, num_patches: int | None = None) -> float:
+        """Forward FLOPs (multiply-adds x 2) of one image: matmuls plus attention scores/values."""
+        c = self.cfg
+        n = num_patches or math.prod(c.grid_size)
+        d = c.embed_dim
+        per_block = 2 * n * (4 * d * d + 3 * d * c.mlp_hidden_dim) + 2 * 2 * n * n * d
+        return c.depth * per_block + 2 * n * c.patch_dim * d

@@ -1,0 +1,111 @@
+"""Building blocks shared by the AIMv2 encoder, decoder and text tower.
+
+Every block is pre-norm: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``. Attention goes through
+PyTorch's ``scaled_dot_product_attention`` so the fused kernels (flash / memory-efficient on GPU, the
+fused CPU kernel) are used; masks are boolean with ``True`` meaning "may attend".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale, computed in float32.
+
+    Under bf16 autocast the mean of squares loses too much precision in bf16, so the statistic is
+    taken in float32 and the result cast back to the input dtype (as transformers and timm do).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """``fc2(silu(fc1(x)) * fc3(x))``: fc1 is the gate, fc3 the up projection, fc2 the down one.
+
+    The names follow Apple's checkpoints so that the key maps in ``checkpoints.py`` stay short.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc3 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (q, k, v stacked on the output dim)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, proj_bias: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        # x: [B, N, D]; mask: None or bool [B or 1, 1, N, N] (True = may attend)
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        y = y.transpose(1, 2).reshape(B, N, D)  # [B, N, D]
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: RMSNorm -> attention, RMSNorm -> SwiGLU, both residual."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Boolean attention mask for prefix attention, True where query i may attend key j.
+
+    Query i sees key j when j <= i (causal) or j < prefix_len[b] (the prefix is bidirectional).
+    ``prefix_len`` of 0 or 1 gives a plain causal mask; ``seq_len`` gives full attention.
+
+    Returns: bool [B, 1, N, N].
+    """
+    idx = torch.arange(seq_len, device=prefix_len.device)
+    causal = idx[None, :] <= idx[:, None]  # [N, N]: key j <= query i
+    in_prefix = idx[None, None, :] < prefix_len.view(-1, 1, 1)  # [B, 1, N]: key j in prefix of sample b
+    return (causal[None] | in_prefix).unsqueeze(1)  # [B, 1, N, N]
+
+
+def init_trunk_linear_(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear in ``module`` (the reference trunk init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
