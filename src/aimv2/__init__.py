@@ -1,7 +1,15 @@
 """aimv2: AIMv2 multimodal autoregressive pre-training of vision encoders, in PyTorch."""
 
-from .models import EncoderConfig, VisionEncoder, create_model, list_models
+from .models import EncoderConfig, PretrainOutput, VisionEncoder, create_model, create_pretraining_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["EncoderConfig", "VisionEncoder", "__version__", "create_model", "list_models"]
+__all__ = [
+    "EncoderConfig",
+    "PretrainOutput",
+    "VisionEncoder",
+    "__version__",
+    "create_model",
+    "create_pretraining_model",
+    "list_models",
+]

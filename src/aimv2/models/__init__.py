@@ -1,7 +1,9 @@
 """AIMv2 models: the vision encoder, the multimodal decoder and the pretraining objective."""
 
+from .decoder import DecoderConfig, MultimodalDecoder
 from .encoder import EncoderConfig, VisionEncoder
-from .registry import SIZES, build_encoder, list_models, model_config, parse_model_name
+from .pretrain import AIMv2Pretrainer, PrefixSampler, PretrainOutput, create_pretraining_model
+from .registry import SIZES, build_encoder, list_models, model_config, model_size, parse_model_name
 
 
 def create_model(name: str, *, checkpoint=None, **overrides) -> VisionEncoder:
@@ -22,6 +24,13 @@ def create_model(name: str, *, checkpoint=None, **overrides) -> VisionEncoder:
 
 __all__ = [
     "SIZES",
+    "AIMv2Pretrainer",
+    "DecoderConfig",
+    "MultimodalDecoder",
+    "PrefixSampler",
+    "PretrainOutput",
+    "create_pretraining_model",
+    "model_size",
     "EncoderConfig",
     "VisionEncoder",
     "build_encoder",

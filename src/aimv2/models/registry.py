@@ -36,8 +36,7 @@ def _canonical_size(size: str) -> str | None:
     return None
 
 
-def parse_model_name(name: str) -> EncoderConfig:
-    """``aimv2-large-patch14-224`` -> EncoderConfig. Raises ValueError that lists what is valid."""
+def _match(name: str) -> tuple[re.Match, str]:
     m = _NAME.match(name)
     size = _canonical_size(m["size"]) if m else None
     if m is None or size is None:
@@ -45,6 +44,17 @@ def parse_model_name(name: str) -> EncoderConfig:
             f"unknown model name {name!r}: expected aimv2-{{size}}-patch{{p}}-{{res|native}} with size in "
             f"{'|'.join(SIZES)}, e.g. aimv2-large-patch14-224, aimv2-large-patch14-native, aimv2-tiny-patch8-64"
         )
+    return m, size
+
+
+def model_size(name: str) -> str:
+    """``aimv2-1b-patch14-224`` -> ``1B``: the canonical size key of SIZES."""
+    return _match(name)[1]
+
+
+def parse_model_name(name: str) -> EncoderConfig:
+    """``aimv2-large-patch14-224`` -> EncoderConfig. Raises ValueError that lists what is valid."""
+    m, size = _match(name)
     dim, depth, heads, hidden = SIZES[size]
     patch = int(m["patch"])
     native = m["res"] == "native"

@@ -1,0 +1,127 @@
+"""The AIMv2 multimodal decoder: one causal transformer shared by both modalities.
+
+    image features [B, N, D_enc] -> Linear (bias)                       [B, N, D]
+    [BOS] + caption tokens[:, :-1] -> embedding + learned position      [B, T, D]
+    concat (image first)                                                [B, N + T, D]
+      -> depth x causal pre-norm Block -> RMSNorm                       [B, N + T, D]
+      -> pixel head on image positions 0..N-2 (predicts patches 1..N-1) [B, N - 1, p*p*3]
+      -> text head on BOS + tokens 0..T-2 (predicts tokens 0..T-1)      [B, T, V]
+
+Image positions come first, so causality alone guarantees that image predictions never see the
+caption, and that the caption is predicted from the whole image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import Block, RMSNorm, init_trunk_linear_
+
+
+@dataclass
+class DecoderConfig:
+    """The paper's decoder is 1024 wide, 12 blocks, 8 heads for every encoder size."""
+
+    embed_dim: int = 1024
+    depth: int = 12
+    num_heads: int = 8
+    mlp_hidden_dim: int = 2816
+    vocab_size: int = 32000
+    max_text_len: int = 77  # BOS + caption tokens fed to the decoder (= the tokenizer's context length)
+    norm_eps: float = 1e-5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Scaled-down decoders for the research encoder sizes (the official sizes use the paper's 1024 x 12).
+DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (192, 4, 3, 512),
+    "small": (384, 6, 6, 1024),
+}
+
+
+def default_decoder_config(encoder_size: str, **overrides) -> DecoderConfig:
+    if encoder_size in DECODER_SIZES:
+        dim, depth, heads, hidden = DECODER_SIZES[encoder_size]
+        cfg = DecoderConfig(embed_dim=dim, depth=depth, num_heads=heads, mlp_hidden_dim=hidden)
+    else:
+        cfg = DecoderConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown decoder option {k!r}; valid: {sorted(asdict(cfg))}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+class MultimodalDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, encoder_dim: int, patch_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.image_proj = nn.Linear(encoder_dim, D, bias=True)
+        self.bos = nn.Parameter(torch.zeros(1, 1, D))
+        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth))
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.pixel_head = nn.Linear(D, patch_dim, bias=False)
+        self.text_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Xavier trunk and projection; heads truncated-normal with fan-in scaling 1/(1+depth)."""
+        init_trunk_linear_(self.blocks)
+        nn.init.xavier_uniform_(self.image_proj.weight)
+        nn.init.zeros_(self.image_proj.bias)
+        nn.init.normal_(self.bos, std=0.02)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.text_pos, std=0.02, a=-0.04, b=0.04)
+        scale = 1.0 / (1 + self.cfg.depth)
+        for head in (self.pixel_head, self.text_head):
+            std = math.sqrt(scale / head.in_features)
+            nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> MultimodalDecoder:
+        self.grad_checkpointing = enable
+        return self
+
+    def embed_text(self, text_in: torch.Tensor) -> torch.Tensor:
+        """[BOS] + tokens -> [B, 1 + T_in, D] with learned positions (0 = BOS)."""
+        B, T_in = text_in.shape
+        if T_in + 1 > self.cfg.max_text_len:
+            raise ValueError(
+                f"caption of {T_in + 1} positions (BOS included) exceeds decoder.max_text_len="
+                f"{self.cfg.max_text_len}; truncate captions or raise max_text_len"
+            )
+        x = torch.cat([self.bos.expand(B, -1, -1), self.tok_embed(text_in)], dim=1)  # [B, 1 + T_in, D]
+        return x + self.text_pos[:, : T_in + 1]
+
+    def forward(self, image_feats: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_feats [B, N, D_enc], text [B, T] (right-padded) ->
+        (pixel predictions [B, N - 1, p*p*3] for patches 1..N-1, text logits [B, T, V] for tokens 0..T-1)."""
+        B, N, _ = image_feats.shape
+        T = text.shape[1]
+        img = self.image_proj(image_feats)  # [B, N, D]
+        txt = self.embed_text(text[:, :-1])  # [B, T, D]: BOS + tokens 0..T-2
+        x = torch.cat([img, txt], dim=1)  # [B, N + T, D]
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, None, True, use_reentrant=False)
+            else:
+                x = blk(x, is_causal=True)
+        x = self.norm(x)
+        image_pred = self.pixel_head(x[:, : N - 1])  # [B, N - 1, p*p*3]
+        text_logits = self.text_head(x[:, N : N + T])  # [B, T, V]
+        return image_pred, text_logits

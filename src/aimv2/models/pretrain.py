@@ -1,0 +1,135 @@
+"""The AIMv2 pretraining objective, readable top to bottom.
+
+    images [B, 3, H, W], text [B, T], prefix_len [B] (M_b drawn uniformly in {1, ..., N-1})
+      encoder(images, prefix_len)           -> feats [B, N, D_enc]  (prefix attention)
+      decoder(feats, text)                  -> image_pred [B, N-1, p*p*3], text_logits [B, T, V]
+      image_pred[:, k] regresses patch k+1, normalized per patch; loss only where k+1 >= M_b
+      text_logits[:, t] predicts text[:, t]; loss only on non-pad tokens
+      loss = text_loss + alpha * image_loss
+
+Why the prefix targets are excluded: encoder features of prefix patches see the whole prefix, so a
+prediction of patch k+1 < M would be read off a feature that already contains it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decoder import DecoderConfig, MultimodalDecoder, default_decoder_config
+from .encoder import VisionEncoder
+from .registry import build_encoder, model_size
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor  # scalar: text_loss + alpha * image_loss
+    image_loss: torch.Tensor  # scalar: MSE per patch, averaged over non-prefix target patches of the batch
+    text_loss: torch.Tensor  # scalar: cross-entropy averaged over non-pad tokens of the batch
+    image_pred: torch.Tensor  # [B, N-1, p*p*3]; image_pred[:, k] predicts patch k+1
+    text_logits: torch.Tensor  # [B, T, V]; text_logits[:, t] predicts text[:, t]
+    prefix_len: torch.Tensor  # [B] the prefix lengths used
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C], patches in raster order, values in (row, col, channel) order."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)  # [B, C, gh, p, gw, p]
+    x = x.permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, p, p, C]
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalized pixel targets: (x - mean) / sqrt(var + eps), unbiased var, float32. [B, N, p*p*C]"""
+    x = patchify(images.float(), patch_size)
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def image_loss_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """bool [B, N-1]: True where image_pred[:, k] has a target, i.e. patch k+1 is not in the prefix."""
+    k = torch.arange(num_patches - 1, device=prefix_len.device)
+    return (k[None, :] + 1) >= prefix_len[:, None]
+
+
+class PrefixSampler:
+    """Draws prefix lengths M ~ U{1, ..., N-1}, one per sample, from a generator keyed by
+    (seed, rank, worker, step).
+
+    The reference code seeds one sampler in the parent process, so every data worker and every rank
+    repeats the same sequence; keying the draw by where it happens makes each draw distinct and
+    reproducible on resume.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+
+    def __call__(
+        self, batch_size: int, num_patches: int, *, rank: int = 0, worker: int = 0, step: int = 0
+    ) -> torch.Tensor:
+        if num_patches < 2:
+            raise ValueError(f"prefix attention needs at least 2 patches per image, got {num_patches}")
+        rng = np.random.default_rng([self.seed, rank, worker, step])
+        return torch.from_numpy(rng.integers(1, num_patches, size=batch_size)).long()  # [B] in [1, N-1]
+
+
+class AIMv2Pretrainer(nn.Module):
+    """Encoder + multimodal decoder + the AIMv2 loss."""
+
+    def __init__(self, encoder: VisionEncoder, decoder: MultimodalDecoder, *, pad_id: int = 0, alpha: float = 0.4):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.pad_id = pad_id
+        self.alpha = alpha
+        self.patch_size = encoder.cfg.patch_size
+
+    def forward(
+        self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor | int | None = None
+    ) -> PretrainOutput:
+        B, _, H, W = images.shape
+        N = (H // self.patch_size) * (W // self.patch_size)
+        if prefix_len is None:  # one uniform draw per sample from torch's RNG (the trainer passes its own)
+            prefix_len = torch.randint(1, N, (B,), device=images.device)
+        elif isinstance(prefix_len, int):
+            prefix_len = torch.full((B,), prefix_len, dtype=torch.long, device=images.device)
+        prefix_len = prefix_len.to(images.device)
+
+        feats = self.encoder(images, prefix_len=prefix_len)  # [B, N, D_enc]
+        image_pred, text_logits = self.decoder(feats, text)  # [B, N-1, P], [B, T, V]
+
+        # image: regress normalized patch k+1 from position k, only for non-prefix targets
+        target = pixel_targets(images, self.patch_size)[:, 1:]  # [B, N-1, P]
+        per_patch = (image_pred.float() - target).pow(2).mean(dim=-1)  # [B, N-1]
+        valid = image_loss_mask(prefix_len, N)  # [B, N-1]
+        image_loss = (per_patch * valid).sum() / valid.sum().clamp(min=1)
+
+        # text: next-token cross-entropy over non-pad tokens
+        text_loss = F.cross_entropy(
+            text_logits.float().flatten(0, 1), text.flatten(), ignore_index=self.pad_id, reduction="mean"
+        )
+        loss = text_loss + self.alpha * image_loss
+        return PretrainOutput(loss, image_loss, text_loss, image_pred, text_logits, prefix_len)
+
+
+def create_pretraining_model(
+    encoder_name: str, *, vocab_size: int, pad_id: int = 0, alpha: float = 0.4, **overrides
+) -> AIMv2Pretrainer:
+    """Encoder ``encoder_name`` + the AIMv2 decoder, ready to pretrain.
+
+    overrides: encoder config fields (``img_size=64``, ``depth=6``) and decoder fields prefixed with
+    ``decoder_`` (``decoder_embed_dim``, ``decoder_depth``, ``decoder_num_heads``,
+    ``decoder_mlp_hidden_dim``, ``decoder_max_text_len``). Research sizes get scaled-down decoders.
+    """
+    dec_over = {k.removeprefix("decoder_"): v for k, v in overrides.items() if k.startswith("decoder_")}
+    enc_over = {k: v for k, v in overrides.items() if not k.startswith("decoder_")}
+    encoder = build_encoder(encoder_name, **enc_over)
+    dcfg: DecoderConfig = default_decoder_config(model_size(encoder_name), vocab_size=vocab_size, **dec_over)
+    decoder = MultimodalDecoder(dcfg, encoder.cfg.embed_dim, encoder.cfg.patch_dim)
+    return AIMv2Pretrainer(encoder, decoder, pad_id=pad_id, alpha=alpha)
