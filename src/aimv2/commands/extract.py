@@ -1,0 +1,122 @@
+"""``aimv2 extract``: features of every image under a folder, written to a .safetensors or .npy file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ._features_args import (
+    add_encoder_arguments,
+    encoder_img_size,
+    load_encoder_from_args,
+    plain_warnings,
+    resolve_device,
+)
+
+HELP = "extract features of a folder of images"
+
+DESCRIPTION = """Run a frozen AIMv2 encoder over every image under IMAGES_DIR (recursively, sorted by path) and save
+the features.
+
+Each image is converted to RGB (transparency composited over white, 16-bit greys scaled), its short side
+resized to --img-size (bicubic) and center cropped, then normalized with --mean-std. Images that cannot be
+decoded are skipped and named in a warning; the run goes on.
+
+Output, by the extension of OUT:
+  .safetensors  tensor "features" float32, metadata "paths" (JSON list, relative to IMAGES_DIR, one per row)
+                plus the settings used
+  .npy          the features array; the paths go to a sibling OUT-without-.npy + ".paths.txt", one per line
+
+Feature shape: [n, N, D] patch tokens after the final norm (N = (img_size/patch)^2), or [n, D] with
+--pool mean. --blocks averages the normalized outputs of several blocks instead of taking the last one.
+
+examples:
+  aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors photos/ feats.safetensors
+  aimv2 extract runs/tiny photos/ feats.npy --pool mean --bf16
+  aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors photos/ f.safetensors --blocks -4,-3,-2,-1
+"""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("encoder", metavar="ENCODER", help="model name, checkpoint file, HF folder or run folder")
+    parser.add_argument("images", metavar="IMAGES_DIR", help="folder of images (searched recursively)")
+    parser.add_argument("out", metavar="OUT", help="output file: .safetensors or .npy")
+    parser.add_argument(
+        "--pool", choices=("none", "mean"), default="none", help="none: keep patch tokens; mean: average them"
+    )
+    add_encoder_arguments(parser)
+
+
+def write_features(out: Path, features, paths: list[str], settings: dict) -> list[Path]:
+    """Write features [n, ...] and their image paths; returns the files written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, features.numpy())
+        paths_file = out.with_suffix(".paths.txt")
+        paths_file.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+        return [out, paths_file]
+    from safetensors.torch import save_file
+
+    metadata = {k: json.dumps(v) for k, v in settings.items()}
+    metadata["paths"] = json.dumps(paths)
+    save_file({"features": features.contiguous()}, str(out), metadata=metadata)
+    return [out]
+
+
+def run(args) -> int:
+    from ..data.folders import ImageFiles
+    from ..data.transforms import eval_transform
+    from ..eval.features import extract_features
+
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".npy"):
+        print(f"aimv2 extract: error: OUT must end in .safetensors or .npy, got {str(out)!r}", file=sys.stderr)
+        return 2
+    try:
+        encoder = load_encoder_from_args(args)
+        img_size = encoder_img_size(encoder, args.img_size)
+        transform = eval_transform(img_size, crop_pct=args.crop_pct)
+        dataset = ImageFiles.from_folder(args.images, transform)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"aimv2 extract: error: {e}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    encoder.to(device)
+    with plain_warnings():
+        result = extract_features(
+            encoder,
+            dataset,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=device,
+            dtype="bf16" if args.bf16 else "fp32",
+            blocks=args.blocks,
+            pool=args.pool,
+            mean_std=args.mean_std,
+            progress=False if args.no_progress else None,
+            desc="extract",
+        )
+    root = Path(args.images)
+    paths = [dataset.paths[i].relative_to(root).as_posix() for i in result["indices"].tolist()]
+    settings = {
+        "encoder": args.encoder,
+        "checkpoint": args.checkpoint,
+        "img_size": img_size,
+        "crop_pct": args.crop_pct,
+        "mean_std": args.mean_std,
+        "blocks": args.blocks,
+        "pool": args.pool,
+        "dtype": "bf16" if args.bf16 else "fp32",
+        "skipped": [e.path for e in result["errors"]],
+    }
+    written = write_features(out, result["features"], paths, settings)
+    shape = "x".join(map(str, result["features"].shape))
+    skipped = f", {len(result['errors'])} unreadable skipped" if result["errors"] else ""
+    print(
+        f"extracted {len(paths)} images{skipped}: features [{shape}] {result['features'].dtype}".replace("torch.", "")
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

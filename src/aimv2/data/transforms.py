@@ -1,0 +1,159 @@
+"""Image transforms: PIL image in, **uint8** CHW tensor out; normalization happens later, batched, on the device.
+
+Images cross process boundaries (DataLoader workers -> main process -> GPU) as uint8: a quarter of the bytes of
+float32, and the float conversion plus mean/std normalization runs once per batch on the accelerator
+(:func:`normalize`) instead of per image on a CPU core.
+
+Evaluation follows Apple's preprocessing: resize the short side to ``img_size`` (bicubic) then center crop.
+Pretraining uses RandomResizedCrop (scale 0.4-1, ratio 3/4-4/3, bicubic) and a horizontal flip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+
+# name -> (mean, std) per RGB channel, for pixels scaled to [0, 1]. Apple's training code uses ImageNet's; the
+# preprocessor configs published with the checkpoints use CLIP's.
+MEAN_STD: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+_HAS_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    """uint8 [H, W] -> RGB image with three equal channels."""
+    return Image.fromarray(values).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB, without the silent errors of ``img.convert("RGB")``.
+
+    - Transparency (RGBA, LA, PA, premultiplied modes, and P/L/RGB images with a ``transparency`` key) is
+      composited over white: ``convert("RGB")`` would drop alpha and expose whatever colour hides under it
+      (often black), so a logo on a transparent background would turn into a black square.
+    - 16-bit greys (``I;16*`` and ``I``, as 16-bit PNG and TIFF decode) are scaled by 255/65535; ``convert`` clips
+      them to 255, turning nearly every pixel white.
+    - Float images (``F``) in [0, 1] are scaled to [0, 255]; otherwise they are read as [0, 255] and clipped.
+    - CMYK, 1-bit, L, P, YCbCr and the rest go through PIL's own conversion, which is exact for them.
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _SIXTEEN_BIT:
+        a = np.asarray(img).astype(np.float64)  # [H, W]
+        return _gray_to_rgb(np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
+    if mode == "F":
+        a = np.asarray(img).astype(np.float64)  # [H, W]
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        return _gray_to_rgb(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if mode in _HAS_ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # P/L/RGB with a transparency key become real alpha; RGBa/La are un-premultiplied
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class ToRGB:
+    """:func:`to_rgb` as a transform step (a class, so DataLoader workers can pickle it, with a stable repr)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name.lower())
+    except ValueError:
+        valid = ", ".join(m.value for m in InterpolationMode)
+        raise ValueError(f"unknown interpolation {name!r}; valid: {valid}") from None
+
+
+def _hw(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
+def eval_transform(
+    img_size: int | tuple[int, int], crop_pct: float = 1.0, interpolation: str = "bicubic"
+) -> v2.Compose:
+    """Apple's evaluation preprocessing: short side to ``img_size / crop_pct`` (bicubic), center crop ``img_size``.
+
+    Resizing happens on the PIL image (PIL's bicubic with antialiasing), as in the reference pipeline, so features
+    match theirs. Returns a callable PIL image -> uint8 tensor [3, H, W]. Its ``repr`` lists every setting and is
+    used as the transform's part of the feature-cache key.
+    """
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    h, w = _hw(img_size)
+    short = int(round(max(h, w) / crop_pct))
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.Resize(short, interpolation=_interpolation(interpolation), antialias=True),
+            v2.CenterCrop((h, w)),
+            v2.PILToTensor(),  # uint8 [3, H, W]
+        ]
+    )
+
+
+def train_transform(
+    img_size: int | tuple[int, int],
+    scale: tuple[float, float] = (0.4, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    interpolation: str = "bicubic",
+) -> v2.Compose:
+    """AIMv2 pretraining augmentation: RandomResizedCrop (scale 0.4-1, ratio 3/4-4/3, bicubic) and a flip.
+
+    Returns a callable PIL image -> uint8 tensor [3, H, W].
+    """
+    steps = [
+        ToRGB(),
+        v2.RandomResizedCrop(_hw(img_size), scale=scale, ratio=ratio, interpolation=_interpolation(interpolation)),
+    ]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    steps.append(v2.PILToTensor())  # uint8 [3, H, W]
+    return v2.Compose(steps)
+
+
+def mean_std(spec: str | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"imagenet"``, ``"clip"`` or an explicit ``(mean, std)`` pair -> ``(mean, std)``."""
+    if isinstance(spec, str):
+        if spec not in MEAN_STD:
+            raise ValueError(f"unknown mean/std {spec!r}; valid: {', '.join(MEAN_STD)}")
+        return MEAN_STD[spec]
+    mean, std = spec
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def normalize(
+    batch: torch.Tensor,
+    mean_std_spec: str | tuple = "imagenet",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (on any device) -> ``dtype`` [B, 3, H, W] on ``device``, scaled to [0, 1] and normalized.
+
+    The copy to the device moves uint8 (non-blocking when the batch is in pinned memory); the arithmetic runs there.
+    """
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"normalize expects a uint8 batch, got {batch.dtype}")
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected [B, 3, H, W], got {tuple(batch.shape)}")
+    device = batch.device if device is None else torch.device(device)
+    mean, std = mean_std(mean_std_spec)
+    x = batch.to(device, non_blocking=True).to(dtype).div_(255.0)  # [B, 3, H, W] in [0, 1]
+    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)

@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders: feature extraction (with an on-disk cache) and probes."""

@@ -1,0 +1,141 @@
+"""Frozen-encoder features of an image dataset: batched, no grad, eval mode, optional bf16 autocast.
+
+Workers decode and resize to uint8; the main process moves uint8 batches to the device and normalizes there
+(:func:`aimv2.data.transforms.normalize`). Features come back as float32 on the CPU, in dataset order, with the
+unreadable images left out and reported.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.folders import ReadError, collate_skip
+from ..data.transforms import normalize
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+POOLS = ("none", "mean")
+BLOCK_REDUCE = ("mean", "stack")
+
+
+class UnreadableImagesWarning(UserWarning):
+    """Some images could not be decoded; they were skipped and the run went on."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_errors(errors: Sequence[ReadError], total: int, show: int = 10) -> str:
+    """One message naming the unreadable files (the first ``show`` of them) and why."""
+    lines = [f"{len(errors)} of {total} images could not be read and were skipped:"]
+    lines += [f"  {e}" for e in errors[:show]]
+    if len(errors) > show:
+        lines.append(f"  ... and {len(errors) - show} more")
+    return "\n".join(lines)
+
+
+def encode(
+    encoder: nn.Module,
+    pixels: torch.Tensor,
+    blocks: Sequence[int] | None = None,
+    pool: str = "none",
+    block_reduce: str = "mean",
+) -> torch.Tensor:
+    """Features of normalized pixels [B, 3, H, W].
+
+    blocks: None for the encoder's output (last block, final norm); else block indices whose normalized outputs
+        are averaged (``block_reduce="mean"``, as AIMv1's probes did) or stacked (``"stack"``) on dim 1.
+    pool: ``"none"`` keeps the patch tokens [B, (K,) N, D]; ``"mean"`` averages them -> [B, (K,) D].
+    """
+    if blocks is None:
+        feats = encoder(pixels)  # [B, N, D]
+    else:
+        outs = encoder.forward_features(pixels, blocks=list(blocks))  # K x [B, N, D]
+        feats = torch.stack(outs, dim=1)  # [B, K, N, D]
+        if block_reduce == "mean":
+            feats = feats.float().mean(dim=1)  # [B, N, D]
+    if pool == "mean":
+        feats = feats.float().mean(dim=-2)  # [B, (K,) D]
+    return feats
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    dtype: str = "fp32",
+    blocks: Sequence[int] | None = None,
+    pool: str = "none",
+    block_reduce: str = "mean",
+    mean_std: str | tuple = "imagenet",
+    progress: bool | None = None,
+    desc: str = "features",
+) -> dict:
+    """Run ``encoder`` over ``dataset`` (samples ``(uint8 [3, H, W] | ReadError, label, index)``).
+
+    dtype: ``"fp32"`` or ``"bf16"`` (autocast; weights stay as they are).
+    progress: a tqdm bar on stderr; None shows it only when stderr is a terminal.
+    Returns ``{"features": float32 [n, ...], "labels": long [n], "indices": long [n], "errors": [ReadError]}``
+    where n counts the readable images and ``indices`` are their positions in ``dataset``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if block_reduce not in BLOCK_REDUCE:
+        raise ValueError(f"block_reduce must be one of {BLOCK_REDUCE}, got {block_reduce!r}")
+    device = default_device() if device is None else torch.device(device)
+    progress = sys.stderr.isatty() if progress is None else progress
+    total = len(dataset)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip,
+        pin_memory=device.type == "cuda",
+    )
+    was_training = encoder.training
+    encoder.eval()
+    out = labels = indices = None
+    filled = 0
+    errors: list[ReadError] = []
+    try:
+        with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            for images, batch_labels, batch_indices, batch_errors in loader:
+                errors += batch_errors
+                if images is not None:
+                    pixels = normalize(images, mean_std, device)  # float32 [B, 3, H, W]
+                    with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None):
+                        feats = encode(encoder, pixels, blocks, pool, block_reduce)
+                    feats = feats.float().cpu()  # [B, ...]
+                    if out is None:  # preallocate once the feature shape is known
+                        out = torch.empty(total, *feats.shape[1:], dtype=torch.float32)
+                        labels = torch.empty(total, dtype=torch.long)
+                        indices = torch.empty(total, dtype=torch.long)
+                    b = feats.shape[0]
+                    out[filled : filled + b] = feats
+                    labels[filled : filled + b] = batch_labels
+                    indices[filled : filled + b] = batch_indices
+                    filled += b
+                bar.update(len(batch_labels) + len(batch_errors))
+    finally:
+        encoder.train(was_training)
+    if errors:
+        warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
+    if out is None:
+        raise RuntimeError(f"none of the {total} images could be read" if total else "the dataset is empty")
+    if filled < total:  # copy so the result does not keep the unused tail alive
+        out, labels, indices = out[:filled].clone(), labels[:filled].clone(), indices[:filled].clone()
+    return {"features": out, "labels": labels, "indices": indices, "errors": errors}
