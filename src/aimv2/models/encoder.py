@@ -86,6 +86,20 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0) 
     return torch.cat([c.sin(), c.cos(), r.sin(), r.cos()], dim=1).float()  # [N, D]
 
 
+def resize_pos_embed(pe: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a learned position embedding to another grid: [1, h0*w0, D] -> [1, h1*w1, D].
+
+    Bicubic with antialiasing (as timm does), computed in float32 and returned in ``pe``'s dtype. One
+    function for both uses: the forward pass on other image sizes and loading a checkpoint with another
+    ``img_size``, so a resized checkpoint gives the same features as resizing on the fly.
+    """
+    (h0, w0), (h1, w1) = old_grid, new_grid
+    D = pe.shape[-1]
+    grid = pe.reshape(1, h0, w0, D).permute(0, 3, 1, 2).float()  # [1, D, h0, w0]
+    grid = F.interpolate(grid, size=(h1, w1), mode="bicubic", antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, h1 * w1, D).to(pe.dtype)  # [1, h1*w1, D]
+
+
 class PatchEmbed(nn.Module):
     """Conv patchifier followed by RMSNorm (Apple's ``preprocessor.patchifier``)."""
 
@@ -170,10 +184,7 @@ class VisionEncoder(nn.Module):
         key = ("learned", gh, gw, device, self.pos_embed.dtype, self.pos_embed._version, self.pos_embed.data_ptr())
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]
-        D = self.cfg.embed_dim
-        grid = self.pos_embed.reshape(1, g0h, g0w, D).permute(0, 3, 1, 2).float()  # [1, D, g0h, g0w]
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
-        pe = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, D).to(self.pos_embed.dtype)  # [1, gh*gw, D]
+        pe = resize_pos_embed(self.pos_embed, (g0h, g0w), (gh, gw))  # [1, gh*gw, D]
         if cacheable:
             self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[0] != "learned"}  # one stale entry max
             self._pos_cache[key] = pe

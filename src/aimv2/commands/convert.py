@@ -1,0 +1,76 @@
+"""``aimv2 convert``: rewrite an encoder checkpoint in Apple's, transformers' or our key layout.
+
+The work is in ``aimv2.checkpoints.convert_checkpoint``; this module is the command line around it, and
+turns every expected failure (missing file, pickle file, wrong layout, mismatched tensors) into one line
+on stderr rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+HELP = "convert an encoder checkpoint to Apple's, transformers' or our layout"
+
+DESCRIPTION = """Convert an AIMv2 encoder checkpoint between key layouts. The source layout is detected.
+
+layouts:
+  apple   Apple's released model.safetensors (preprocessor.*, trunk.*). Loads in timm
+          (aimv2_* models) and in Apple's ml-aim; training runs write their encoder.safetensors so.
+          Apple's LiT files (image_encoder.* + text_encoder.*) are read too: the image trunk is kept.
+  hf      a transformers save_pretrained folder (config.json + model.safetensors) that
+          transformers.Aimv2VisionModel.from_pretrained(OUT) loads with identical outputs.
+  aimv2   our module names (aimv2.models.encoder), one .safetensors file.
+
+SRC is a .safetensors file, a transformers folder (single or sharded model.safetensors) or a training
+run folder (encoder.safetensors). Tensors keep their dtype and bits; every file we write carries the
+model config in its safetensors metadata, so `aimv2.create_model(name, checkpoint=OUT)` can check it.
+Pickle files (.bin, .pt, .pth) are never unpickled: convert them to safetensors yourself first.
+
+examples:
+  aimv2 convert aimv2-large-patch14-224/model.safetensors --to hf hf-aimv2-large/
+  aimv2 convert hf-aimv2-large/ --to apple aimv2-large.safetensors
+  aimv2 convert runs/tiny --to hf runs/tiny/hf
+  aimv2 convert my-encoder.safetensors --to apple out.safetensors --name aimv2-large-patch14-336
+"""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src", metavar="SRC", help="checkpoint file, transformers folder or run folder")
+    parser.add_argument("--to", required=True, metavar="LAYOUT", help="apple | hf | aimv2")
+    parser.add_argument("out", metavar="OUT", help="output .safetensors file (apple, aimv2) or folder (hf)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model name (e.g. aimv2-large-patch14-224) when the checkpoint carries no config and its shapes "
+        "do not tell; also checked against the checkpoint when given",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run(args) -> int:
+    from ..checkpoints import LAYOUTS, CheckpointError, convert_checkpoint
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def fail(msg: str) -> int:
+        print(f"aimv2 convert: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.to not in LAYOUTS:
+        return fail(f"unknown layout {args.to!r}: choose {', '.join(LAYOUTS)} (see aimv2 convert --help)")
+    out = Path(args.out)
+    if args.to != "hf" and out.suffix != ".safetensors":
+        return fail(f"OUT for --to {args.to} is one file and must end in .safetensors, got {out}")
+    if out.exists() and not args.overwrite:
+        return fail(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and out.resolve() == Path(args.src).resolve():
+        return fail("OUT is SRC; write the conversion elsewhere")
+    try:
+        written = convert_checkpoint(args.src, args.to, out, name=args.name)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    print(f"wrote {args.to} layout to {written}")
+    return 0
