@@ -59,12 +59,13 @@ def image_loss_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
 
 
 class PrefixSampler:
-    """Draws prefix lengths M ~ U{1, ..., N-1}, one per sample, from a generator keyed by
-    (seed, rank, worker, step).
+    """Draws prefix lengths M ~ U{1, ..., N-1}, one per sample, from generators keyed by where the draw
+    happens: (seed, rank, worker, step) for a batch, or (seed, global sample index) per sample.
 
     The reference code seeds one sampler in the parent process, so every data worker and every rank
-    repeats the same sequence; keying the draw by where it happens makes each draw distinct and
-    reproducible on resume.
+    repeats the same sequence. Keyed draws are distinct across workers, ranks and steps and reproducible
+    on resume. The trainer keys by global sample index, which is unique to (rank, worker, step, position)
+    and also independent of how many ranks share the batch.
     """
 
     def __init__(self, seed: int = 0):
@@ -73,10 +74,20 @@ class PrefixSampler:
     def __call__(
         self, batch_size: int, num_patches: int, *, rank: int = 0, worker: int = 0, step: int = 0
     ) -> torch.Tensor:
+        self._check(num_patches)
+        rng = np.random.default_rng([self.seed, 0, rank, worker, step])
+        return torch.from_numpy(rng.integers(1, num_patches, size=batch_size)).long()  # [B] in [1, N-1]
+
+    def per_sample(self, indices: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """One draw per global sample index: [B] -> [B] in [1, N-1]."""
+        self._check(num_patches)
+        draws = [np.random.default_rng([self.seed, 1, int(i)]).integers(1, num_patches) for i in indices]
+        return torch.tensor(draws, dtype=torch.long)
+
+    @staticmethod
+    def _check(num_patches: int) -> None:
         if num_patches < 2:
             raise ValueError(f"prefix attention needs at least 2 patches per image, got {num_patches}")
-        rng = np.random.default_rng([self.seed, rank, worker, step])
-        return torch.from_numpy(rng.integers(1, num_patches, size=batch_size)).long()  # [B] in [1, N-1]
 
 
 class AIMv2Pretrainer(nn.Module):

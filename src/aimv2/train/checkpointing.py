@@ -1,0 +1,93 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint holds everything that decides the rest of the run: model, optimizer, step (which is also
+the data position, see ``train/data.py``), skipped-step counters and every RNG. It is written to a
+temporary name, fsynced and renamed, so a kill at any moment leaves either the old or the new file,
+never a torn one. Full (unsharded) state dicts are gathered from DDP/FSDP2 through
+``torch.distributed.checkpoint.state_dict`` and written by rank 0; ``torch.load`` reads them back with
+``weights_only=True`` (our own files only: released weights load from safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+CKPT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def atomic_write(path: Path, write_fn) -> None:
+    """write_fn(tmp_path) then fsync + rename onto path (and fsync the directory)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: writers may check it
+    write_fn(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    d = Path(out_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full state dicts on CPU (collective under DDP/FSDP: every rank must call it)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model_sd: dict, optim_sd: dict, extra: dict, keep_last: int):
+    """Write checkpoints/step_XXXXXXXX.pt atomically and keep only the last ``keep_last``. Rank 0 only."""
+    d = Path(out_dir) / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "model": model_sd, "optimizer": optim_sd, **extra}
+    atomic_write(d / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def load_latest(out_dir: str | Path) -> dict | None:
+    ckpts = list_checkpoints(out_dir)
+    if not ckpts:
+        return None
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load full state dicts into a (possibly DDP/FSDP-wrapped) model and its optimizer."""
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, state["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)

@@ -1,0 +1,236 @@
+"""Typed run configuration: one YAML file plus dotted ``key=value`` overrides.
+
+Numbers live here; sizes are derived in code. The resolved config is written to ``out_dir/config.yaml``
+so a run can be reproduced (and resumed) from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "aimv2-tiny-patch8-64"  # aimv2-{size}-patch{p}-{res|native}
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 6}
+    decoder: dict[str, Any] = field(default_factory=dict)  # embed_dim, depth, num_heads, mlp_hidden_dim
+    alpha: float = 0.4  # weight of the pixel loss: loss = text_loss + alpha * image_loss
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # the built-in scenes; other sources arrive with the data pipeline
+    num_workers: int = 1
+    prefetch_factor: int = 4
+    augment: bool = True  # RandomResizedCrop + flip; off for synthetic scenes whose captions name positions
+    mean_std: str = "imagenet"  # "imagenet" or "clip"
+    context_length: int = 77  # tokens per caption, EOS included, right-padded
+    tokenizer: str | None = None  # a tokenizer.json; None: the built-in synthetic-caption tokenizer
+    synthetic_length: int | None = None  # None: an endless stream of distinct scenes
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    init_lr: float = 1e-6  # warmup starts here
+    min_lr: float = 1e-5  # cosine ends here
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4  # fully decoupled: p <- p * (1 - wd * lr_t / lr)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch (all ranks, all accumulation micro-steps)
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the whole model); ignored on 1 process
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "aimv2"
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert a YAML value to the annotated type, with an error that names the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid under {prefix or 'top level'}: "
+            f"{sorted(names)}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """``a.b.c=value`` -> data['a']['b']['c'] = yaml(value). Dict-valued fields accept deeper keys."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value (e.g. train.steps=100)")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: Config) -> None:
+    t, o = cfg.train, cfg.optim
+    checks = [
+        (t.steps >= 1, "train.steps must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (
+            t.batch_size % t.grad_accum == 0,
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})",
+        ),
+        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}"),
+        (t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp|fsdp, got {t.parallel!r}"),
+        (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]"),
+        (o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.data.mean_std in ("imagenet", "clip"), "data.mean_std must be imagenet or clip"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.context_length >= 2, "data.context_length must be >= 2"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults if path is None), apply overrides, check types and values."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (see configs/ for examples)")
+        data = yaml.safe_load(path.read_text()) or {}
+    for ov in overrides:
+        apply_override(data, ov)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,104 @@
+"""Deterministic, resumable batches for training on indexable datasets.
+
+The batch of global step s is samples [s*G, (s+1)*G) of the (epoch-shuffled) dataset, G the global
+batch; rank r takes its contiguous slice. Every random choice of a sample (augmentation, prefix length)
+is keyed by the sample's global index. So:
+  - any number of ranks and workers sees the same global batch (DDP matches single-process training),
+  - ranks and workers never see the same sample, nor draw the same prefix sequence,
+  - resuming at step k continues the stream exactly (the data position is the step).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..models.pretrain import PrefixSampler
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, H, W]
+    text: torch.Tensor  # long [B, T], right-padded
+    prefix_len: torch.Tensor  # long [B]
+    indices: torch.Tensor  # long [B] global sample indices
+    step: int
+
+    def pin_memory(self):
+        self.images, self.text = self.images.pin_memory(), self.text.pin_memory()
+        return self
+
+
+class StepBatches(IterableDataset):
+    """Yields this rank's Batch for steps start_step, start_step+1, ..., steps-1.
+
+    Worker w of W produces steps s with s % W == w; the DataLoader reads workers round-robin, so batches
+    come out in step order.
+    """
+
+    def __init__(
+        self,
+        sample_fn: Callable[[int], tuple],
+        *,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        steps: int,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        seed: int,
+        length: int | None,
+        patch_size: int,
+    ):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
+        self.sample_fn = sample_fn
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.start_step = start_step
+        self.steps = steps
+        self.encode_text = encode_text
+        self.seed = seed
+        self.length = length
+        self.patch_size = patch_size
+        self.prefix = PrefixSampler(seed)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _dataset_index(self, global_index: int) -> int:
+        """Map a position in the endless stream to a dataset index (reshuffled every epoch if sized)."""
+        if self.length is None:
+            return global_index
+        epoch, pos = divmod(global_index, self.length)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, 1, epoch]).permutation(self.length)}
+        return int(self._perms[epoch][pos])
+
+    def batch(self, step: int) -> Batch:
+        first = step * self.global_batch + self.rank * self.local_batch
+        indices = torch.arange(first, first + self.local_batch)  # [B] global sample indices
+        images, captions = zip(*(self.sample_fn(self._dataset_index(int(i)), int(i)) for i in indices), strict=True)
+        images = torch.stack(images)  # [B, 3, H, W] uint8
+        H, W = images.shape[-2:]
+        num_patches = (H // self.patch_size) * (W // self.patch_size)
+        prefix_len = self.prefix.per_sample(indices, num_patches)  # [B]
+        return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start_step + w, self.steps, W):
+            yield self.batch(step)
+
+
+def make_loader(stream: StepBatches, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:
+    kw = {}
+    if num_workers > 0:
+        kw = dict(prefetch_factor=prefetch_factor, persistent_workers=False)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer loads
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)

@@ -1,0 +1,311 @@
+"""The pretraining loop: one process or many under torchrun, resumable bit for bit.
+
+Re-running the same command on an existing ``out_dir`` resumes from its last checkpoint. Since the data
+position is the step and every random draw is keyed by step or sample index, a run killed at any moment
+and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.transforms import normalize
+from ..models.pretrain import AIMv2Pretrainer, create_pretraining_model
+from . import checkpointing as ckpt
+from .config import Config
+from .data import Batch, StepBatches, make_loader
+from .metrics import MetricsLogger, flops_per_sample, peak_flops
+from .optim import build_optimizer, lr_at, set_lr
+from .parallelize import DistInfo, init_distributed, parallelize
+from .sources import build_source
+
+log = logging.getLogger("aimv2.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _device(cfg: Config, info: DistInfo) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def _autocast(cfg: Config, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_model(cfg: Config, vocab_size: int, pad_id: int) -> AIMv2Pretrainer:
+    dec = {f"decoder_{k}": v for k, v in cfg.model.decoder.items()}
+    dec.setdefault("decoder_max_text_len", cfg.data.context_length)
+    return create_pretraining_model(
+        cfg.model.encoder,
+        vocab_size=vocab_size,
+        pad_id=pad_id,
+        alpha=cfg.model.alpha,
+        **cfg.model.encoder_overrides,
+        **dec,
+    )
+
+
+@dataclass
+class _StepConsts:
+    patch_size: int
+    pad_id: int
+    alpha: float
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the pretraining described by ``cfg``; returns the last logged metrics."""
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    info = init_distributed("cuda" if cuda else "cpu")
+    device = _device(cfg, info)
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _check_same_config(cfg, out_dir)
+        ckpt.atomic_write(out_dir / "config.yaml", cfg.save)
+    if info.distributed:
+        dist.barrier()
+
+    source = build_source(cfg, out_dir if info.is_main else None)
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id)
+    model.to(device)
+    enc_cfg = model.encoder.cfg
+    step_model = parallelize(model, cfg.train, info, device)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    start_step, bad_in_row, skipped = 0, 0, 0
+    state = ckpt.load_latest(out_dir)
+    if state is not None:
+        ckpt.restore(model, optimizer, state)
+        start_step, bad_in_row, skipped = state["step"], state["bad_in_row"], state["skipped_steps"]
+        ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
+        if info.is_main:
+            log.info("resuming %s from step %d", out_dir, start_step)
+    if start_step >= cfg.train.steps:
+        if info.is_main:
+            log.info("%s already finished (%d steps); nothing to do", out_dir, start_step)
+        _export_encoder(model, out_dir, info)
+        return {}
+
+    stream = StepBatches(
+        source.sample_fn,
+        global_batch=cfg.train.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        start_step=start_step,
+        steps=cfg.train.steps,
+        encode_text=source.tokenizer.encode,
+        seed=cfg.seed,
+        length=source.length,
+        patch_size=enc_cfg.patch_size,
+    )
+    loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
+    autocast = _autocast(cfg, device)
+    n_patches = math.prod(enc_cfg.grid_size)
+    flops = flops_per_sample(model, n_patches, cfg.data.context_length)
+    peak = peak_flops(device, bf16=autocast is not contextlib.nullcontext)
+    metrics = MetricsLogger(out_dir, cfg, start_step, enabled=info.is_main, total_steps=cfg.train.steps)
+
+    consts = _StepConsts(enc_cfg.patch_size, source.tokenizer.pad_id, model.alpha)
+    model.train()
+    last: dict = {}
+    t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+    for batch in loader:
+        step = batch.step
+        lr = lr_at(step, cfg.train.steps, cfg.optim)
+        set_lr(optimizer, lr)
+        losses = _train_step(step_model, batch, cfg, device, autocast, info, consts)
+        if info.distributed:  # every rank takes the same skip decision and logs the global losses
+            dist.all_reduce(losses)
+        grad_norm = _clip(model, cfg.optim.grad_clip)
+        finite = torch.isfinite(losses).all() and torch.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_in_row = 0
+        else:
+            skipped += 1
+            bad_in_row += 1
+            if info.is_main:
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
+        optimizer.zero_grad(set_to_none=True)
+        if bad_in_row >= cfg.train.max_bad_steps:
+            metrics.close()
+            raise TrainingError(
+                f"{bad_in_row} consecutive steps had a non-finite loss or gradient (last at step {step}); stopping. "
+                f"The last good checkpoint in {out_dir / ckpt.CKPT_DIR} is intact: lower optim.lr, raise "
+                f"optim.warmup_steps or use train.precision=fp32, then re-run the same command to resume."
+            )
+        samples_since += cfg.train.batch_size
+        text_tokens = int((batch.text != source.tokenizer.pad_id).sum())
+        tokens_since += (n_patches * len(batch.text) + text_tokens) * info.world_size
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            dt = time.perf_counter() - t_last
+            sps = samples_since / dt
+            last = {
+                "step": done,
+                "loss": losses[0].item(),
+                "image_loss": losses[1].item(),
+                "text_loss": losses[2].item(),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "samples_per_s": sps,
+                "tokens_per_s": tokens_since / dt,
+                "mfu": (sps * flops / info.world_size / peak) if peak else None,
+                "skipped_steps": skipped,
+            }
+            metrics.log(last)
+            t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+        metrics.advance(done, last)
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info)
+    metrics.close()
+    if info.distributed:
+        dist.barrier()
+    return last
+
+
+def _train_step(step_model, batch: Batch, cfg: Config, device, autocast, info: DistInfo, src: _StepConsts):
+    """Forward/backward over grad_accum micro-batches; returns [loss, image_loss, text_loss] of the global batch.
+
+    The objective averages over valid tokens of the whole batch (non-prefix patches, non-pad caption tokens),
+    but each micro-batch on each rank only knows its own counts, and DDP/FSDP average gradients uniformly.
+    Each micro-batch's mean is therefore reweighted by its share of the global count (two numbers all-reduced
+    per step), which makes the gradient exactly that of the global mean, whatever the number of ranks and
+    micro-batches.
+    """
+    accum = cfg.train.grad_accum
+    images = normalize(batch.images, cfg.data.mean_std, device)  # [B, 3, H, W] float, on device
+    text = batch.text.to(device, non_blocking=True)  # [B, T]
+    prefix = batch.prefix_len.to(device)  # [B]
+    B, _, H, W = images.shape
+    micro = B // accum
+    if micro == 0:
+        raise TrainingError(f"per-rank batch {B} is smaller than train.grad_accum={accum}; lower grad_accum")
+    p = src.patch_size
+    num_patches = (H // p) * (W // p)
+    # valid targets per micro-batch: [accum, 2] = (image patches k+1 >= M, non-pad tokens)
+    counts = torch.stack(
+        [(num_patches - prefix).view(accum, micro).sum(1), (text != src.pad_id).view(accum, micro, -1).sum((1, 2))], 1
+    ).double()
+    totals = counts.sum(0)
+    if info.distributed:
+        dist.all_reduce(totals)
+    share = counts * (accum * info.world_size) / totals.clamp(min=1)  # [accum, 2]; mean 1 over the global batch
+    total = torch.zeros(3, device=device, dtype=torch.float64)
+    for i in range(accum):
+        sl = slice(i * micro, (i + 1) * micro)
+        sync = i == accum - 1 or not info.distributed or not hasattr(step_model, "no_sync")
+        with contextlib.nullcontext() if sync else step_model.no_sync():
+            with autocast():
+                out = step_model(images[sl], text[sl], prefix_len=prefix[sl])
+            w_img, w_txt = share[i].float()
+            image_part = torch.where(w_img > 0, out.image_loss * w_img, 0.0)
+            text_part = torch.where(w_txt > 0, out.text_loss * w_txt, 0.0)
+            ((text_part + src.alpha * image_part) / accum).backward()
+        parts = torch.stack([image_part, text_part]).detach().double() / (accum * info.world_size)
+        total += torch.cat([(parts[1] + src.alpha * parts[0]).view(1), parts])
+    return total.float()  # this rank's share; summed over ranks it is the global batch's [loss, image, text]
+
+
+def _clip(model, max_norm: float) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return norm
+
+
+def _checkpoint(model, optimizer, out_dir: Path, step: int, bad_in_row: int, skipped: int, cfg: Config, info):
+    model_sd, optim_sd = ckpt.gather_state(model, optimizer)
+    rngs = [None] * info.world_size
+    if info.distributed:
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    else:
+        rngs = [ckpt.rng_state()]
+    if info.is_main:
+        extra = {"bad_in_row": bad_in_row, "skipped_steps": skipped, "rng": rngs}
+        ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, extra, cfg.train.keep_last)
+        _write_encoder(model_sd, model.encoder.cfg, model.encoder.name, out_dir)
+    if info.distributed:
+        dist.barrier()
+
+
+def _write_encoder(model_sd: dict, enc_cfg, name: str, out_dir: Path) -> None:
+    """out_dir/encoder.safetensors in Apple's layout, from the gathered full state dict."""
+    from ..checkpoints import save_encoder
+    from ..models.encoder import VisionEncoder
+
+    with torch.device("meta"):
+        enc = VisionEncoder(enc_cfg, name=name)
+    sd = {k.removeprefix("encoder."): v for k, v in model_sd.items() if k.startswith("encoder.")}
+    enc.load_state_dict(sd, strict=True, assign=True)
+    ckpt.atomic_write(out_dir / "encoder.safetensors", lambda tmp: save_encoder(enc, tmp, layout="apple"))
+
+
+def _export_encoder(model, out_dir: Path, info: DistInfo) -> None:
+    if info.is_main and not (out_dir / "encoder.safetensors").exists():
+        sd = {f"encoder.{k}": v.detach().cpu() for k, v in model.encoder.state_dict().items()}
+        _write_encoder(sd, model.encoder.cfg, model.encoder.name, out_dir)
+
+
+def _check_same_config(cfg: Config, out_dir: Path) -> None:
+    """Resuming with a different model or data would silently mix two runs: refuse unless only the length changed."""
+    import yaml
+
+    path = out_dir / "config.yaml"
+    if not path.exists() or not ckpt.list_checkpoints(out_dir):
+        return
+    old = yaml.safe_load(path.read_text())
+    new = cfg.to_dict()
+    free = {
+        ("train", "steps"),
+        ("train", "progress"),
+        ("train", "checkpoint_every"),
+        ("train", "log_every"),
+        ("train", "keep_last"),
+        ("data", "num_workers"),
+        ("data", "prefetch_factor"),
+        ("log",),
+    }
+    diffs = []
+    for section, values in new.items():
+        if not isinstance(values, dict):
+            if old.get(section) != values and section != "out_dir":
+                diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
+            continue
+        for k, v in values.items():
+            if (section, k) in free or (section,) in free:
+                continue
+            if old.get(section, {}).get(k) != v:
+                diffs.append(f"{section}.{k}: {old.get(section, {}).get(k)!r} -> {v!r}")
+    if diffs:
+        raise TrainingError(
+            f"{out_dir} holds a run with a different config ({'; '.join(diffs)}). Resuming would mix two runs: "
+            f"use another out_dir, or restore the original values."
+        )

@@ -1,0 +1,128 @@
+"""Training metrics: metrics.jsonl (always), TensorBoard, optional Weights & Biases, a progress bar,
+and the FLOP count behind the MFU estimate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("aimv2.train")
+
+# Dense peak FLOP/s per device for bf16 (and tf32/fp32 where it differs); by substring of the CUDA name.
+_PEAKS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+_PEAKS_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12, "4090": 82.6e12}
+
+
+def peak_flops(device: torch.device, bf16: bool) -> float | None:
+    """The device's dense peak, or None where it is not known (CPUs): then no MFU is reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = _PEAKS_BF16 if bf16 else _PEAKS_FP32
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def _stack_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> float:
+    """Forward FLOPs of a stack of attention + SwiGLU blocks over n_tokens (no causal discount)."""
+    return depth * (2 * n_tokens * (4 * dim * dim + 3 * dim * hidden) + 4 * n_tokens * n_tokens * dim)
+
+
+def flops_per_sample(model, num_patches: int, text_len: int) -> float:
+    """Training FLOPs of one image-text pair: 3x the forward (forward + backward), matmuls and attention."""
+    e, d = model.encoder.cfg, model.decoder.cfg
+    fwd = _stack_flops(num_patches, e.embed_dim, e.mlp_hidden_dim, e.depth)
+    fwd += 2 * num_patches * e.patch_dim * e.embed_dim  # patch embed
+    seq = num_patches + text_len
+    fwd += 2 * num_patches * e.embed_dim * d.embed_dim  # image projection
+    fwd += _stack_flops(seq, d.embed_dim, d.mlp_hidden_dim, d.depth)
+    fwd += 2 * num_patches * d.embed_dim * e.patch_dim + 2 * text_len * d.embed_dim * d.vocab_size  # heads
+    return 3 * fwd
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 only. On resume, drops lines past the resumed step (they were logged
+    by the killed run after its last checkpoint and will be logged again)."""
+
+    def __init__(self, out_dir: Path, cfg, start_step: int, enabled: bool, total_steps: int):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [
+                ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(self.path, "a")
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step + 1)
+        if cfg.log.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("log.wandb=true needs the wandb package: pip install 'aimv2[wandb]'") from e
+            self.wandb = wandb.init(
+                project=cfg.log.wandb_project,
+                config=cfg.to_dict(),
+                dir=str(out_dir),
+                resume="allow",
+                name=Path(out_dir).name,
+            )
+        if cfg.train.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr, dynamic_ncols=True
+            )
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        step = row["step"]
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        if self.bar is None:
+            log.info(
+                "step %d loss %.4f (image %.4f, text %.4f) lr %.2e %.1f samples/s",
+                step,
+                row["loss"],
+                row["image_loss"],
+                row["text_loss"],
+                row["lr"],
+                row["samples_per_s"],
+            )
+
+    def advance(self, done: int, last: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if last:
+                self.bar.set_postfix(
+                    loss=f"{last['loss']:.3f}",
+                    img=f"{last['image_loss']:.3f}",
+                    txt=f"{last['text_loss']:.3f}",
+                    refresh=False,
+                )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.bar is not None:
+            self.bar.close()

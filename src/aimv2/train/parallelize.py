@@ -1,0 +1,88 @@
+"""Everything distributed, applied to a plain model from outside, in torchtitan's order:
+activation checkpointing, then torch.compile, then FSDP2 (``fully_shard`` per block, then the root)
+or DDP. Model code stays free of torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from .config import TrainConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The transformer block lists of the encoder and decoder (the units of AC, compile and sharding)."""
+    return [m.blocks for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    for blocks in block_lists(model):
+        for i, blk in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (parameter names unchanged): one graph reused by every layer of a stack."""
+    for blocks in block_lists(model):
+        for blk in blocks:
+            blk.compile(dynamic=False)
+
+
+def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kw = {"mp_policy": mp} if mp else {}
+    for blocks in block_lists(model):
+        for blk in blocks:
+            fully_shard(blk, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device) -> nn.Module:
+    """Returns the module to call in the training step (the same module, or its DDP wrapper)."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    if not info.distributed:
+        return model
+    if cfg.parallel == "fsdp":
+        return apply_fsdp(model, None)  # bf16 compute comes from autocast; params and grads stay fp32
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

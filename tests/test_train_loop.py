@@ -1,0 +1,228 @@
+"""The training loop end to end on the built-in data: outputs, kill -9 + resume bit-identical,
+2-process DDP and FSDP2 (gloo) matching single-process training, NaN handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import aimv2
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [
+    "model.encoder=aimv2-tiny-patch8-64",
+    "model.encoder_overrides={depth: 2, img_size: 32}",
+    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
+    "data.context_length=24",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.progress=false",
+    "log.tensorboard=false",
+    "optim.warmup_steps=2",
+]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return env
+
+
+def _cmd(out_dir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "aimv2",
+        "pretrain",
+        str(ROOT / "configs/tiny-synthetic.yaml"),
+        *BASE,
+        f"out_dir={out_dir}",
+        *extra,
+    ]
+
+
+def _metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_outputs_and_encoder_loads(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(
+        _cmd(out, "train.steps=4", "train.checkpoint_every=2"), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    for name in ("config.yaml", "metrics.jsonl", "encoder.safetensors", "tokenizer.json"):
+        assert (out / name).exists(), name
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "image_loss", "text_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"):
+        assert all(key in r for r in rows), key
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_last
+    enc = aimv2.create_model("aimv2-tiny-patch8-64", checkpoint=out / "encoder.safetensors", depth=2, img_size=32)
+    assert enc(torch.randn(1, 3, 32, 32)).shape == (1, 16, 192)
+    # re-running a finished run does nothing and keeps the outputs
+    r = subprocess.run(
+        _cmd(out, "train.steps=4", "train.checkpoint_every=2"), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and len(_metrics(out)) == 4
+
+
+def test_changed_config_on_existing_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(
+        _cmd(out, "train.steps=2", "train.checkpoint_every=2"), env=_env(), check=True, timeout=300, capture_output=True
+    )
+    r = subprocess.run(
+        _cmd(out, "train.steps=2", "optim.lr=0.5"), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 2 and "different config" in r.stderr and "optim.lr" in r.stderr
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_is_bit_identical(tmp_path):
+    steps = ["train.steps=10", "train.checkpoint_every=2"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(ref, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+
+    out = tmp_path / "killed"
+    for kill_after in (2, 6):  # kill twice, at different moments after a checkpoint exists
+        p = subprocess.Popen(_cmd(out, *steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 200
+        while time.time() < deadline:
+            ck = sorted((out / "checkpoints").glob("step_*.pt")) if (out / "checkpoints").exists() else []
+            if ck and int(ck[-1].stem.split("_")[1]) >= kill_after:
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    subprocess.run(_cmd(out, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+
+    a, b = load_file(ref / "encoder.safetensors"), load_file(out / "encoder.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = _metrics(ref), _metrics(out)
+    assert [r["step"] for r in rb] == list(range(1, 11))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "grad_accum"])
+def test_two_process_training_matches_single_process(tmp_path, parallel):
+    """2-process DDP / FSDP2 (gloo), and 2 accumulation micro-batches, train like one process on the same batch."""
+    steps = ["train.steps=3", "train.checkpoint_every=3"]
+    single = tmp_path / "single"
+    subprocess.run(_cmd(single, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    multi = tmp_path / parallel
+    if parallel == "grad_accum":
+        cmd = _cmd(multi, *steps, "train.grad_accum=2")
+    else:
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "aimv2",
+            "pretrain",
+        ]
+        cmd = torchrun + _cmd(multi, *steps, f"train.parallel={parallel}")[4:]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s, m in zip(_metrics(single), _metrics(multi), strict=True):
+        # the global-batch loss, not an average of per-rank means: equal up to float summation order
+        for key in ("loss", "image_loss", "text_loss", "grad_norm"):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+    a, b = load_file(single / "encoder.safetensors"), load_file(multi / "encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_losses_skip_steps_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):
+    from aimv2.models import pretrain
+    from aimv2.train.config import load_config
+    from aimv2.train.loop import TrainingError, train
+
+    out = tmp_path / "nan"
+    cfg = load_config(
+        ROOT / "configs/tiny-synthetic.yaml",
+        [*BASE, f"out_dir={out}", "train.steps=8", "train.checkpoint_every=2", "train.max_bad_steps=3"],
+    )
+    original = pretrain.pixel_targets
+    calls = {"n": 0}
+
+    def poisoned(images, patch_size, eps=1e-6):
+        calls["n"] += 1
+        t = original(images, patch_size, eps)
+        return t * float("nan") if calls["n"] > 2 else t  # steps 3.. are non-finite
+
+    monkeypatch.setattr(pretrain, "pixel_targets", poisoned)
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
+        train(cfg)
+    ck = sorted((out / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ck] == ["step_00000002.pt", "step_00000004.pt"]  # skipped steps leave weights alone
+    state = torch.load(ck[-1], weights_only=True)
+    assert state["skipped_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_prefix_lengths_differ_across_ranks_and_workers_and_layouts_agree():
+    """Each (rank, worker) stream draws its own prefixes; 2 ranks x 2 workers cover the same global batches
+    (same samples, same prefixes) as 1 rank x 1 worker."""
+    from torch.utils.data import DataLoader
+
+    from aimv2.train.data import StepBatches
+
+    def sample(index, global_index):
+        return torch.full((3, 32, 32), index % 255, dtype=torch.uint8), f"caption {index}"
+
+    def stream(rank, world):
+        return StepBatches(
+            sample,
+            global_batch=16,
+            rank=rank,
+            world_size=world,
+            start_step=0,
+            steps=4,
+            encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
+            seed=0,
+            length=None,
+            patch_size=8,
+        )
+
+    seen = {}
+    for rank in range(2):
+        for b in DataLoader(stream(rank, 2), batch_size=None, num_workers=2):
+            seen[(rank, b.step)] = b
+    prefix_seqs = [tuple(b.prefix_len.tolist()) for b in seen.values()]
+    assert len(set(prefix_seqs)) == len(prefix_seqs)  # no two (rank, worker, step) share a prefix sequence
+    all_idx = torch.cat([b.indices for b in seen.values()])
+    assert len(set(all_idx.tolist())) == len(all_idx) == 64  # disjoint samples
+    single = {b.step: b for b in DataLoader(stream(0, 1), batch_size=None, num_workers=0)}
+    for step, b in single.items():
+        both = [seen[(0, step)], seen[(1, step)]]
+        assert torch.equal(b.indices, torch.cat([x.indices for x in both]))
+        assert torch.equal(b.prefix_len, torch.cat([x.prefix_len for x in both]))
+    # resuming at step 2 gives the same batches as the uninterrupted stream
+    resumed = StepBatches(
+        sample,
+        global_batch=16,
+        rank=0,
+        world_size=1,
+        start_step=2,
+        steps=4,
+        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
+        seed=0,
+        length=None,
+        patch_size=8,
+    )
+    for b in resumed:
+        assert torch.equal(b.prefix_len, single[b.step].prefix_len) and torch.equal(b.images, single[b.step].images)
