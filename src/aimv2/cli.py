@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("aimv2.commands.probe", "train a probe on frozen features and report top-1"),
     "extract": ("aimv2.commands.extract", "extract features of a folder of images"),
     "convert": ("aimv2.commands.convert", "convert an encoder checkpoint to Apple's or transformers' layout"),
+    "demo": ("aimv2.commands.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 
 EPILOG = """examples:
