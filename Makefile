@@ -25,6 +25,11 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Speed benchmarks on this machine; each prints ratios against baselines measured in the same run.
+bench: $(STAMP)
+	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/encoder_speed.py --reps 3
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks

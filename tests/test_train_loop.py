@@ -114,15 +114,18 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "grad_accum"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "grad_accum", "activation_checkpointing", "compile"])
 def test_two_process_training_matches_single_process(tmp_path, parallel):
-    """2-process DDP / FSDP2 (gloo), and 2 accumulation micro-batches, train like one process on the same batch."""
+    """2-process DDP / FSDP2 (gloo), 2 accumulation micro-batches, activation checkpointing and torch.compile
+    train like one eager process on the same batch."""
     steps = ["train.steps=3", "train.checkpoint_every=3"]
     single = tmp_path / "single"
     subprocess.run(_cmd(single, *steps), env=_env(), check=True, timeout=300, capture_output=True)
     multi = tmp_path / parallel
     if parallel == "grad_accum":
         cmd = _cmd(multi, *steps, "train.grad_accum=2")
+    elif parallel in ("activation_checkpointing", "compile"):
+        cmd = _cmd(multi, *steps, f"train.{parallel}=true")
     else:
         torchrun = [
             sys.executable,
@@ -137,13 +140,15 @@ def test_two_process_training_matches_single_process(tmp_path, parallel):
         cmd = torchrun + _cmd(multi, *steps, f"train.parallel={parallel}")[4:]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
+    # compiled kernels fuse and reorder float ops: close, not equal up to summation order only
+    rel, wtol = (1e-4, 1e-3) if parallel == "compile" else (1e-5, 1e-5)
     for s, m in zip(_metrics(single), _metrics(multi), strict=True):
         # the global-batch loss, not an average of per-rank means: equal up to float summation order
         for key in ("loss", "image_loss", "text_loss", "grad_norm"):
-            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+            assert m[key] == pytest.approx(s[key], rel=rel), (key, s, m)
     a, b = load_file(single / "encoder.safetensors"), load_file(multi / "encoder.safetensors")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=10 * wtol, atol=wtol)
 
 
 def test_nan_losses_skip_steps_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):

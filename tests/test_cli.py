@@ -1,0 +1,112 @@
+"""The `aimv2` command: help for every subcommand, errors, and a smoke run of the demo pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aimv2.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+    assert "examples:" in out
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_has_teaching_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: aimv2 " + name in out
+    assert "example" in out.lower()
+
+
+def test_unknown_command_and_no_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrian"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main([]) == 0
+
+
+def test_python_m_entry_point():
+    r = subprocess.run(
+        [sys.executable, "-m", "aimv2", "--version"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+    assert r.returncode == 0 and r.stdout.startswith("aimv2 ")
+
+
+def test_pretrain_bad_config_value_is_one_clear_line(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2",
+            "pretrain",
+            str(ROOT / "configs/tiny-synthetic.yaml"),
+            "train.steps=-3",
+            f"out_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+    assert r.returncode == 2
+    assert "train.steps must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_smoke(tmp_path):
+    """The whole demo pipeline on a very small budget: pretrain, probe splits, two probes, table, plot."""
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "aimv2",
+        "demo",
+        "--config",
+        str(ROOT / "configs/tiny-synthetic.yaml"),
+        "--out-dir",
+        str(out),
+        "--steps",
+        "3",
+        "--probe-tasks",
+        "count",
+        "--probe-train",
+        "40",
+        "--probe-val",
+        "20",
+        "model.encoder_overrides={depth: 2}",
+        "train.log_every=1",
+        "train.progress=false",
+        "data.num_workers=0",
+        "train.batch_size=16",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3
+    assert set(result["probe_top1"]["count"]) == {"pretrained", "random_init", "chance"}
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text()) == result
