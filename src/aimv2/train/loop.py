@@ -80,14 +80,15 @@ def train(cfg: Config) -> dict:
     info = init_distributed("cuda" if cuda else "cpu")
     device = _device(cfg, info)
     out_dir = Path(cfg.out_dir)
-    if info.is_main:
+    if info.is_main:  # rank 0 checks the folder and writes config and tokenizer before the others read them
         out_dir.mkdir(parents=True, exist_ok=True)
         _check_same_config(cfg, out_dir)
         ckpt.atomic_write(out_dir / "config.yaml", cfg.save)
+        source = build_source(cfg, out_dir, save=True)
     if info.distributed:
         dist.barrier()
-
-    source = build_source(cfg, out_dir if info.is_main else None)
+    if not info.is_main:
+        source = build_source(cfg, out_dir, save=False)
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id)
     model.to(device)

@@ -17,6 +17,7 @@ import torch
 
 from ..data.tokenizer import Tokenizer, default_synthetic_tokenizer
 from ..data.transforms import eval_transform, train_transform
+from .checkpointing import atomic_write
 from .config import Config, ConfigError
 
 
@@ -40,8 +41,8 @@ class _SeededSample:
             return self.transform(image), caption
 
 
-def _tokenizer(cfg: Config, out_dir: Path | None) -> Tokenizer:
-    """The configured tokenizer, or the built-in one; saved with the run (rank 0) and reused on resume."""
+def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
+    """The configured tokenizer, or the built-in one; saved with the run (by rank 0) and reused on resume."""
     saved = out_dir / "tokenizer.json" if out_dir is not None else None
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer)
@@ -52,17 +53,17 @@ def _tokenizer(cfg: Config, out_dir: Path | None) -> Tokenizer:
         tok = Tokenizer.from_file(saved, context_length=cfg.data.context_length)
     else:
         tok = default_synthetic_tokenizer(context_length=cfg.data.context_length)
-    if saved is not None and not saved.exists():
-        tok.save(saved)
+    if save and saved is not None and not saved.exists():
+        atomic_write(saved, tok.save)
     return tok
 
 
-def build_source(cfg: Config, out_dir: Path | None) -> Source:
+def build_source(cfg: Config, out_dir: Path | None, save: bool = False) -> Source:
     from ..models.registry import model_config
 
     enc = model_config(cfg.model.encoder, **cfg.model.encoder_overrides)
     img_size = enc.image_hw
-    tokenizer = _tokenizer(cfg, out_dir)
+    tokenizer = _tokenizer(cfg, out_dir, save)
     if cfg.data.source == "synthetic":
         from ..data.synthetic import synthetic_sample
 
