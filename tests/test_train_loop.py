@@ -189,13 +189,13 @@ def test_prefix_lengths_differ_across_ranks_and_workers_and_layouts_agree():
     def sample(index, global_index):
         return torch.full((3, 32, 32), index % 255, dtype=torch.uint8), f"caption {index}"
 
-    def stream(rank, world):
+    def stream(rank, world, start_step=0):
         return StepBatches(
             sample,
             global_batch=16,
             rank=rank,
             world_size=world,
-            start_step=0,
+            start_step=start_step,
             steps=4,
             encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
             seed=0,
@@ -217,17 +217,5 @@ def test_prefix_lengths_differ_across_ranks_and_workers_and_layouts_agree():
         assert torch.equal(b.indices, torch.cat([x.indices for x in both]))
         assert torch.equal(b.prefix_len, torch.cat([x.prefix_len for x in both]))
     # resuming at step 2 gives the same batches as the uninterrupted stream
-    resumed = StepBatches(
-        sample,
-        global_batch=16,
-        rank=0,
-        world_size=1,
-        start_step=2,
-        steps=4,
-        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
-        seed=0,
-        length=None,
-        patch_size=8,
-    )
-    for b in resumed:
+    for b in stream(0, 1, start_step=2):
         assert torch.equal(b.prefix_len, single[b.step].prefix_len) and torch.equal(b.images, single[b.step].images)
