@@ -124,6 +124,14 @@ def test_every_fault_is_skipped_and_counted_by_kind(faulty_shards, caplog):
         assert f"skipped {kind}" in logged
 
 
+def test_duplicate_member_is_dropped_and_counted(tmp_path):
+    path = tmp_path / "dup.tar"
+    path.write_bytes(_tar_bytes(_good("k0") + [("k0.txt", b"a second caption")] + _good("k1", 1)))
+    reader = ShardSamples(str(path), min_samples=1000)
+    assert [(k.rsplit(":", 1)[1], c) for _, c, k in reader] == [("k0", "caption of k0"), ("k1", "caption of k1")]
+    assert reader.faults.counts == {"bad_member": 1} and "k0.txt" in reader.faults.first["bad_member"]
+
+
 def test_skip_rate_above_threshold_raises(faulty_shards):
     reader = ShardSamples(faulty_shards, min_samples=4, max_fault_rate=0.2)
     with pytest.raises(FaultRateError, match="allowed"):
@@ -212,6 +220,36 @@ def test_resampled_is_endless_and_seeded(synth_shards):
 
     a = first(60, 0)
     assert len(a) == 60 and a == first(60, 0) and a != first(60, 1)
+
+
+@pytest.mark.parametrize("shuffle", [0, 6])
+def test_resume_from_saved_positions_continues_each_consumer_exactly(faulty_shards, synth_shards, shuffle):
+    urls = expand_urls(synth_shards) + faulty_shards  # faults inside the skipped part and after it
+
+    def reader(**kw):
+        return ShardSamples(urls, rank=1, world_size=2, shuffle=shuffle, seed=5, min_samples=1000, **kw)
+
+    whole = {w: list(reader(with_position=True).samples(w, 2)) for w in range(2)}
+    saved = {w: whole[w][2][3][2] for w in range(2)}  # each worker has handed out 3 samples
+    assert all(p >= 3 for p in saved.values())
+    resumed = reader(skip=saved, with_position=True)
+    for w in range(2):
+        rest = list(resumed.samples(w, 2))
+        assert [s[2:] for s in rest] == [s[2:] for s in whole[w][3:]]
+        assert [s[1] for s in rest] == [s[1] for s in whole[w][3:]]
+    done = reader(skip={0: 10**6, 1: 10**6})  # resuming at the end of the pass: nothing left, and no error
+    assert list(done.samples(0, 2)) == [] and list(done.samples(1, 2)) == []
+
+
+def test_resume_position_counts_skipped_samples(faulty_shards):
+    first = ShardSamples(faulty_shards, with_position=True, min_samples=1000)
+    it = iter(first)
+    assert [next(it)[2].rsplit(":", 1)[1] for _ in range(2)] == ["good0", "good1"]
+    _, _, key, (rank, worker, position) = next(it)
+    assert (key.rsplit(":", 1)[1], rank, worker, position) == ("good2", 0, 0, 7)  # 4 bad samples passed before good1
+    resumed = ShardSamples(faulty_shards, skip={0: 6}, min_samples=1000)  # saved after good1
+    assert _keys(resumed) == ["good2", "good3", "good4", "good6"]
+    assert resumed.faults.counts == {"unreadable_shard": 1, "truncated_shard": 1}  # the bad samples were not re-read
 
 
 # --- captions and URLs -----------------------------------------------------------------------------------------------

@@ -248,6 +248,12 @@ class ShardSamples(IterableDataset):
     pass. With ``resampled=True`` each consumer draws shards with replacement by ``(seed, epoch, rank, worker)``
     and never ends. ``shuffle`` is the size of a per-consumer shuffle buffer of raw (undecoded) samples.
 
+    Resuming: with ``with_position=True`` each sample carries a 4th element ``(rank, worker, position)``, the number
+    of raw samples (good or skipped) this consumer has passed when it yields that one. A trainer keeps the last
+    position it received from each worker; passing ``skip={worker: position}`` (same urls, seed, epoch, rank and
+    number of workers) continues each consumer's stream exactly after it, shuffle buffer included. Skipped samples
+    are read but not decoded; for resampled streams, starting a new ``epoch`` (a fresh draw) is cheaper.
+
     Faults are counted in ``self.faults`` (a fresh :class:`FaultCounter` per pass; in a worker process it lives in
     that worker). :class:`FaultRateError` is raised when more than ``max_fault_rate`` of the first ``min_samples``
     or more samples were skipped, or when a finite pass over at least one shard produced no sample at all.
@@ -267,6 +273,8 @@ class ShardSamples(IterableDataset):
         transform: Callable | None = None,
         max_fault_rate: float = 0.5,
         min_samples: int = 100,
+        skip: Mapping[int, int] | None = None,
+        with_position: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -277,6 +285,7 @@ class ShardSamples(IterableDataset):
         self.rank, self.world_size, self.shuffle, self.seed, self.epoch = rank, world_size, shuffle, seed, epoch
         self.resampled, self.transform = resampled, transform
         self.max_fault_rate, self.min_samples = max_fault_rate, min_samples
+        self.skip, self.with_position = dict(skip or {}), with_position
         self.faults = self._counter()
 
     def _counter(self) -> FaultCounter:
@@ -315,18 +324,23 @@ class ShardSamples(IterableDataset):
                 yield from _shard_members(url, faults)
 
         def on_group_error(exn: BaseException) -> bool:
-            faults.fault("bad_member", str(exn.args[-1] if exn.args else "?"), str(exn.args[0] if exn.args else exn))
+            where = first_shard[-1] if first_shard else "?"  # webdataset's message names the member, not the shard
+            faults.fault("bad_member", f"{where} (or a later shard)", str(exn.args[0] if exn.args else exn))
             return True
 
         raw = group_by_keys(members(), handler=on_group_error)
         if self.shuffle > 0:
             raw = _shuffled(raw, self.shuffle, random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}"))
+        skip, position = self.skip.get(worker, 0), 0
         for sample in raw:
+            position += 1
+            if position <= skip:  # resuming: passed over undecoded, exactly as far as the saved position
+                continue
             out = self._decode(sample, faults)
             if out is not None:
                 faults.ok()
-                yield out
-        if first_shard and faults.samples == 0:
+                yield (*out, (self.rank, worker, position)) if self.with_position else out
+        if first_shard and faults.samples == 0 and (position > skip or skip == 0):
             kind, n = faults.most_common()[0] if faults.counts else ("no samples", 0)
             raise FaultRateError(
                 f"no usable sample in {first_shard[0]!r}{' and the other shards' if n and len(self.urls) > 1 else ''}"
