@@ -26,7 +26,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # the built-in scenes; other sources arrive with the data pipeline
+    source: str = "synthetic"  # "synthetic" (the built-in scenes) or "shards" (webdataset tars, see data.shards)
+    shards: str | None = None  # source=shards: paths, a folder, a brace pattern (data-{000..099}.tar) or pipe: URLs
+    caption: str = "txt"  # source=shards: txt, json:FIELD, or weighted choice "txt=0.5,json:synthetic_caption=0.5"
+    shuffle_buffer: int = 1000  # source=shards: samples in each worker's shuffle buffer
+    max_fault_rate: float = 0.1  # source=shards: stop if more than this share of samples is unreadable
     num_workers: int = 1
     prefetch_factor: int = 4
     augment: bool = True  # RandomResizedCrop + flip; off for synthetic scenes whose captions name positions
@@ -215,6 +219,12 @@ def validate(cfg: Config) -> None:
         (cfg.data.mean_std in ("imagenet", "clip"), "data.mean_std must be imagenet or clip"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.context_length >= 2, "data.context_length must be >= 2"),
+        (
+            cfg.data.source in ("synthetic", "shards"),
+            f"data.source must be synthetic or shards, got {cfg.data.source!r}",
+        ),
+        (cfg.data.source != "shards" or bool(cfg.data.shards), "data.source=shards needs data.shards=PATH_OR_PATTERN"),
+        (0 < cfg.data.max_fault_rate <= 1, "data.max_fault_rate must be in (0, 1]"),
     ]
     for ok, msg in checks:
         if not ok:

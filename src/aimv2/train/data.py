@@ -26,8 +26,10 @@ class Batch:
     images: torch.Tensor  # uint8 [B, 3, H, W]
     text: torch.Tensor  # long [B, T], right-padded
     prefix_len: torch.Tensor  # long [B]
-    indices: torch.Tensor  # long [B] global sample indices
+    indices: torch.Tensor  # long [B] global sample indices (indexable data) or stream positions (shards)
     step: int
+    worker: int = 0  # the DataLoader worker that produced the batch
+    position: int = 0  # shards: how many raw samples that worker had passed after this batch
 
     def pin_memory(self):
         self.images, self.text = self.images.pin_memory(), self.text.pin_memory()
@@ -94,6 +96,58 @@ class StepBatches(IterableDataset):
         w, W = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start_step + w, self.steps, W):
             yield self.batch(step)
+
+
+class ShardStepBatches(IterableDataset):
+    """This rank's Batch for steps start_step..steps-1 from webdataset shards (an endless, resampled stream).
+
+    Worker w of W produces steps s with s % W == w, reading its own stream of shards. A batch carries the
+    worker's stream position; the trainer saves the last position of each worker in its checkpoints, and
+    ``skip`` continues every worker's stream exactly after it (same number of workers). Augmentation and
+    prefix lengths are keyed by (seed, rank, worker, position / step).
+    """
+
+    def __init__(
+        self,
+        samples,
+        transform,
+        *,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        steps: int,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        seed: int,
+        patch_size: int,
+    ):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
+        self.samples, self.transform = samples, transform
+        self.local_batch = global_batch // world_size
+        self.rank, self.start_step, self.steps = rank, start_step, steps
+        self.encode_text, self.seed, self.patch_size = encode_text, seed, patch_size
+        self.prefix = PrefixSampler(seed)
+
+    def _image(self, image, worker: int, position: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            key = np.random.SeedSequence([self.seed, 4, self.rank, worker, position]).generate_state(1)[0]
+            torch.manual_seed(int(key))
+            return self.transform(image)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        stream = self.samples.samples(w, W)
+        for step in range(self.start_step + w, self.steps, W):
+            items = [next(stream) for _ in range(self.local_batch)]
+            positions = [pos for *_, (_, _, pos) in items]
+            images = torch.stack([self._image(img, w, pos) for (img, _, _, (_, _, pos)) in items])  # uint8 [B,3,H,W]
+            H, W_img = images.shape[-2:]
+            num_patches = (H // self.patch_size) * (W_img // self.patch_size)
+            prefix_len = self.prefix(len(items), num_patches, rank=self.rank, worker=w, step=step)  # [B]
+            text = self.encode_text([caption for _, caption, _, _ in items])
+            yield Batch(images, text, prefix_len, torch.tensor(positions), step, worker=w, position=positions[-1])
 
 
 def make_loader(stream: StepBatches, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:

@@ -21,7 +21,7 @@ from ..data.transforms import normalize
 from ..models.pretrain import AIMv2Pretrainer, create_pretraining_model
 from . import checkpointing as ckpt
 from .config import Config
-from .data import Batch, StepBatches, make_loader
+from .data import Batch, ShardStepBatches, StepBatches, make_loader
 from .metrics import MetricsLogger, flops_per_sample, peak_flops
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, init_distributed, parallelize
@@ -84,11 +84,11 @@ def train(cfg: Config) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         _check_same_config(cfg, out_dir)
         ckpt.atomic_write(out_dir / "config.yaml", cfg.save)
-        source = build_source(cfg, out_dir, save=True)
+        source = build_source(cfg, out_dir, save=True, rank=info.rank, world_size=info.world_size)
     if info.distributed:
         dist.barrier()
     if not info.is_main:
-        source = build_source(cfg, out_dir, save=False)
+        source = build_source(cfg, out_dir, save=False, rank=info.rank, world_size=info.world_size)
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id)
     model.to(device)
@@ -102,6 +102,8 @@ def train(cfg: Config) -> dict:
         ckpt.restore(model, optimizer, state)
         start_step, bad_in_row, skipped = state["step"], state["bad_in_row"], state["skipped_steps"]
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
+        if source.shards is not None:
+            source.shards.skip = _saved_positions(state, info, cfg.data.num_workers)
         if info.is_main:
             log.info("resuming %s from step %d", out_dir, start_step)
     if start_step >= cfg.train.steps:
@@ -110,8 +112,7 @@ def train(cfg: Config) -> dict:
         _export_encoder(model, out_dir, info)
         return {}
 
-    stream = StepBatches(
-        source.sample_fn,
+    common = dict(
         global_batch=cfg.train.batch_size,
         rank=info.rank,
         world_size=info.world_size,
@@ -119,9 +120,15 @@ def train(cfg: Config) -> dict:
         steps=cfg.train.steps,
         encode_text=source.tokenizer.encode,
         seed=cfg.seed,
-        length=source.length,
         patch_size=enc_cfg.patch_size,
     )
+    if source.shards is not None:
+        stream = ShardStepBatches(source.shards, source.transform, **common)
+    else:
+        stream = StepBatches(source.sample_fn, length=source.length, **common)
+    positions = {}  # shards: worker -> raw samples that worker's stream has passed (what resume skips)
+    if source.shards is not None:
+        positions = {w: source.shards.skip.get(w, 0) for w in range(max(1, cfg.data.num_workers))}
     loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
     autocast = _autocast(cfg, device)
     n_patches = math.prod(enc_cfg.grid_size)
@@ -135,6 +142,7 @@ def train(cfg: Config) -> dict:
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     for batch in loader:
         step = batch.step
+        positions[batch.worker] = batch.position
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(optimizer, lr)
         losses = _train_step(step_model, batch, cfg, device, autocast, info, consts)
@@ -181,7 +189,7 @@ def train(cfg: Config) -> dict:
             t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info)
+            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info, positions)
     metrics.close()
     if info.distributed:
         dist.barrier()
@@ -242,19 +250,36 @@ def _clip(model, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def _checkpoint(model, optimizer, out_dir: Path, step: int, bad_in_row: int, skipped: int, cfg: Config, info):
+def _checkpoint(model, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg: Config, info, positions: dict):
     model_sd, optim_sd = ckpt.gather_state(model, optimizer)
-    rngs = [None] * info.world_size
+    per_rank = [(ckpt.rng_state(), positions)]
     if info.distributed:
-        dist.all_gather_object(rngs, ckpt.rng_state())
-    else:
-        rngs = [ckpt.rng_state()]
+        per_rank = [None] * info.world_size
+        dist.all_gather_object(per_rank, (ckpt.rng_state(), positions))
     if info.is_main:
-        extra = {"bad_in_row": bad_in_row, "skipped_steps": skipped, "rng": rngs}
+        extra = {
+            "bad_in_row": bad_in_row,
+            "skipped_steps": skipped,
+            "rng": [r for r, _ in per_rank],
+            "data_position": [p for _, p in per_rank],  # per rank: {worker: raw samples passed} (shards)
+        }
         ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, extra, cfg.train.keep_last)
         _write_encoder(model_sd, model.encoder.cfg, model.encoder.name, out_dir)
     if info.distributed:
         dist.barrier()
+
+
+def _saved_positions(state: dict, info: DistInfo, num_workers: int) -> dict:
+    """This rank's {worker: position} from a checkpoint; the shard split needs the same ranks and workers."""
+    saved = state.get("data_position") or []
+    workers = max(1, num_workers)
+    if len(saved) != info.world_size or any(p and len(p) != workers for p in saved):
+        raise TrainingError(
+            f"the checkpoint was written by {len(saved)} rank(s) reading shards with "
+            f"{max((len(p) for p in saved), default=0)} worker(s) each; resuming a shard stream exactly needs the "
+            f"same layout: run with {len(saved)} process(es) and data.num_workers={max(len(p) for p in saved)}"
+        )
+    return dict(saved[info.rank])
 
 
 def _write_encoder(model_sd: dict, enc_cfg, name: str, out_dir: Path) -> None:

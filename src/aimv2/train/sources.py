@@ -23,9 +23,11 @@ from .config import Config, ConfigError
 
 @dataclass
 class Source:
-    sample_fn: Callable[[int, int], tuple[torch.Tensor, str]]
+    sample_fn: Callable[[int, int], tuple[torch.Tensor, str]] | None  # indexable data
     length: int | None  # None: an endless stream of distinct samples
     tokenizer: Tokenizer
+    shards: object | None = None  # a ShardSamples stream (source=shards)
+    transform: Callable | None = None  # source=shards: PIL image -> uint8 [3, H, W]
 
 
 class _SeededSample:
@@ -58,16 +60,38 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
     return tok
 
 
-def build_source(cfg: Config, out_dir: Path | None, save: bool = False) -> Source:
+def build_source(
+    cfg: Config, out_dir: Path | None, save: bool = False, *, rank: int = 0, world_size: int = 1
+) -> Source:
+    """The run's data and tokenizer. Shards are split by (rank, DataLoader worker); the trainer sets
+    ``source.shards.skip`` to resume each worker's stream."""
     from ..models.registry import model_config
 
     enc = model_config(cfg.model.encoder, **cfg.model.encoder_overrides)
     img_size = enc.image_hw
     tokenizer = _tokenizer(cfg, out_dir, save)
+    transform = train_transform(img_size) if cfg.data.augment else eval_transform(img_size)
     if cfg.data.source == "synthetic":
         from ..data.synthetic import synthetic_sample
 
         get_item = partial(synthetic_sample, seed=cfg.seed, size=max(img_size))
-        transform = train_transform(img_size) if cfg.data.augment else eval_transform(img_size)
         return Source(_SeededSample(get_item, transform, cfg.seed), cfg.data.synthetic_length, tokenizer)
-    raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic")
+    if cfg.data.source == "shards":
+        from ..data.shards import ShardSamples
+
+        try:
+            samples = ShardSamples(
+                cfg.data.shards,
+                caption=cfg.data.caption,
+                rank=rank,
+                world_size=world_size,
+                shuffle=cfg.data.shuffle_buffer,
+                seed=cfg.seed,
+                resampled=True,
+                with_position=True,
+                max_fault_rate=cfg.data.max_fault_rate,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
+        return Source(None, None, tokenizer, shards=samples, transform=transform)
+    raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards")
