@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("aimv2.commands.extract", "extract features of a folder of images"),
     "convert": ("aimv2.commands.convert", "convert an encoder checkpoint to Apple's or transformers' layout"),
     "data": ("aimv2.commands.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
+    "tokenizer": ("aimv2.commands.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
     "demo": ("aimv2.commands.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 
