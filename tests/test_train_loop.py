@@ -246,7 +246,8 @@ def test_pretrain_on_real_shard_resumes_the_stream_exactly(tmp_path):
     (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after the step-2 checkpoint
     (resumed / "encoder.safetensors").unlink()
     state = torch.load(resumed / "checkpoints" / "step_00000002.pt", weights_only=True)
-    assert sorted(state["data_position"][0]) == [0, 1] and all(v > 0 for v in state["data_position"][0].values())
+    assert sorted(state["data_position"][0]) == [0, 1]  # {worker: {source: position}}
+    assert all(pos["shards"] > 0 for pos in state["data_position"][0].values())
     subprocess.run(_cmd(resumed, *steps), env=_env(), check=True, timeout=300, capture_output=True)
     a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
     for k in a:
@@ -260,18 +261,30 @@ def test_pretrain_on_real_shard_resumes_the_stream_exactly(tmp_path):
     assert r.returncode == 2 and "data.num_workers=2" in r.stderr
 
 
-def test_pretrain_on_synth_shards(tmp_path):
+def test_pretrain_on_a_weighted_mixture_of_synth_shards_and_resume(tmp_path):
+    """Two sources sampled 3:1, reported per source in metrics.jsonl; resume continues both streams exactly."""
+    import shutil
+
     from aimv2.cli import main
 
-    assert main(["data", "synth", str(tmp_path / "shards"), "--n", "40", "--shard-size", "10", "--size", "32"]) == 0
-    out = tmp_path / "run"
-    steps = [
-        "train.steps=2",
-        "train.checkpoint_every=2",
-        "data.source=shards",
-        f"data.shards={tmp_path / 'shards'}/{{00000..00003}}.tar",
-        "data.augment=false",
-    ]
-    r = subprocess.run(_cmd(out, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    for name, seed in (("a", 0), ("b", 1)):
+        args = ["data", "synth", str(tmp_path / name), "--n", "40", "--shard-size", "10", "--size", "32"]
+        assert main([*args, "--seed", str(seed)]) == 0
+    mixture = (
+        f"data.mixture=[{{name: a, shards: '{tmp_path / 'a'}/{{00000..00003}}.tar', weight: 3}}, "
+        f"{{name: b, shards: '{tmp_path / 'b'}', weight: 1, caption: 'json:caption'}}]"
+    )
+    steps = ["train.steps=4", "train.checkpoint_every=2", "data.source=shards", mixture, "data.augment=false"]
+    ref = tmp_path / "ref"
+    r = subprocess.run(_cmd(ref, *steps), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    rows = _metrics(ref)
+    assert all(abs(row["mix/a"] + row["mix/b"] - 1) < 1e-9 for row in rows)
+    share_a = sum(row["mix/a"] for row in rows) / len(rows)
+    assert 0.5 < share_a < 0.95  # 32 draws at p = 0.75
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ref, resumed)
+    (resumed / "checkpoints" / "step_00000004.pt").unlink()
+    subprocess.run(_cmd(resumed, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

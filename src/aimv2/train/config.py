@@ -31,6 +31,9 @@ class DataConfig:
     caption: str = "txt"  # source=shards: txt, json:FIELD, or weighted choice "txt=0.5,json:synthetic_caption=0.5"
     shuffle_buffer: int = 1000  # source=shards: samples in each worker's shuffle buffer
     max_fault_rate: float = 0.1  # source=shards: stop if more than this share of samples is unreadable
+    # source=shards, several sources sampled by weight instead of data.shards, e.g.
+    # [{name: dfn, shards: "dfn/{00000..09999}.tar", weight: 0.3, caption: txt}, {name: coyo, ...}]
+    mixture: list[dict[str, Any]] = field(default_factory=list)
     num_workers: int = 1
     prefetch_factor: int = 4
     augment: bool = True  # RandomResizedCrop + flip; off for synthetic scenes whose captions name positions
@@ -123,6 +126,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if tp is Any:
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -223,7 +231,10 @@ def validate(cfg: Config) -> None:
             cfg.data.source in ("synthetic", "shards"),
             f"data.source must be synthetic or shards, got {cfg.data.source!r}",
         ),
-        (cfg.data.source != "shards" or bool(cfg.data.shards), "data.source=shards needs data.shards=PATH_OR_PATTERN"),
+        (
+            cfg.data.source != "shards" or bool(cfg.data.shards) != bool(cfg.data.mixture),
+            "data.source=shards needs either data.shards=PATH_OR_PATTERN or a data.mixture list (not both)",
+        ),
         (0 < cfg.data.max_fault_rate <= 1, "data.max_fault_rate must be in (0, 1]"),
     ]
     for ok, msg in checks:

@@ -29,7 +29,8 @@ class Batch:
     indices: torch.Tensor  # long [B] global sample indices (indexable data) or stream positions (shards)
     step: int
     worker: int = 0  # the DataLoader worker that produced the batch
-    position: int = 0  # shards: how many raw samples that worker had passed after this batch
+    position: dict | None = None  # shards: {source: raw samples that worker's stream had passed after this batch}
+    source_counts: torch.Tensor | None = None  # shards: long [S] samples of the batch from each source
 
     def pin_memory(self):
         self.images, self.text = self.images.pin_memory(), self.text.pin_memory()
@@ -99,17 +100,19 @@ class StepBatches(IterableDataset):
 
 
 class ShardStepBatches(IterableDataset):
-    """This rank's Batch for steps start_step..steps-1 from webdataset shards (an endless, resampled stream).
+    """This rank's Batch for steps start_step..steps-1 from webdataset shards: one source, or a weighted
+    mixture of several (the paper mixes five), each an endless resampled stream.
 
-    Worker w of W produces steps s with s % W == w, reading its own stream of shards. A batch carries the
-    worker's stream position; the trainer saves the last position of each worker in its checkpoints, and
-    ``skip`` continues every worker's stream exactly after it (same number of workers). Augmentation and
-    prefix lengths are keyed by (seed, rank, worker, position / step).
+    Worker w of W produces steps s with s % W == w, reading its own stream of every source. Which source
+    each sample comes from is drawn by (seed, rank, worker, step) with the sources' weights. A batch carries
+    the worker's position in every source's stream; the trainer saves the last positions of each worker in
+    its checkpoints, and the sources' ``skip`` continues every stream exactly after them (same number of
+    workers). Augmentation and prefix lengths are keyed by (seed, rank, worker, step / position).
     """
 
     def __init__(
         self,
-        samples,
+        sources: list[tuple[str, object, float]],
         transform,
         *,
         global_batch: int,
@@ -123,31 +126,52 @@ class ShardStepBatches(IterableDataset):
     ):
         if global_batch % world_size:
             raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
-        self.samples, self.transform = samples, transform
+        self.names = [name for name, _, _ in sources]
+        self.streams = [samples for _, samples, _ in sources]
+        weights = np.array([w for _, _, w in sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.transform = transform
         self.local_batch = global_batch // world_size
         self.rank, self.start_step, self.steps = rank, start_step, steps
         self.encode_text, self.seed, self.patch_size = encode_text, seed, patch_size
         self.prefix = PrefixSampler(seed)
 
-    def _image(self, image, worker: int, position: int) -> torch.Tensor:
+    def _image(self, image, worker: int, source: int, position: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
-            key = np.random.SeedSequence([self.seed, 4, self.rank, worker, position]).generate_state(1)[0]
+            key = np.random.SeedSequence([self.seed, 4, self.rank, worker, source, position]).generate_state(1)[0]
             torch.manual_seed(int(key))
             return self.transform(image)
 
     def __iter__(self):
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info else (0, 1)
-        stream = self.samples.samples(w, W)
+        streams = [s.samples(w, W) for s in self.streams]
+        position = {name: s.skip.get(w, 0) for name, s in zip(self.names, self.streams, strict=True)}
         for step in range(self.start_step + w, self.steps, W):
-            items = [next(stream) for _ in range(self.local_batch)]
-            positions = [pos for *_, (_, _, pos) in items]
-            images = torch.stack([self._image(img, w, pos) for (img, _, _, (_, _, pos)) in items])  # uint8 [B,3,H,W]
+            picks = np.random.default_rng([self.seed, 5, self.rank, w, step]).choice(
+                len(streams), size=self.local_batch, p=self.weights
+            )  # [B] source of each sample
+            images, captions, positions = [], [], []
+            for k in picks:
+                image, caption, _, (_, _, pos) = next(streams[k])
+                position[self.names[k]] = pos
+                images.append(self._image(image, w, int(k), pos))
+                captions.append(caption)
+                positions.append(pos)
+            images = torch.stack(images)  # uint8 [B, 3, H, W]
             H, W_img = images.shape[-2:]
             num_patches = (H // self.patch_size) * (W_img // self.patch_size)
-            prefix_len = self.prefix(len(items), num_patches, rank=self.rank, worker=w, step=step)  # [B]
-            text = self.encode_text([caption for _, caption, _, _ in items])
-            yield Batch(images, text, prefix_len, torch.tensor(positions), step, worker=w, position=positions[-1])
+            prefix_len = self.prefix(len(picks), num_patches, rank=self.rank, worker=w, step=step)  # [B]
+            yield Batch(
+                images,
+                self.encode_text(captions),
+                prefix_len,
+                torch.tensor(positions),
+                step,
+                worker=w,
+                position=dict(position),
+                source_counts=torch.from_numpy(np.bincount(picks, minlength=len(streams))),
+            )
 
 
 def make_loader(stream: StepBatches, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:

@@ -103,7 +103,9 @@ def train(cfg: Config) -> dict:
         start_step, bad_in_row, skipped = state["step"], state["bad_in_row"], state["skipped_steps"]
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         if source.shards is not None:
-            source.shards.skip = _saved_positions(state, info, cfg.data.num_workers)
+            saved = _saved_positions(state, info, cfg.data.num_workers)  # {worker: {source: position}}
+            for name, samples, _ in source.shards:
+                samples.skip = {w: pos.get(name, 0) for w, pos in saved.items()}
         if info.is_main:
             log.info("resuming %s from step %d", out_dir, start_step)
     if start_step >= cfg.train.steps:
@@ -126,9 +128,12 @@ def train(cfg: Config) -> dict:
         stream = ShardStepBatches(source.shards, source.transform, **common)
     else:
         stream = StepBatches(source.sample_fn, length=source.length, **common)
-    positions = {}  # shards: worker -> raw samples that worker's stream has passed (what resume skips)
+    positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)
+    mix = None  # shards: samples per source since the last log line
     if source.shards is not None:
-        positions = {w: source.shards.skip.get(w, 0) for w in range(max(1, cfg.data.num_workers))}
+        workers = range(max(1, cfg.data.num_workers))
+        positions = {w: {name: s.skip.get(w, 0) for name, s, _ in source.shards} for w in workers}
+        mix = torch.zeros(len(source.shards), dtype=torch.long)
     loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
     autocast = _autocast(cfg, device)
     n_patches = math.prod(enc_cfg.grid_size)
@@ -142,7 +147,9 @@ def train(cfg: Config) -> dict:
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     for batch in loader:
         step = batch.step
-        positions[batch.worker] = batch.position
+        if mix is not None:
+            positions[batch.worker] = batch.position
+            mix += batch.source_counts
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(optimizer, lr)
         losses = _train_step(step_model, batch, cfg, device, autocast, info, consts)
@@ -184,9 +191,12 @@ def train(cfg: Config) -> dict:
                 "tokens_per_s": tokens_since / dt,
                 "mfu": (sps * flops / info.world_size / peak) if peak else None,
                 "skipped_steps": skipped,
+                **_mix_fractions(mix, source, info, device),
             }
             metrics.log(last)
             t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+            if mix is not None:
+                mix.zero_()
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info, positions)
@@ -267,6 +277,17 @@ def _checkpoint(model, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg:
         _write_encoder(model_sd, model.encoder.cfg, model.encoder.name, out_dir)
     if info.distributed:
         dist.barrier()
+
+
+def _mix_fractions(mix: torch.Tensor | None, source, info: DistInfo, device: torch.device) -> dict:
+    """{"mix/NAME": share of the samples since the last log line} for a shard mixture (all ranks)."""
+    if mix is None or len(source.shards) < 2:
+        return {}
+    counts = mix.to(device)
+    if info.distributed:
+        dist.all_reduce(counts)
+    total = max(1, int(counts.sum()))
+    return {f"mix/{name}": int(c) / total for (name, _, _), c in zip(source.shards, counts, strict=True)}
 
 
 def _saved_positions(state: dict, info: DistInfo, num_workers: int) -> dict:

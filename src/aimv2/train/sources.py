@@ -26,7 +26,7 @@ class Source:
     sample_fn: Callable[[int, int], tuple[torch.Tensor, str]] | None  # indexable data
     length: int | None  # None: an endless stream of distinct samples
     tokenizer: Tokenizer
-    shards: object | None = None  # a ShardSamples stream (source=shards)
+    shards: list[tuple[str, object, float]] | None = None  # source=shards: (name, ShardSamples, weight) each
     transform: Callable | None = None  # source=shards: PIL image -> uint8 [3, H, W]
 
 
@@ -60,6 +60,37 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
     return tok
 
 
+_MIXTURE_KEYS = {"name", "shards", "weight", "caption"}
+
+
+def _shard_source(cfg: Config, entry: dict, i: int, rank: int, world_size: int) -> tuple[str, object, float]:
+    """One (name, ShardSamples, weight) of data.shards or of a data.mixture entry."""
+    from ..data.shards import ShardSamples
+
+    where = f"data.mixture[{i}]" if cfg.data.mixture else "data.shards"
+    unknown = sorted(set(entry) - _MIXTURE_KEYS)
+    if unknown or "shards" not in entry:
+        raise ConfigError(f"{where}: needs 'shards' and takes only {sorted(_MIXTURE_KEYS)}; got {sorted(entry)}")
+    weight = float(entry.get("weight", 1.0))
+    if weight <= 0:
+        raise ConfigError(f"{where}.weight must be > 0, got {weight}")
+    try:
+        samples = ShardSamples(
+            entry["shards"],
+            caption=entry.get("caption", cfg.data.caption),
+            rank=rank,
+            world_size=world_size,
+            shuffle=cfg.data.shuffle_buffer,
+            seed=cfg.seed + i,
+            resampled=True,
+            with_position=True,
+            max_fault_rate=cfg.data.max_fault_rate,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}={entry['shards']!r}: {e}") from e
+    return str(entry.get("name", f"source{i}")), samples, weight
+
+
 def build_source(
     cfg: Config, out_dir: Path | None, save: bool = False, *, rank: int = 0, world_size: int = 1
 ) -> Source:
@@ -77,21 +108,10 @@ def build_source(
         get_item = partial(synthetic_sample, seed=cfg.seed, size=max(img_size))
         return Source(_SeededSample(get_item, transform, cfg.seed), cfg.data.synthetic_length, tokenizer)
     if cfg.data.source == "shards":
-        from ..data.shards import ShardSamples
-
-        try:
-            samples = ShardSamples(
-                cfg.data.shards,
-                caption=cfg.data.caption,
-                rank=rank,
-                world_size=world_size,
-                shuffle=cfg.data.shuffle_buffer,
-                seed=cfg.seed,
-                resampled=True,
-                with_position=True,
-                max_fault_rate=cfg.data.max_fault_rate,
-            )
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
-        return Source(None, None, tokenizer, shards=samples, transform=transform)
+        entries = cfg.data.mixture or [{"name": "shards", "shards": cfg.data.shards}]
+        sources = [_shard_source(cfg, entry, i, rank, world_size) for i, entry in enumerate(entries)]
+        names = [name for name, _, _ in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.mixture: source names must be distinct, got {names}")
+        return Source(None, None, tokenizer, shards=sources, transform=transform)
     raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards")
