@@ -288,3 +288,28 @@ def test_pretrain_on_a_weighted_mixture_of_synth_shards_and_resume(tmp_path):
     subprocess.run(_cmd(resumed, *steps), env=_env(), check=True, timeout=300, capture_output=True)
     a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_on_a_captioned_image_folder(tmp_path):
+    """Images with sidecar captions (one unreadable file, counted and replaced) train through data.source=folder."""
+    from aimv2.data.synthetic import synthetic_sample
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i in range(12):
+        image, caption = synthetic_sample(i, size=32)
+        image.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(caption)
+    (folder / "005.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    steps = [
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "data.source=folder",
+        f"data.folder={folder}",
+        "data.augment=true",
+        "data.max_fault_rate=1.0",
+    ]
+    r = subprocess.run(_cmd(out, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2]

@@ -43,6 +43,22 @@ class _SeededSample:
             return self.transform(image), caption
 
 
+class _FirstReadable:
+    """Item i of a captioned folder, or the next readable one: an unreadable file (counted by the dataset)
+    is replaced deterministically, so a batch keeps its size and a resumed run sees the same samples."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __call__(self, index: int):
+        n = len(self.ds)
+        for k in range(n):
+            item = self.ds.get_item((index + k) % n)
+            if item is not None:
+                return item
+        raise RuntimeError(f"no readable image-caption pair left in {self.ds}")
+
+
 def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
     """The configured tokenizer, or the built-in one; saved with the run (by rank 0) and reused on resume."""
     saved = out_dir / "tokenizer.json" if out_dir is not None else None
@@ -114,4 +130,12 @@ def build_source(
         if len(set(names)) != len(names):
             raise ConfigError(f"data.mixture: source names must be distinct, got {names}")
         return Source(None, None, tokenizer, shards=sources, transform=transform)
-    raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards")
+    if cfg.data.source == "folder":
+        from ..data.captioned import CaptionedImages
+
+        try:
+            ds = CaptionedImages(cfg.data.folder, max_fault_rate=cfg.data.max_fault_rate)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.folder={cfg.data.folder!r}: {e}") from e
+        return Source(_SeededSample(_FirstReadable(ds), transform, cfg.seed), len(ds), tokenizer)
+    raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards, folder")
