@@ -239,8 +239,11 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 class ShardSamples(IterableDataset):
     """``(image, caption, key)`` from webdataset shards, for one rank, split across its DataLoader workers.
 
-    ``image`` is an RGB PIL image (``transform(image)`` if a transform is given), ``caption`` a stripped string
-    chosen by ``caption`` (see :class:`CaptionPicker`), ``key`` is ``"SHARD_URL:KEY"``, unique in the dataset.
+    ``image`` is an RGB PIL image (``transform(image)`` if a transform is given; a transform with
+    ``accepts_undecoded = True``, like :class:`~aimv2.data.transforms.TrainTransform`, gets the image opened but
+    not yet decoded, so it can decode JPEGs at reduced scale; its errors count as ``bad_image``), ``caption`` a
+    stripped string chosen by ``caption`` (see :class:`CaptionPicker`), ``key`` is ``"SHARD_URL:KEY"``, unique in
+    the dataset.
 
     Without ``resampled``, one pass (one ``iter``) reads the shards this (rank, worker) owns: shard ``j`` of the
     epoch's order goes to consumer ``j % (world_size * num_workers)``, consumer ``rank * num_workers + worker``. The
@@ -359,8 +362,11 @@ class ShardSamples(IterableDataset):
         except CaptionFault as e:
             faults.fault(e.kind, where, str(e))
             return None
+        undecoded = getattr(self.transform, "accepts_undecoded", False)
         try:
-            with Image.open(io.BytesIO(sample[image_key])) as img:
+            with Image.open(io.BytesIO(sample[image_key])) as img:  # lazy: reads the header only
+                if undecoded:  # the transform decodes (maybe at reduced scale): its decode errors fail in here
+                    return self.transform(img), caption, where
                 img.load()  # decode now: truncated files fail here, inside the try
                 image = to_rgb(img)
         except Exception as e:

@@ -5,10 +5,15 @@ float32, and the float conversion plus mean/std normalization runs once per batc
 (:func:`normalize`) instead of per image on a CPU core.
 
 Evaluation follows Apple's preprocessing: resize the short side to ``img_size`` (bicubic) then center crop.
-Pretraining uses RandomResizedCrop (scale 0.4-1, ratio 3/4-4/3, bicubic) and a horizontal flip.
+Pretraining uses RandomResizedCrop (scale 0.4-1, ratio 3/4-4/3, bicubic) and a horizontal flip;
+:class:`TrainTransform` does the same from a still-undecoded JPEG, decoding it at 1/2, 1/4 or 1/8 scale when the
+crop can be made from the smaller image without upsampling. :func:`native_resize` sizes an image for
+native-resolution training (aspect ratio kept, sides multiples of the patch size).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -125,6 +130,120 @@ def train_transform(
         steps.append(v2.RandomHorizontalFlip(hflip))
     steps.append(v2.PILToTensor())  # uint8 [3, H, W]
     return v2.Compose(steps)
+
+
+class TrainTransform:
+    """:func:`train_transform` for an image that PIL has opened but not decoded yet (``Image.open`` without
+    ``load``), decoding JPEGs at reduced scale when that cannot cost quality. PIL image -> uint8 [3, H, W].
+
+    Why: at 224 px output, most of a training step's CPU time goes into decoding the full JPEG. libjpeg can decode
+    at 1/2, 1/4 or 1/8 scale for a fraction of the cost (PIL's ``draft``), straight from the DCT coefficients.
+    The crop box is drawn first, on the full-size dimensions and with torch's global RNG exactly as torchvision's
+    ``RandomResizedCrop`` draws it (so the trainer's per-sample seeding applies, and the boxes are the ones the
+    plain pipeline would pick); then the largest scale is used at which the crop still covers at least the output
+    size in both dimensions. The final resize is therefore still a downscale (or 1:1) with PIL's antialiased
+    bicubic filter, and the result differs from the full decode only by the small difference between libjpeg's
+    scaled IDCT and a bicubic downscale. Non-JPEG images, and crops too small to reduce, take the full decode.
+
+    ``accepts_undecoded`` tells :class:`~aimv2.data.shards.ShardSamples` to hand over the lazily opened image, so
+    decode errors raised here are counted as bad images there.
+    """
+
+    accepts_undecoded = True
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.4, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        interpolation: str = "bicubic",
+        draft: bool = True,
+    ):
+        self.size, self.scale, self.ratio, self.hflip = _hw(img_size), tuple(scale), tuple(ratio), hflip
+        self.interpolation, self.draft = _interpolation(interpolation), draft
+        self._resample = _PIL_RESAMPLE[self.interpolation]
+        self._plain = train_transform(self.size, self.scale, self.ratio, hflip, interpolation)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
+            f"interpolation={self.interpolation.value}, draft={self.draft})"
+        )
+
+    def draft_scale(self, crop_hw: tuple[int, int]) -> int:
+        """The largest JPEG decode reduction (1, 2, 4 or 8) keeping an ``crop_hw`` crop >= the output size."""
+        (h, w), (out_h, out_w) = crop_hw, self.size
+        return next(s for s in (8, 4, 2, 1) if h / s >= out_h and w / s >= out_w)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if not self.draft or img.format != "JPEG":
+            return self._plain(img)  # the unchanged pipeline; it draws the same random numbers in the same order
+        W, H = img.size
+        top, left, h, w = v2.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        s = self.draft_scale((h, w))
+        if s > 1:
+            img.draft("RGB", (W // s, H // s))  # W // (W // s) is in [s, 2s): PIL picks exactly s
+            if img.size == (W, H):  # draft refused (e.g. an already decoded image): full scale
+                s = 1
+        img = to_rgb(img)  # decodes (at 1/s scale); modes handled as everywhere else
+        box = (left / s, top / s, (left + w) / s, (top + h) / s)  # the crop, in the decoded image's pixels
+        out = img.resize((self.size[1], self.size[0]), self._resample, box=box)  # antialiased, never upsampling
+        if self.hflip > 0 and torch.rand(1) < self.hflip:  # as v2.RandomHorizontalFlip draws it
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _chw(out)  # uint8 [3, H, W]
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> contiguous uint8 [3, H, W]. numpy does the transposing copy: torch's ``contiguous`` on a
+    small permuted uint8 tensor costs ~10x more on a busy multi-threaded CPU."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+
+
+_PIL_RESAMPLE = {
+    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
+    InterpolationMode.BOX: Image.Resampling.BOX,
+    InterpolationMode.HAMMING: Image.Resampling.HAMMING,
+}
+
+
+def native_resize(
+    img: Image.Image, area_patches: int, patch_size: int, pad_to: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Resize for native-resolution training: at most ``area_patches`` patches, aspect ratio kept, sides multiples
+    of ``patch_size``. PIL image -> (uint8 [3, H, W], info).
+
+    Each side is rounded to the nearest multiple of the patch size at the scale where the image's area equals
+    the budget (at least one patch), then the larger side shrinks by a patch at a time while the budget is
+    exceeded: rounding alone could overshoot it by up to a row and a column of patches. Bicubic, antialiased.
+    ``pad_to=(H, W)`` pads bottom/right with zeros (for batching different shapes); ``info`` holds
+    ``orig_hw``, ``hw`` (the resized content) and ``pad`` ``(bottom, right)``.
+    """
+    if area_patches < 1 or patch_size < 1:
+        raise ValueError(f"need area_patches >= 1 and patch_size >= 1, got {area_patches}, {patch_size}")
+    img = to_rgb(img)
+    W, H = img.size
+    k = math.sqrt(area_patches * patch_size**2 / (W * H))  # area-matching scale
+    gh, gw = max(1, round(H * k / patch_size)), max(1, round(W * k / patch_size))  # sides in patches
+    while gh * gw > area_patches:
+        if gh >= gw:
+            gh -= 1
+        else:
+            gw -= 1
+    h, w = gh * patch_size, gw * patch_size
+    out = _chw(img.resize((w, h), Image.Resampling.BICUBIC))  # uint8 [3, h, w]
+    pad = (0, 0)
+    if pad_to is not None:
+        ph, pw = int(pad_to[0]), int(pad_to[1])
+        if ph < h or pw < w:
+            raise ValueError(f"pad_to={pad_to} is smaller than the resized image {(h, w)}")
+        pad = (ph - h, pw - w)
+        out = torch.nn.functional.pad(out, (0, pad[1], 0, pad[0]))  # zeros bottom/right
+    info = {"orig_hw": (H, W), "hw": (h, w), "pad": pad}
+    return out, info  # uint8 [3, H, W]
 
 
 def mean_std(spec: str | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
