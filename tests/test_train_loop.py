@@ -313,3 +313,40 @@ def test_pretrain_on_a_captioned_image_folder(tmp_path):
     r = subprocess.run(_cmd(out, *steps), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
+def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
+    """A parquet table (image bytes + text, one undecodable row) trains through data.source=hf."""
+    import io
+
+    datasets = pytest.importorskip("datasets")
+    from aimv2.data.synthetic import synthetic_sample
+
+    rows = {"image": [], "text": []}
+    for i in range(10):
+        image, caption = synthetic_sample(i, size=32)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        rows["image"].append({"bytes": buf.getvalue(), "path": None})
+        rows["text"].append(caption)
+    rows["image"][3] = {"bytes": b"garbage", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "pairs.parquet"))
+    out = tmp_path / "run"
+    steps = [
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "data.source=hf",
+        f"data.hf_files={tmp_path}/*.parquet",
+        "data.max_fault_rate=1.0",
+    ]
+    r = subprocess.run(_cmd(out, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+    from aimv2.data.hf import HFImageText
+
+    ds = HFImageText(str(tmp_path / "pairs.parquet"))
+    assert ds.get_item(3) is None and ds.faults.counts == {"bad_image": 1}
+    image, caption = ds.get_item(4)
+    assert image.mode == "RGB" and caption == synthetic_sample(4, size=32)[1]

@@ -26,8 +26,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (built-in scenes), "shards" (webdataset tars) or "folder" (data.folder)
+    source: str = "synthetic"  # synthetic (built-in scenes) | shards (webdataset) | folder | hf (local datasets files)
     folder: str | None = None  # source=folder: images with sidecar .txt captions, or a CSV / JSONL of path,caption
+    hf_files: str | None = None  # source=hf: local parquet / arrow / json files (glob) read with Hugging Face datasets
+    image_column: str = "image"  # source=hf
+    text_column: str = "text"  # source=hf
     shards: str | None = None  # source=shards: paths, a folder, a brace pattern (data-{000..099}.tar) or pipe: URLs
     caption: str = "txt"  # source=shards: txt, json:FIELD, or weighted choice "txt=0.5,json:synthetic_caption=0.5"
     shuffle_buffer: int = 1000  # source=shards: samples in each worker's shuffle buffer
@@ -229,9 +232,10 @@ def validate(cfg: Config) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.context_length >= 2, "data.context_length must be >= 2"),
         (
-            cfg.data.source in ("synthetic", "shards", "folder"),
-            f"data.source must be synthetic, shards or folder, got {cfg.data.source!r}",
+            cfg.data.source in ("synthetic", "shards", "folder", "hf"),
+            f"data.source must be synthetic, shards, folder or hf, got {cfg.data.source!r}",
         ),
+        (cfg.data.source != "hf" or bool(cfg.data.hf_files), "data.source=hf needs data.hf_files=GLOB"),
         (cfg.data.source != "folder" or bool(cfg.data.folder), "data.source=folder needs data.folder=PATH"),
         (
             cfg.data.source != "shards" or bool(cfg.data.shards) != bool(cfg.data.mixture),

@@ -44,8 +44,9 @@ class _SeededSample:
 
 
 class _FirstReadable:
-    """Item i of a captioned folder, or the next readable one: an unreadable file (counted by the dataset)
-    is replaced deterministically, so a batch keeps its size and a resumed run sees the same samples."""
+    """Item i of a captioned folder or datasets table, or the next readable one: an unreadable item (counted
+    by the dataset) is replaced deterministically, so a batch keeps its size and a resumed run sees the same
+    samples."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -138,4 +139,17 @@ def build_source(
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data.folder={cfg.data.folder!r}: {e}") from e
         return Source(_SeededSample(_FirstReadable(ds), transform, cfg.seed), len(ds), tokenizer)
-    raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards, folder")
+    if cfg.data.source == "hf":
+        from ..data.hf import HFImageText
+
+        try:
+            ds = HFImageText(
+                cfg.data.hf_files,
+                image_column=cfg.data.image_column,
+                text_column=cfg.data.text_column,
+                max_fault_rate=cfg.data.max_fault_rate,
+            )
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise ConfigError(f"data.hf_files={cfg.data.hf_files!r}: {e}") from e
+        return Source(_SeededSample(_FirstReadable(ds), transform, cfg.seed), len(ds), tokenizer)
+    raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards, folder, hf")

@@ -1,0 +1,93 @@
+"""Image-caption pairs from Hugging Face ``datasets`` on local files (parquet / arrow / json), for training.
+
+Only local files: nothing is downloaded. The image column may hold ``datasets.Image`` values (decoded to PIL by
+the library), ``{"bytes": ..., "path": ...}`` dicts, or raw encoded bytes; captions are strings. Bad rows never
+stop a run: they are counted by kind in ``faults`` and returned as ``None`` (the caller takes another row).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+from PIL import Image
+
+from .faults import FaultCounter
+from .transforms import to_rgb
+
+_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def _builder(files: Sequence[str]) -> str:
+    kinds = {_BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"expected local .parquet, .arrow, .json(l) or .csv files of one kind, got {list(files)[:3]}")
+    return kinds.pop()
+
+
+class HFImageText:
+    """Map-style: ``get_item(i) -> (RGB PIL image, caption) | None``; ``len()`` rows."""
+
+    def __init__(
+        self,
+        files: str | Sequence[str],
+        *,
+        image_column: str = "image",
+        text_column: str = "text",
+        max_fault_rate: float = 0.5,
+        min_samples: int = 100,
+    ):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("Hugging Face datasets sources need the datasets package: pip install 'aimv2[hf]'") from e
+        import glob
+
+        patterns = [files] if isinstance(files, str) else list(files)
+        paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
+        if not paths:
+            raise FileNotFoundError(f"no file matches {patterns}")
+        self.ds = datasets.load_dataset(_builder(paths), data_files=paths, split="train")
+        missing = [c for c in (image_column, text_column) if c not in self.ds.column_names]
+        if missing:
+            raise ValueError(f"columns {missing} not in {paths[0]}; it has {self.ds.column_names}")
+        self.image_column, self.text_column = image_column, text_column
+        self.faults = FaultCounter(max_rate=max_fault_rate, min_samples=min_samples)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _image(self, value) -> Image.Image:
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict):
+            value = value.get("bytes") or open(value["path"], "rb").read()
+        img = Image.open(io.BytesIO(value))
+        img.load()
+        return img
+
+    def get_item(self, index: int) -> tuple[Image.Image, str] | None:
+        where = f"row {index}"
+        try:
+            row = self.ds[index]
+        except Exception as e:  # an undecodable datasets.Image value fails here
+            self.faults.fault("bad_image", where, str(e))
+            return None
+        caption = row[self.text_column]
+        if not isinstance(caption, str):
+            self.faults.fault("no_caption" if caption is None else "bad_caption", where, repr(caption)[:80])
+            return None
+        if not caption.strip():
+            self.faults.fault("empty_caption", where, "")
+            return None
+        if row[self.image_column] is None:
+            self.faults.fault("no_image", where, "")
+            return None
+        try:
+            image = to_rgb(self._image(row[self.image_column]))
+        except Exception as e:
+            self.faults.fault("bad_image", where, str(e))
+            return None
+        self.faults.ok()
+        return image, caption.strip()
