@@ -27,6 +27,8 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
@@ -257,6 +259,9 @@ class ShardSamples(IterableDataset):
     number of workers) continues each consumer's stream exactly after it, shuffle buffer included. Skipped samples
     are read but not decoded; for resampled streams, starting a new ``epoch`` (a fresh draw) is cheaper.
 
+    ``seeded_transform=True`` draws the transform's random choices (crop, flip) from a generator keyed by
+    ``(seed, rank, worker, position)``, so a sample is augmented the same way however often the stream is resumed.
+
     Faults are counted in ``self.faults`` (a fresh :class:`FaultCounter` per pass; in a worker process it lives in
     that worker). :class:`FaultRateError` is raised when more than ``max_fault_rate`` of the first ``min_samples``
     or more samples were skipped, or when a finite pass over at least one shard produced no sample at all.
@@ -278,6 +283,7 @@ class ShardSamples(IterableDataset):
         min_samples: int = 100,
         skip: Mapping[int, int] | None = None,
         with_position: bool = False,
+        seeded_transform: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -289,6 +295,7 @@ class ShardSamples(IterableDataset):
         self.resampled, self.transform = resampled, transform
         self.max_fault_rate, self.min_samples = max_fault_rate, min_samples
         self.skip, self.with_position = dict(skip or {}), with_position
+        self.seeded_transform = seeded_transform
         self.faults = self._counter()
 
     def _counter(self) -> FaultCounter:
@@ -339,7 +346,13 @@ class ShardSamples(IterableDataset):
             position += 1
             if position <= skip:  # resuming: passed over undecoded, exactly as far as the saved position
                 continue
-            out = self._decode(sample, faults)
+            if self.seeded_transform:  # augmentation keyed by where the sample sits in the stream: resumable
+                with torch.random.fork_rng(devices=[]):
+                    key = np.random.SeedSequence([self.seed, 4, self.rank, worker, position]).generate_state(1)[0]
+                    torch.default_generator.manual_seed(int(key))
+                    out = self._decode(sample, faults)
+            else:
+                out = self._decode(sample, faults)
             if out is not None:
                 faults.ok()
                 yield (*out, (self.rank, worker, position)) if self.with_position else out

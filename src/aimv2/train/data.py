@@ -107,13 +107,13 @@ class ShardStepBatches(IterableDataset):
     each sample comes from is drawn by (seed, rank, worker, step) with the sources' weights. A batch carries
     the worker's position in every source's stream; the trainer saves the last positions of each worker in
     its checkpoints, and the sources' ``skip`` continues every stream exactly after them (same number of
-    workers). Augmentation and prefix lengths are keyed by (seed, rank, worker, step / position).
+    workers). Prefix lengths are keyed by (seed, rank, worker, step); augmentation happens in the reader,
+    keyed by stream position.
     """
 
     def __init__(
         self,
         sources: list[tuple[str, object, float]],
-        transform,
         *,
         global_batch: int,
         rank: int,
@@ -130,17 +130,10 @@ class ShardStepBatches(IterableDataset):
         self.streams = [samples for _, samples, _ in sources]
         weights = np.array([w for _, _, w in sources], dtype=np.float64)
         self.weights = weights / weights.sum()
-        self.transform = transform
         self.local_batch = global_batch // world_size
         self.rank, self.start_step, self.steps = rank, start_step, steps
         self.encode_text, self.seed, self.patch_size = encode_text, seed, patch_size
         self.prefix = PrefixSampler(seed)
-
-    def _image(self, image, worker: int, source: int, position: int) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            key = np.random.SeedSequence([self.seed, 4, self.rank, worker, source, position]).generate_state(1)[0]
-            torch.manual_seed(int(key))
-            return self.transform(image)
 
     def __iter__(self):
         info = get_worker_info()
@@ -155,7 +148,7 @@ class ShardStepBatches(IterableDataset):
             for k in picks:
                 image, caption, _, (_, _, pos) = next(streams[k])
                 position[self.names[k]] = pos
-                images.append(self._image(image, w, int(k), pos))
+                images.append(image)  # uint8 [3, H, W], augmented in the reader (seeded by its stream position)
                 captions.append(caption)
                 positions.append(pos)
             images = torch.stack(images)  # uint8 [B, 3, H, W]

@@ -125,7 +125,7 @@ def train(cfg: Config) -> dict:
         patch_size=enc_cfg.patch_size,
     )
     if source.shards is not None:
-        stream = ShardStepBatches(source.shards, source.transform, **common)
+        stream = ShardStepBatches(source.shards, **common)
     else:
         stream = StepBatches(source.sample_fn, length=source.length, **common)
     positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.tokenizer import Tokenizer, default_synthetic_tokenizer
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import TrainTransform, eval_transform, train_transform
 from .checkpointing import atomic_write
 from .config import Config, ConfigError
 
@@ -27,7 +27,6 @@ class Source:
     length: int | None  # None: an endless stream of distinct samples
     tokenizer: Tokenizer
     shards: list[tuple[str, object, float]] | None = None  # source=shards: (name, ShardSamples, weight) each
-    transform: Callable | None = None  # source=shards: PIL image -> uint8 [3, H, W]
 
 
 class _SeededSample:
@@ -39,7 +38,8 @@ class _SeededSample:
     def __call__(self, index: int, global_index: int) -> tuple[torch.Tensor, str]:
         image, caption = self.get_item(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, 3, global_index]).generate_state(1)[0]))
+            key = np.random.SeedSequence([self.seed, 3, global_index]).generate_state(1)[0]
+            torch.default_generator.manual_seed(int(key))  # CPU only: torch.manual_seed also seeds CUDA (slow)
             return self.transform(image), caption
 
 
@@ -80,7 +80,7 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
 _MIXTURE_KEYS = {"name", "shards", "weight", "caption"}
 
 
-def _shard_source(cfg: Config, entry: dict, i: int, rank: int, world_size: int) -> tuple[str, object, float]:
+def _shard_source(cfg: Config, entry: dict, i: int, rank: int, world_size: int, transform) -> tuple[str, object, float]:
     """One (name, ShardSamples, weight) of data.shards or of a data.mixture entry."""
     from ..data.shards import ShardSamples
 
@@ -102,6 +102,8 @@ def _shard_source(cfg: Config, entry: dict, i: int, rank: int, world_size: int) 
             resampled=True,
             with_position=True,
             max_fault_rate=cfg.data.max_fault_rate,
+            transform=transform,
+            seeded_transform=True,
         )
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}={entry['shards']!r}: {e}") from e
@@ -126,11 +128,13 @@ def build_source(
         return Source(_SeededSample(get_item, transform, cfg.seed), cfg.data.synthetic_length, tokenizer)
     if cfg.data.source == "shards":
         entries = cfg.data.mixture or [{"name": "shards", "shards": cfg.data.shards}]
-        sources = [_shard_source(cfg, entry, i, rank, world_size) for i, entry in enumerate(entries)]
+        # decoding inside the reader lets JPEGs decode at reduced scale when the crop allows (TrainTransform)
+        shard_transform = TrainTransform(img_size) if cfg.data.augment else transform
+        sources = [_shard_source(cfg, e, i, rank, world_size, shard_transform) for i, e in enumerate(entries)]
         names = [name for name, _, _ in sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.mixture: source names must be distinct, got {names}")
-        return Source(None, None, tokenizer, shards=sources, transform=transform)
+        return Source(None, None, tokenizer, shards=sources)
     if cfg.data.source == "folder":
         from ..data.captioned import CaptionedImages
 
