@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 in tokenizers we train
 DEFAULT_CONTEXT_LENGTH = 77
@@ -150,6 +150,38 @@ class Tokenizer:
         pad_id = token_id(pad_token, padding.get("pad_id") if padding else None, "pad")
         eos_id = token_id(eos_token, _template_eos(spec.get("post_processor")), "eos")
         return cls(tk, context_length=context_length, pad_id=pad_id, eos_id=eos_id)
+
+    @classmethod
+    def from_sentencepiece(
+        cls, path: str | os.PathLike, *, context_length: int = DEFAULT_CONTEXT_LENGTH, lowercase: bool = True
+    ) -> Tokenizer:
+        """A SentencePiece unigram ``.model`` (e.g. SigLIP's 32k, the paper's) as a ``tokenizers`` Unigram.
+
+        The model's pieces and scores become the Unigram vocabulary, with SentencePiece's NFKC normalization and
+        "▁" word boundaries; pad and eos ids come from the model's trainer spec. ``lowercase`` as in the paper.
+        Needs the ``sentencepiece`` and ``protobuf`` packages only to read the file.
+        """
+        try:
+            from sentencepiece import sentencepiece_model_pb2
+        except ImportError as e:
+            raise ImportError("reading a SentencePiece model needs: pip install sentencepiece protobuf") from e
+        proto = sentencepiece_model_pb2.ModelProto()
+        with open(path, "rb") as f:
+            proto.ParseFromString(f.read())
+        spec = proto.trainer_spec
+        if spec.model_type != spec.UNIGRAM:
+            raise ValueError(f"{path}: only SentencePiece unigram models are supported (this one is {spec.model_type})")
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+        tk = HFTokenizer(models.Unigram(vocab, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback))
+        norms = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        norms.append(normalizers.Replace(Regex(" {2,}"), " "))
+        tk.normalizer = normalizers.Sequence(norms)
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        pad_id = spec.pad_id if spec.pad_id >= 0 else spec.eos_id  # T5/SigLIP-style models without pad use eos
+        if spec.eos_id < 0:
+            raise ValueError(f"{path}: the model has no eos token, which the captioning loss needs")
+        return cls(tk, context_length=context_length, pad_id=pad_id, eos_id=spec.eos_id)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> Tokenizer:

@@ -43,7 +43,7 @@ class DataConfig:
     augment: bool = True  # RandomResizedCrop + flip; off for synthetic scenes whose captions name positions
     mean_std: str = "imagenet"  # "imagenet" or "clip"
     context_length: int = 77  # tokens per caption, EOS included, right-padded
-    tokenizer: str | None = None  # a tokenizer.json; None: the built-in synthetic-caption tokenizer
+    tokenizer: str | None = None  # tokenizer.json or SentencePiece .model; None: the built-in synthetic-caption one
     synthetic_length: int | None = None  # None: an endless stream of distinct scenes
 
 

@@ -66,8 +66,11 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer)
         if not path.is_file():
-            raise ConfigError(f"data.tokenizer: {path} not found (a tokenizer.json file)")
-        tok = Tokenizer.from_file(path, context_length=cfg.data.context_length)
+            raise ConfigError(f"data.tokenizer: {path} not found (a tokenizer.json or SentencePiece .model file)")
+        if path.suffix == ".model":  # SentencePiece (e.g. SigLIP's, the paper's tokenizer)
+            tok = Tokenizer.from_sentencepiece(path, context_length=cfg.data.context_length)
+        else:
+            tok = Tokenizer.from_file(path, context_length=cfg.data.context_length)
     elif saved is not None and saved.exists():
         tok = Tokenizer.from_file(saved, context_length=cfg.data.context_length)
     else:
