@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
+
+from . import run_action
 
 HELP = "inspect webdataset shards as training reads them; write the built-in data as shards"
 
@@ -94,14 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
 
 
-def run(args) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    action = getattr(args, "_action", None)
-    if action is None:
-        args._parser.print_help()
-        return 2
-    return action(args)
+run = run_action  # dispatch to the sub-action
 
 
 def _stats(values: list[float]) -> dict:

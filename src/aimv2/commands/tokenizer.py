@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from . import run_action
 
 HELP = "train a BPE tokenizer on captions (shards, caption folders, CSV/JSONL, text files)"
 
@@ -69,14 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
 
 
-def run(args) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    action = getattr(args, "_action", None)
-    if action is None:
-        args._parser.print_help()
-        return 2
-    return action(args)
+run = run_action  # dispatch to the sub-action
 
 
 # --- reading captions ------------------------------------------------------------------------------------------------
