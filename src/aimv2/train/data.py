@@ -37,16 +37,13 @@ class Batch:
         return self
 
 
-class StepBatches(IterableDataset):
-    """Yields this rank's Batch for steps start_step, start_step+1, ..., steps-1.
-
-    Worker w of W produces steps s with s % W == w; the DataLoader reads workers round-robin, so batches
-    come out in step order.
-    """
+class _StepStream(IterableDataset):
+    """What both step streams share: this rank's slice of the global batch, the steps each DataLoader worker
+    produces (worker w of W makes steps s with s % W == w; the DataLoader reads workers round-robin, so batches
+    come out in step order), the text encoder and the prefix sampler."""
 
     def __init__(
         self,
-        sample_fn: Callable[[int], tuple],
         *,
         global_batch: int,
         rank: int,
@@ -55,22 +52,36 @@ class StepBatches(IterableDataset):
         steps: int,
         encode_text: Callable[[list[str]], torch.Tensor],
         seed: int,
-        length: int | None,
         patch_size: int,
     ):
         if global_batch % world_size:
             raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
-        self.sample_fn = sample_fn
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
-        self.rank = rank
-        self.start_step = start_step
-        self.steps = steps
-        self.encode_text = encode_text
-        self.seed = seed
-        self.length = length
-        self.patch_size = patch_size
+        self.rank, self.start_step, self.steps = rank, start_step, steps
+        self.encode_text, self.seed, self.patch_size = encode_text, seed, patch_size
         self.prefix = PrefixSampler(seed)
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _worker_steps(self, worker: int, num_workers: int) -> range:
+        return range(self.start_step + worker, self.steps, num_workers)
+
+    def _num_patches(self, images: torch.Tensor) -> int:
+        H, W = images.shape[-2:]
+        return (H // self.patch_size) * (W // self.patch_size)
+
+
+class StepBatches(_StepStream):
+    """This rank's Batch for steps start_step, ..., steps-1 of an indexable dataset (see the module docstring)."""
+
+    def __init__(self, sample_fn: Callable[[int, int], tuple], *, length: int | None, **common):
+        super().__init__(**common)
+        self.sample_fn = sample_fn
+        self.length = length
         self._perms: dict[int, np.ndarray] = {}
 
     def _dataset_index(self, global_index: int) -> int:
@@ -87,60 +98,37 @@ class StepBatches(IterableDataset):
         indices = torch.arange(first, first + self.local_batch)  # [B] global sample indices
         images, captions = zip(*(self.sample_fn(self._dataset_index(int(i)), int(i)) for i in indices), strict=True)
         images = torch.stack(images)  # [B, 3, H, W] uint8
-        H, W = images.shape[-2:]
-        num_patches = (H // self.patch_size) * (W // self.patch_size)
-        prefix_len = self.prefix.per_sample(indices, num_patches)  # [B]
+        prefix_len = self.prefix.per_sample(indices, self._num_patches(images))  # [B]
         return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
 
     def __iter__(self):
-        info = get_worker_info()
-        w, W = (info.id, info.num_workers) if info else (0, 1)
-        for step in range(self.start_step + w, self.steps, W):
+        for step in self._worker_steps(*self._worker()):
             yield self.batch(step)
 
 
-class ShardStepBatches(IterableDataset):
+class ShardStepBatches(_StepStream):
     """This rank's Batch for steps start_step..steps-1 from webdataset shards: one source, or a weighted
     mixture of several (the paper mixes five), each an endless resampled stream.
 
-    Worker w of W produces steps s with s % W == w, reading its own stream of every source. Which source
-    each sample comes from is drawn by (seed, rank, worker, step) with the sources' weights. A batch carries
-    the worker's position in every source's stream; the trainer saves the last positions of each worker in
-    its checkpoints, and the sources' ``skip`` continues every stream exactly after them (same number of
-    workers). Prefix lengths are keyed by (seed, rank, worker, step); augmentation happens in the reader,
-    keyed by stream position.
+    Each worker reads its own stream of every source. Which source each sample comes from is drawn by
+    (seed, rank, worker, step) with the sources' weights. A batch carries the worker's position in every
+    source's stream; the trainer saves the last positions of each worker in its checkpoints, and the sources'
+    ``skip`` continues every stream exactly after them (same number of workers). Prefix lengths are keyed by
+    (seed, rank, worker, step); augmentation happens in the reader, keyed by stream position.
     """
 
-    def __init__(
-        self,
-        sources: list[tuple[str, object, float]],
-        *,
-        global_batch: int,
-        rank: int,
-        world_size: int,
-        start_step: int,
-        steps: int,
-        encode_text: Callable[[list[str]], torch.Tensor],
-        seed: int,
-        patch_size: int,
-    ):
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
+    def __init__(self, sources: list[tuple[str, object, float]], **common):
+        super().__init__(**common)
         self.names = [name for name, _, _ in sources]
         self.streams = [samples for _, samples, _ in sources]
         weights = np.array([w for _, _, w in sources], dtype=np.float64)
         self.weights = weights / weights.sum()
-        self.local_batch = global_batch // world_size
-        self.rank, self.start_step, self.steps = rank, start_step, steps
-        self.encode_text, self.seed, self.patch_size = encode_text, seed, patch_size
-        self.prefix = PrefixSampler(seed)
 
     def __iter__(self):
-        info = get_worker_info()
-        w, W = (info.id, info.num_workers) if info else (0, 1)
+        w, W = self._worker()
         streams = [s.samples(w, W) for s in self.streams]
         position = {name: s.skip.get(w, 0) for name, s in zip(self.names, self.streams, strict=True)}
-        for step in range(self.start_step + w, self.steps, W):
+        for step in self._worker_steps(w, W):
             picks = np.random.default_rng([self.seed, 5, self.rank, w, step]).choice(
                 len(streams), size=self.local_batch, p=self.weights
             )  # [B] source of each sample
@@ -152,13 +140,11 @@ class ShardStepBatches(IterableDataset):
                 captions.append(caption)
                 positions.append(pos)
             images = torch.stack(images)  # uint8 [B, 3, H, W]
-            H, W_img = images.shape[-2:]
-            num_patches = (H // self.patch_size) * (W_img // self.patch_size)
-            prefix_len = self.prefix(len(picks), num_patches, rank=self.rank, worker=w, step=step)  # [B]
+            prefix_len = self.prefix(len(picks), self._num_patches(images), rank=self.rank, worker=w, step=step)
             yield Batch(
                 images,
                 self.encode_text(captions),
-                prefix_len,
+                prefix_len,  # [B]
                 torch.tensor(positions),
                 step,
                 worker=w,
@@ -167,7 +153,7 @@ class ShardStepBatches(IterableDataset):
             )
 
 
-def make_loader(stream: StepBatches, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:
+def make_loader(stream: _StepStream, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:
     kw = {}
     if num_workers > 0:
         kw = dict(prefetch_factor=prefetch_factor, persistent_workers=False)
