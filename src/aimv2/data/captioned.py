@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .faults import FaultCounter
+from .faults import FaultCounter, caption_fault
 from .folders import list_images
 from .transforms import to_rgb
 
@@ -139,14 +139,10 @@ class CaptionedImages(Dataset):
             if not isinstance(path, str) or not path.strip():
                 self.listing_faults.fault("no_image", where, f"no {path_column!r} (has {has})")
                 continue
-            if caption is None:
-                self.listing_faults.fault("no_caption", where, f"no {caption_column!r} (has {has})")
-                continue
-            if not isinstance(caption, str):
-                self.listing_faults.fault("bad_caption", where, f"{caption_column} is a {type(caption).__name__}")
-                continue
-            if not caption.strip():
-                self.listing_faults.fault("empty_caption", where, f"{caption_column} is empty")
+            problem = caption_fault(caption, caption_column)
+            if problem is not None:
+                kind, what = problem
+                self.listing_faults.fault(kind, where, f"{what} (has {has})" if kind == "no_caption" else what)
                 continue
             self.items.append((base / path.strip(), caption.strip()))  # an absolute path replaces base
             self.listing_faults.ok()

@@ -31,6 +31,17 @@ FAULT_KINDS: dict[str, str] = {
 }
 
 
+def caption_fault(value, name: str) -> tuple[str, str] | None:
+    """(fault kind, description) for a caption value read from a table that cannot be trained on, else None."""
+    if value is None:
+        return "no_caption", f"no {name!r}"
+    if not isinstance(value, str):
+        return "bad_caption", f"{name} is a {type(value).__name__}"
+    if not value.strip():
+        return "empty_caption", f"{name} is empty"
+    return None
+
+
 class FaultRateError(RuntimeError):
     """Too many samples were skipped: the input is probably not what the reader was told it is."""
 

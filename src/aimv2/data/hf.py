@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from .faults import FaultCounter
+from .faults import FaultCounter, caption_fault
 from .transforms import to_rgb
 
 _BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -75,11 +75,9 @@ class HFImageText:
             self.faults.fault("bad_image", where, str(e))
             return None
         caption = row[self.text_column]
-        if not isinstance(caption, str):
-            self.faults.fault("no_caption" if caption is None else "bad_caption", where, repr(caption)[:80])
-            return None
-        if not caption.strip():
-            self.faults.fault("empty_caption", where, "")
+        problem = caption_fault(caption, self.text_column)
+        if problem is not None:
+            self.faults.fault(problem[0], where, problem[1])
             return None
         if row[self.image_column] is None:
             self.faults.fault("no_image", where, "")
