@@ -57,13 +57,12 @@ def _probe(encoder_spec: str, split_dir: Path, extra: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def plot_losses(metrics_path: Path, png: Path) -> None:
+def plot_losses(rows: list[dict], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
     for a, key in zip(ax, ("loss", "image_loss", "text_loss"), strict=True):
@@ -95,7 +94,7 @@ def run(args) -> int:
         return 2
     out = Path(cfg.out_dir)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
+    plot_losses(metrics, out / "loss_curve.png")
 
     from ..models.registry import model_config
 
