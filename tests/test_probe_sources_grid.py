@@ -199,6 +199,12 @@ def test_source_kind_detection_and_errors(data, tmp_path):
     assert source_kind(str(data / "train")) == "folder"
     assert source_kind(str(data / "train.tar")) == "shards" and source_kind(str(tmp_path / "x-{0..3}.tar")) == "shards"
     assert source_kind(str(data / "train_hf")) == "hf" and source_kind("a/b.parquet") == "hf"
+    folder = open_labeled_source(str(data / "val"))
+    reordered = open_labeled_source(str(data / "val"), classnames=["yellow", "red", "green", "blue", "cyan"])
+    assert reordered.classes[:4] == list(reversed(folder.classes))  # the file's order defines the labels
+    assert [reordered.classes[y] for y in reordered.labels] == [folder.classes[y] for y in folder.labels]
+    with pytest.raises(ValueError, match=r"\['yellow'\] are not in the class names file"):
+        open_labeled_source(str(data / "val"), classnames=["blue", "green", "red"])
     (tmp_path / "loose").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "loose" / "a.png")
     with pytest.raises(ValueError, match="no class sub-folders.*1 images.*webdataset shards"):
@@ -345,6 +351,16 @@ def test_augmented_views_are_seeded_and_use_the_train_transform(tmp_path):
     assert not torch.equal(AugmentedViews(ds, TrainTransform(32, scale=(0.1, 0.3)), 2, seed=1)[3][0], views[3][0])
     different = [not torch.equal(views[i][0], views[len(ds) + i][0]) for i in range(len(ds))]
     assert any(different)
+
+
+def test_train_transform_upsamples_small_jpeg_crops_instead_of_failing(tmp_path):
+    """A crop smaller than the output (small images, as probe sets often hold) has no draft reduction: scale 1."""
+    assert TrainTransform(32).draft_scale((20, 30)) == 1
+    (tmp_path / "c").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "c" / "a.jpg")
+    views = AugmentedViews(open_labeled_source(str(tmp_path), eval_transform(32)), TrainTransform(32), views=8)
+    assert all(views[i][0].shape == (3, 32, 32) for i in range(8))
 
 
 # --- command output and errors --------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def read_image(source, transform: Callable | None, where: str):
             img = to_rgb(img)
         return transform(img) if transform is not None else img
     except Exception as e:  # any decoder error means "this image is unreadable"
-        return ReadError(where, f"{type(e).__name__}: {e}")
+        message = str(e) if isinstance(source, (str, os.PathLike)) else str(e).replace(repr(source), "<bytes>")
+        return ReadError(where, f"{type(e).__name__}: {message}")
 
 
 class ImageFiles(Dataset):

@@ -218,7 +218,8 @@ class ShardClassSamples(Dataset):
                 shards.append((str(Path(url).resolve()), st.st_size, st.st_mtime_ns))
             except OSError:
                 shards.append((url, -1, -1))
-        return [shards, self.label_key, self.classes, len(self.entries), _digest(self.labels)]
+        # the labels (not the class names, which only label the report) and which samples were kept
+        return [shards, self.label_key, len(self.entries), _digest(self.labels)]
 
 
 def _digest(values: Sequence[int]) -> str:
@@ -328,8 +329,7 @@ class HFClassSamples(Dataset):
             except OSError:
                 files.append((f["filename"], -1, -1))
         data = files or self.ds._fingerprint  # in-memory tables: the library's own content fingerprint
-        return [data, self.image_column, self.label_column, self.classes, self.rows[:1], len(self.rows),
-                _digest(self.labels)]  # fmt: skip
+        return [data, self.image_column, self.label_column, _digest(self.rows), _digest(self.labels)]
 
 
 # --- detection -----------------------------------------------------------------------------------------------------
@@ -382,8 +382,13 @@ def open_labeled_source(
     if kind == "folder":
         ds = ImageFiles.from_class_folders(spec, transform)
         ds.classes_named = True
-        if classnames is not None and list(classnames) != ds.classes:
-            raise ValueError(f"{str(spec)!r}: class sub-folders {ds.classes[:5]}... differ from the class names file")
+        if classnames is not None and list(classnames) != ds.classes:  # the file's order defines the labels
+            extra = sorted(set(ds.classes) - set(classnames))
+            if extra:
+                raise ValueError(f"{str(spec)!r}: class sub-folders {extra[:10]} are not in the class names file")
+            index = {name: c for c, name in enumerate(classnames)}
+            ds.labels = [index[ds.classes[label]] for label in ds.labels]
+            ds.classes = list(classnames)  # names the file has and the folder lacks just have no image here
         return ds
     if kind == "shards":
         return ShardClassSamples(spec, transform, label_key=label_key, classnames=classnames)

@@ -29,8 +29,9 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if named:
-        ax.set_xticks(range(n), labels=list(classes), rotation=90, fontsize=max(5, 10 - n // 10))
-        ax.set_yticks(range(n), labels=list(classes), fontsize=max(5, 10 - n // 10))
+        size = 10 if n <= 20 else 8 if n <= 35 else 7  # a row is >= 0.3 inch: 7 pt still fits
+        ax.set_xticks(range(n), labels=list(classes), rotation=90, fontsize=size)
+        ax.set_yticks(range(n), labels=list(classes), fontsize=size)
         if n <= 15:
             for i in range(n):
                 for j in range(n):
