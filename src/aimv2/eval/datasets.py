@@ -211,15 +211,21 @@ class ShardClassSamples(Dataset):
         return read_image(io.BytesIO(data), self.transform, where), self.labels[index], index
 
     def fingerprint(self) -> list:
-        shards = []
-        for url in self.urls:
-            try:
-                st = os.stat(url)
-                shards.append((str(Path(url).resolve()), st.st_size, st.st_mtime_ns))
-            except OSError:
-                shards.append((url, -1, -1))
+        shards = _file_stats(self.urls)
         # the labels (not the class names, which only label the report) and which samples were kept
         return [shards, self.label_key, len(self.entries), _digest(self.labels)]
+
+
+def _file_stats(paths: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(resolved path, size, mtime_ns) per file: changes when a file is replaced or edited."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(p), -1, -1))
+    return out
 
 
 def _digest(values: Sequence[int]) -> str:
@@ -238,18 +244,27 @@ def _load_hf(path: str):
     p = Path(path)
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         splits = sorted(d.name for d in p.iterdir() if (d / "state.json").is_file())
-        raise ValueError(f"{path!r} holds several splits ({', '.join(splits)}): pass one, e.g. {p / splits[0]}")
+        example = f", e.g. {p / splits[0]}" if splits else ""
+        raise ValueError(
+            f"{path!r} is a DatasetDict ({', '.join(splits) or 'no splits'}): pass one split's folder{example}"
+        )
     if p.is_dir() and (p / "state.json").is_file():
         return datasets.load_from_disk(str(p))
-    files = (
-        sorted(str(f) for f in p.iterdir() if f.suffix in HF_FILE_EXTENSIONS) if p.is_dir() else sorted(glob.glob(path))
-    )
+    files = _hf_source_files(path)
     kinds = {Path(f).suffix for f in files}
     if not files or len(kinds) != 1 or not kinds <= set(HF_FILE_EXTENSIONS):
         raise ValueError(f"{path!r}: expected .parquet or .arrow files of one kind, found {files[:3] or 'none'}")
     if kinds == {".arrow"}:
         return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
     return datasets.Dataset.from_parquet(files)
+
+
+def _hf_source_files(path: str) -> list[str]:
+    """The .parquet / .arrow files a path names (none for a save_to_disk folder: its tables are the data)."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.iterdir() if f.suffix in HF_FILE_EXTENSIONS)
+    return sorted(glob.glob(path))
 
 
 class HFClassSamples(Dataset):
@@ -273,6 +288,7 @@ class HFClassSamples(Dataset):
 
         self.path, self.transform = str(path), transform
         ds = _load_hf(self.path)
+        self.source_files = [] if (Path(self.path) / "state.json").is_file() else _hf_source_files(self.path)
         missing = [c for c in (image_column, label_column) if c not in ds.column_names]
         if missing:
             raise ValueError(
@@ -321,13 +337,8 @@ class HFClassSamples(Dataset):
             return ReadError(where, f"{type(e).__name__}: {e}"), self.labels[index], index
 
     def fingerprint(self) -> list:
-        files = []
-        for f in self.ds.cache_files:
-            try:
-                st = os.stat(f["filename"])
-                files.append((str(Path(f["filename"]).resolve()), st.st_size, st.st_mtime_ns))
-            except OSError:
-                files.append((f["filename"], -1, -1))
+        # the files given (parquet: the source, not the library's arrow cache of it), else the tables read
+        files = _file_stats(self.source_files or [f["filename"] for f in self.ds.cache_files])
         data = files or self.ds._fingerprint  # in-memory tables: the library's own content fingerprint
         return [data, self.image_column, self.label_column, _digest(self.rows), _digest(self.labels)]
 
