@@ -67,6 +67,25 @@ class ReadError:
         return f"{self.path}: {self.error}"
 
 
+def read_image(source, transform: Callable | None, where: str):
+    """Decode one image (a path or a binary file object) to RGB and apply ``transform``; a :class:`ReadError`
+    naming ``where`` if anything fails. The one decode path of every labelled-image source (folders, shards, HF).
+
+    A transform with ``accepts_undecoded = True`` (:class:`~aimv2.data.transforms.TrainTransform`) gets the image
+    opened but not decoded, so it can decode a JPEG at reduced scale; its decode errors are caught here too.
+    """
+    try:
+        with Image.open(source) as img:
+            if getattr(transform, "accepts_undecoded", False):
+                return transform(img)
+            img.load()  # decode now, inside the try: truncated files fail here, not later
+            img = to_rgb(img)
+        return transform(img) if transform is not None else img
+    except Exception as e:  # any decoder error means "this image is unreadable"
+        message = str(e) if isinstance(source, (str, os.PathLike)) else str(e).replace(repr(source), "<bytes>")
+        return ReadError(where, f"{type(e).__name__}: {message}")
+
+
 class ImageFiles(Dataset):
     """Images from a list of files, each read with :func:`to_rgb` and transformed (typically to uint8 [3, H, W]).
 
@@ -119,14 +138,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now, inside the try: truncated files fail here, not later
-                img = to_rgb(img)
-            image = self.transform(img) if self.transform is not None else img
-        except Exception as e:  # any decoder error means "this file is unreadable"
-            image = ReadError(str(path), f"{type(e).__name__}: {e}")
-        return image, self.labels[index], index
+        return read_image(path, self.transform, str(path)), self.labels[index], index
 
     def fingerprint(self) -> list[tuple[str, int, int, int]]:
         """(path, size, mtime_ns, label) per image: changes when any file is added, removed, edited or relabelled."""

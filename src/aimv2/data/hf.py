@@ -26,6 +26,34 @@ def _builder(files: Sequence[str]) -> str:
     return kinds.pop()
 
 
+def image_source(value):
+    """What :func:`PIL.Image.open` reads for an image column value: a ``{"bytes", "path"}`` dict (how
+    ``datasets.Image(decode=False)`` stores images), raw encoded bytes, or a path string. PIL images pass through."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return io.BytesIO(value["bytes"])
+        if value.get("path"):
+            return value["path"]
+        raise ValueError("image value has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(value))
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"cannot read an image from a {type(value).__name__}")
+
+
+def decode_value(value) -> Image.Image:
+    """An image column value, decoded (loaded) as a PIL image."""
+    source = image_source(value)
+    if isinstance(source, Image.Image):
+        return source
+    img = Image.open(source)
+    img.load()
+    return img
+
+
 class HFImageText:
     """Map-style: ``get_item(i) -> (RGB PIL image, caption) | None``; ``len()`` rows."""
 
@@ -58,15 +86,6 @@ class HFImageText:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _image(self, value) -> Image.Image:
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, dict):
-            value = value.get("bytes") or open(value["path"], "rb").read()
-        img = Image.open(io.BytesIO(value))
-        img.load()
-        return img
-
     def get_item(self, index: int) -> tuple[Image.Image, str] | None:
         where = f"row {index}"
         try:
@@ -83,7 +102,7 @@ class HFImageText:
             self.faults.fault("no_image", where, "")
             return None
         try:
-            image = to_rgb(self._image(row[self.image_column]))
+            image = to_rgb(decode_value(row[self.image_column]))
         except Exception as e:
             self.faults.fault("bad_image", where, str(e))
             return None

@@ -172,9 +172,10 @@ class TrainTransform:
         )
 
     def draft_scale(self, crop_hw: tuple[int, int]) -> int:
-        """The largest JPEG decode reduction (1, 2, 4 or 8) keeping an ``crop_hw`` crop >= the output size."""
+        """The largest JPEG decode reduction (1, 2, 4 or 8) keeping an ``crop_hw`` crop >= the output size; 1 when
+        the crop is already smaller than the output (a small image: the resize upsamples at full scale)."""
         (h, w), (out_h, out_w) = crop_hw, self.size
-        return next(s for s in (8, 4, 2, 1) if h / s >= out_h and w / s >= out_w)
+        return next((s for s in (8, 4, 2) if h / s >= out_h and w / s >= out_w), 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if not self.draft or img.format != "JPEG":

@@ -1,8 +1,9 @@
 """On-disk cache of frozen features, so probes (and their hyperparameter sweeps) run the encoder once per dataset.
 
 A cache entry is a safetensors file named by a hash of everything the features depend on: the encoder's weights
-(every state_dict tensor's bytes) and config, the image files (path, size, mtime, label), the transform's settings,
-the normalization, the blocks, pooling and dtype. Change any of them and the key changes; nothing is ever served
+(every state_dict tensor's bytes) and config, the data (the source's ``fingerprint()``: for files their path, size,
+mtime and label), the transform's settings, the normalization, the blocks, pooling, the autocast dtype and the
+storage dtype (fp32, or bf16 at half the size). Change any of them and the key changes; nothing is ever served
 stale. Entries are written atomically (temporary file, then rename), so an interrupted run leaves no half file.
 
 Location: ``--cache-dir``, else ``$AIMV2_CACHE/features``, else ``~/.cache/aimv2/features``.
@@ -55,7 +56,15 @@ def encoder_description(encoder: nn.Module) -> dict:
 
 
 def cache_key(
-    encoder: nn.Module, dataset, *, mean_std, blocks, pool: str, dtype: str, block_reduce: str = "mean"
+    encoder: nn.Module,
+    dataset,
+    *,
+    mean_std,
+    blocks,
+    pool: str,
+    dtype: str,
+    block_reduce: str = "mean",
+    store: str = "fp32",
 ) -> str:
     """Hex digest identifying the features of ``dataset`` under ``encoder`` and these settings."""
     if not hasattr(dataset, "fingerprint"):
@@ -71,6 +80,7 @@ def cache_key(
         "block_reduce": block_reduce if blocks is not None else None,
         "pool": pool,
         "dtype": dtype,
+        "store": store,
     }
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=20).hexdigest()
@@ -116,6 +126,7 @@ def cached_features(
     dtype: str = "fp32",
     block_reduce: str = "mean",
     mean_std: str | tuple = "imagenet",
+    store: str = "fp32",
     **extract_kwargs,
 ) -> dict:
     """:func:`extract_features`, served from the cache when the same features were computed before.
@@ -123,7 +134,7 @@ def cached_features(
     Returns the dict of :func:`extract_features` plus ``cache_path`` (None when caching is off) and ``cached``
     (True when nothing was computed). A hit reports the unreadable images of the original run again.
     """
-    settings = dict(blocks=blocks, pool=pool, dtype=dtype, block_reduce=block_reduce, mean_std=mean_std)
+    settings = dict(blocks=blocks, pool=pool, dtype=dtype, block_reduce=block_reduce, mean_std=mean_std, store=store)
     if not use_cache:
         result = extract_features(encoder, dataset, **settings, **extract_kwargs)
         return {**result, "cache_path": None, "cached": False}

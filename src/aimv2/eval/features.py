@@ -20,6 +20,7 @@ from ..data.folders import ReadError, collate_skip
 from ..data.transforms import normalize
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # how features are kept (memory, cache files)
 POOLS = ("none", "mean")
 BLOCK_REDUCE = ("mean", "stack")
 
@@ -79,18 +80,22 @@ def extract_features(
     pool: str = "none",
     block_reduce: str = "mean",
     mean_std: str | tuple = "imagenet",
+    store: str = "fp32",
     progress: bool | None = None,
     desc: str = "features",
 ) -> dict:
     """Run ``encoder`` over ``dataset`` (samples ``(uint8 [3, H, W] | ReadError, label, index)``).
 
     dtype: ``"fp32"`` or ``"bf16"`` (autocast; weights stay as they are).
+    store: ``"fp32"`` or ``"bf16"``: the dtype the features are kept in (bf16 halves the memory of patch tokens).
     progress: a tqdm bar on stderr; None shows it only when stderr is a terminal.
-    Returns ``{"features": float32 [n, ...], "labels": long [n], "indices": long [n], "errors": [ReadError]}``
+    Returns ``{"features": float32 (or bf16) [n, ...], "labels": long [n], "indices": long [n], "errors": [ReadError]}``
     where n counts the readable images and ``indices`` are their positions in ``dataset``.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if store not in STORE_DTYPES:
+        raise ValueError(f"store must be one of {list(STORE_DTYPES)}, got {store!r}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if block_reduce not in BLOCK_REDUCE:
@@ -121,7 +126,7 @@ def extract_features(
                         feats = encode(encoder, pixels, blocks, pool, block_reduce)
                     feats = feats.float().cpu()  # [B, ...]
                     if out is None:  # preallocate once the feature shape is known
-                        out = torch.empty(total, *feats.shape[1:], dtype=torch.float32)
+                        out = torch.empty(total, *feats.shape[1:], dtype=STORE_DTYPES[store])
                         labels = torch.empty(total, dtype=torch.long)
                         indices = torch.empty(total, dtype=torch.long)
                     b = feats.shape[0]

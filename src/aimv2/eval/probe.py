@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,8 @@ def train_head(
             idx = order[i : i + cfg.batch_size]
             if idx.numel() == 1 and n > 1:  # BatchNorm needs 2 samples; fold a lone last sample into no step
                 continue
-            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            xb = x[idx].to(device, non_blocking=True).float()  # features may be stored in bf16
+            yb = y[idx].to(device, non_blocking=True)
             loss = F.cross_entropy(head(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,7 +160,8 @@ def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...] = (
 def predict(head: nn.Module, x: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 1024):
     """Logits [n, C] of a trained head, in eval mode (BatchNorm uses its running statistics)."""
     head.to(device).eval()
-    return torch.cat([head(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)])
+    chunks = (x[i : i + batch_size].to(device).float() for i in range(0, x.shape[0], batch_size))
+    return torch.cat([head(xb).float().cpu() for xb in chunks])
 
 
 @torch.no_grad()
@@ -189,6 +191,52 @@ def knn_scores(
     return torch.cat(out)
 
 
+def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Percent correct among the samples of each class (None for a class with no sample)."""
+    total = torch.bincount(y, minlength=num_classes)
+    right = torch.bincount(y[pred == y], minlength=num_classes)
+    return [100.0 * r / t if t else None for r, t in zip(right.tolist(), total.tolist(), strict=True)]
+
+
+def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts [C, C]: row = true class, column = predicted class."""
+    return torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
+
+
+def fit_predict(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    num_classes: int,
+    cfg: ProbeConfig,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Fit ``cfg.method`` on the training features; scores [n_val, C] of ``val_x`` and the hyperparameters used.
+
+    The head's initialization is seeded by ``cfg.seed`` without touching the global RNG.
+    """
+    if cfg.method == "knn":
+        scores = knn_scores(train_x, train_y, val_x, num_classes, cfg.k, cfg.temperature, device)
+        return scores, {"k": cfg.k, "temperature": cfg.temperature}
+    dim = train_x.shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if cfg.method == "attentive":
+            if train_x.ndim != 3:
+                raise ValueError(f"the attentive probe needs token features [n, N, D], got {tuple(train_x.shape)}")
+            head = AttentiveProbe(dim, num_classes, cfg.num_heads, cfg.num_queries, cfg.batchnorm)
+        else:
+            head = LinearProbe(dim, num_classes, cfg.batchnorm)
+    losses = train_head(head, train_x, train_y, cfg, device, progress)
+    scores = predict(head, val_x, device)
+    hparams = {k: v for k, v in asdict(cfg).items() if k not in ("method", "k", "temperature")}
+    if cfg.method == "linear":
+        hparams = {k: v for k, v in hparams.items() if k not in ("num_heads", "num_queries")}
+    hparams["final_train_loss"] = round(losses[-1], 6) if losses else None
+    return scores, hparams
+
+
 def run_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -201,28 +249,71 @@ def run_probe(
 ) -> dict:
     """Fit ``cfg.method`` on the training features and score the validation ones.
 
-    Returns ``{"method", "top1", ["top5",] "n_train", "n_val", "num_classes", ...hyperparameters}``; accuracies in
-    percent. The head's initialization is seeded by ``cfg.seed`` without touching the global RNG.
+    Returns ``{"method", "top1", ["top5",] "per_class", "confusion", "n_train", "n_val", "num_classes",
+    ...hyperparameters}``; accuracies in percent, ``per_class`` a list by label, ``confusion`` the [C, C] counts
+    (rows true, columns predicted) as nested lists.
     """
-    if cfg.method == "knn":
-        scores = knn_scores(train_x, train_y, val_x, num_classes, cfg.k, cfg.temperature, device)
-        hparams = {"k": cfg.k, "temperature": cfg.temperature}
-    else:
-        dim = train_x.shape[-1]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            if cfg.method == "attentive":
-                if train_x.ndim != 3:
-                    raise ValueError(f"the attentive probe needs token features [n, N, D], got {tuple(train_x.shape)}")
-                head = AttentiveProbe(dim, num_classes, cfg.num_heads, cfg.num_queries, cfg.batchnorm)
-            else:
-                head = LinearProbe(dim, num_classes, cfg.batchnorm)
-        losses = train_head(head, train_x, train_y, cfg, device, progress)
-        scores = predict(head, val_x, device)
-        hparams = {k: v for k, v in asdict(cfg).items() if k not in ("method", "k", "temperature")}
-        if cfg.method == "linear":
-            hparams = {k: v for k, v in hparams.items() if k not in ("num_heads", "num_queries")}
-        hparams["final_train_loss"] = round(losses[-1], 6) if losses else None
+    scores, hparams = fit_predict(train_x, train_y, val_x, num_classes, cfg, device, progress)
+    pred = scores.argmax(dim=1)
     result = {"method": cfg.method, **topk_accuracy(scores, val_y)}
+    result["per_class"] = per_class_accuracy(pred, val_y, num_classes)
+    result["confusion"] = confusion_matrix(pred, val_y, num_classes).tolist()
     result.update(n_train=int(train_x.shape[0]), n_val=int(val_x.shape[0]), num_classes=num_classes, **hparams)
     return result
+
+
+# --- hyperparameter selection on a held-out part of train ---------------------------------------------------------
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, held) index tensors: ``fraction`` of each class's samples held out (rounded; at least one of a class
+    with two or more samples, never all of a class), chosen by a generator seeded with ``seed``. Disjoint, sorted."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        n = idx.numel()
+        k = min(n - 1, max(1 if n >= 2 else 0, round(fraction * n)))
+        held.append(idx[torch.randperm(n, generator=gen)[:k]])
+    held_idx = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.long)
+    if held_idx.numel() == 0:
+        raise ValueError("the held-out split is empty: every class has a single training sample")
+    mask = torch.ones(labels.numel(), dtype=torch.bool)
+    mask[held_idx] = False
+    return mask.nonzero().flatten(), held_idx
+
+
+def grid_search(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    held_x: torch.Tensor,
+    held_y: torch.Tensor,
+    num_classes: int,
+    cfg: ProbeConfig,
+    lrs: list[float],
+    wds: list[float],
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+    log=None,
+) -> tuple[dict, list[dict]]:
+    """Train ``cfg`` with every (lr, weight decay) pair on (train_x, train_y), score top-1 on the held-out part.
+
+    Takes no validation data at all: selection cannot see val. Returns ``({"lr", "weight_decay"} of the best pair,
+    table)``, best = highest held-out top-1, ties broken by the lower lr, then the lower weight decay. ``log`` is
+    called with a readable line per pair.
+    """
+    if cfg.method == "knn":
+        raise ValueError("the lr x wd grid applies to the attentive and linear probes, not knn")
+    table = []
+    for lr in lrs:
+        for wd in wds:
+            trial = replace(cfg, lr=lr, weight_decay=wd)
+            scores, _ = fit_predict(train_x, train_y, held_x, num_classes, trial, device, progress)
+            top1 = topk_accuracy(scores, held_y, (1,))["top1"]
+            table.append({"lr": lr, "weight_decay": wd, "holdout_top1": top1})
+            if log is not None:
+                log(f"  lr {lr:<8g} wd {wd:<6g} held-out top-1 {top1:6.2f}%")
+    best = min(table, key=lambda r: (-r["holdout_top1"], r["lr"], r["weight_decay"]))
+    return {"lr": best["lr"], "weight_decay": best["weight_decay"]}, table
