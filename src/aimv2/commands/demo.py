@@ -15,7 +15,8 @@ DESCRIPTION = """The whole method at laptop scale, on the built-in synthetic sce
   2. labelled probe splits from the same scene generator: number of objects (count), colour and shape
      of the single large object among smaller distractors (colour, shape)
   3. aimv2 probe --method attentive   on the pretrained encoder and on the same encoder at random init
-  4. a table on stdout, results.json and loss_curve.png in the run folder
+  4. tables on stdout; in the run folder results.json, loss_curve.png, probe_top1.png and, per task,
+     probe-TASK/report/{pretrained,random-init}.{json,png} (per-class accuracy, confusion matrix)
 
 examples:
   aimv2 demo
@@ -55,6 +56,29 @@ def _probe(encoder_spec: str, split_dir: Path, extra: list[str]) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"probe of {encoder_spec} failed:\n{r.stdout}{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def plot_probes(probes: dict[str, dict], png: Path) -> None:
+    """Grouped bars: top-1 of the pretrained and the random-init encoder per task, chance as a tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(probes)
+    x = range(len(tasks))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.2))
+    ax.bar([i - 0.2 for i in x], [probes[t]["pretrained"] for t in tasks], 0.4, label="pretrained")
+    ax.bar([i + 0.2 for i in x], [probes[t]["random_init"] for t in tasks], 0.4, label="random init")
+    ax.scatter(list(x), [probes[t]["chance"] for t in tasks], marker="_", s=600, color="k", label="chance", zorder=3)
+    ax.set_xticks(list(x), tasks)
+    ax.set_ylabel("attentive probe top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def plot_losses(rows: list[dict], png: Path) -> None:
@@ -112,8 +136,9 @@ def run(args) -> int:
             seed=cfg.seed + 1000,
             overwrite=True,
         )
-        trained = _probe(str(out), split_dir, ["--workers=1"])
-        random = _probe(cfg.model.encoder, split_dir, ["--workers=1", *random_init])
+        report = f"--out={split_dir / 'report'}"
+        trained = _probe(str(out), split_dir, ["--workers=1", f"{report}/pretrained.json"])
+        random = _probe(cfg.model.encoder, split_dir, ["--workers=1", f"{report}/random-init.json", *random_init])
         probes[task] = {
             "pretrained": trained["top1"],
             "random_init": random["top1"],
@@ -125,6 +150,7 @@ def run(args) -> int:
     for key in ("loss", "image_loss", "text_loss"):
         result[f"{key}_first"], result[f"{key}_last"] = first[key], last[key]
     result["probe_top1"] = probes
+    plot_probes(probes, out / "probe_top1.png")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(f"| {'':10} | step {first['step']:>5} | step {last['step']:>5} |")
@@ -136,6 +162,9 @@ def run(args) -> int:
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 13}|{'-' * 8}|")
     for task, r in probes.items():
         print(f"| {task:22} | {r['pretrained']:9.1f}% | {r['random_init']:10.1f}% | {r['chance']:5.1f}% |")
-    print(f"\nloss curve: {out / 'loss_curve.png'}; results: {out / 'results.json'}")
+    print(
+        f"\nloss curve: {out / 'loss_curve.png'}; probe accuracy: {out / 'probe_top1.png'}; confusion matrices: "
+        f"{out}/probe-TASK/report/*.png; results: {out / 'results.json'}"
+    )
     print(json.dumps(result))
     return 0
