@@ -400,3 +400,16 @@ def test_two_process_all_gather_matches_one_process(tmp_path, tiny_encoder):
     wa, wb = load_file(single / "lit.safetensors"), load_file(multi / "lit.safetensors")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_lit_config_checks():
+    from aimv2.train.config import ConfigError, LitConfig, load_config
+
+    cfg = load_config(ROOT / "configs" / "lit-tiny.yaml", ["lit.encoder=runs/x", "lit.text.depth=2"], cls=LitConfig)
+    assert cfg.lit.text == {"depth": 2} and cfg.data.source == "synthetic"
+    with pytest.raises(ConfigError, match="lit.encoder is required"):
+        load_config(ROOT / "configs" / "lit-tiny.yaml", [], cls=LitConfig)
+    with pytest.raises(ConfigError, match="grad_accum=1"):
+        load_config(ROOT / "configs" / "lit-tiny.yaml", ["lit.encoder=x", "train.grad_accum=2"], cls=LitConfig)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(ROOT / "configs" / "lit-tiny.yaml", ["lit.encoder=x", "model.alpha=1"], cls=LitConfig)
