@@ -127,12 +127,15 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
     raise CheckpointError(f"not an AIMv2 encoder in a known layout ({'|'.join(LAYOUTS)}); its keys: {shown}")
 
 
-def to_aimv2(state_dict: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+def to_aimv2(
+    state_dict: dict[str, torch.Tensor], layout: str, keys: tuple[Rename, ...] | None = None
+) -> dict[str, torch.Tensor]:
     """Rename ``layout``'s keys to ours (fusing q, k, v). Keys no rule knows are kept as they are, so a
-    strict load reports them as unexpected; an incomplete q/k/v triple is kept under its own names."""
+    strict load reports them as unexpected; an incomplete q/k/v triple is kept under its own names.
+    ``keys`` is another key map for the same layout (the LiT models' maps)."""
     if layout == "aimv2":
         return dict(state_dict)
-    rules = [(_pattern(t), r, j) for r in _key_map(layout) for j, t in enumerate(_as_tuple(r.theirs))]
+    rules = [(_pattern(t), r, j) for r in keys or _key_map(layout) for j, t in enumerate(_as_tuple(r.theirs))]
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # fused key -> part index -> (their key, tensor)
     for key, t in state_dict.items():
@@ -154,11 +157,13 @@ def to_aimv2(state_dict: dict[str, torch.Tensor], layout: str) -> dict[str, torc
     return out
 
 
-def from_aimv2(state_dict: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+def from_aimv2(
+    state_dict: dict[str, torch.Tensor], layout: str, keys: tuple[Rename, ...] | None = None
+) -> dict[str, torch.Tensor]:
     """Rename our keys to ``layout``'s (splitting qkv on dim 0). Every key must have a rule."""
     if layout == "aimv2":
         return dict(state_dict)
-    rules = [(_pattern(r.ours), r) for r in _key_map(layout)]
+    rules = [(_pattern(r.ours), r) for r in keys or _key_map(layout)]
     out: dict[str, torch.Tensor] = {}
     for key, t in state_dict.items():
         for pat, r in rules:

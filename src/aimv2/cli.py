@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("aimv2.commands.convert", "convert an encoder checkpoint to Apple's or transformers' layout"),
     "data": ("aimv2.commands.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
     "tokenizer": ("aimv2.commands.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
+    "lit": ("aimv2.commands.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
+    "zeroshot": ("aimv2.commands.zeroshot", "zero-shot classification of an image folder with a LiT model"),
     "demo": ("aimv2.commands.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 

@@ -83,8 +83,16 @@ class LogConfig:
     wandb_project: str = "aimv2"
 
 
+class _Saved:
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
 @dataclass
-class Config:
+class Config(_Saved):
     out_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -93,11 +101,30 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+@dataclass
+class LitTowerConfig:
+    """What LiT trains against a frozen encoder: the text tower, the pooling head, the projections."""
+
+    encoder: str = ""  # a pretraining run folder, an encoder checkpoint (any layout) or a model name (random weights)
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {img_size: 96}
+    text_size: str = "tiny"  # tiny | small | base (Apple's LiT text tower: 768 wide, 12 blocks, 6 heads)
+    text: dict[str, Any] = field(default_factory=dict)  # TextConfig fields on top of text_size (vocab/eos: tokenizer)
+    projection_dim: int = 768
+    init_temperature: float = 0.07
+
+
+@dataclass
+class LitConfig(_Saved):
+    """A LiT run (``aimv2 lit``): the pretraining sections for data, optimizer, training and logging, and ``lit``."""
+
+    out_dir: str = "runs/lit"
+    seed: int = 0
+    lit: LitTowerConfig = field(default_factory=LitTowerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _plain(x):
@@ -243,13 +270,23 @@ def validate(cfg: Config) -> None:
         ),
         (0 < cfg.data.max_fault_rate <= 1, "data.max_fault_rate must be in (0, 1]"),
     ]
+    if isinstance(cfg, LitConfig):
+        checks += [
+            (bool(cfg.lit.encoder), "lit.encoder is required: a pretraining run folder, a checkpoint or a model name"),
+            # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
+            (t.grad_accum == 1, "LiT needs train.grad_accum=1 (the contrastive batch is the global batch)"),
+            (t.parallel == "ddp", "LiT trains with train.parallel=ddp (the frozen encoder is replicated)"),
+            (cfg.lit.projection_dim >= 1, "lit.projection_dim must be >= 1"),
+            (cfg.lit.init_temperature > 0, "lit.init_temperature must be > 0"),
+        ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults if path is None), apply overrides, check types and values."""
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Config:
+    """Read a YAML config (or the defaults if path is None), apply overrides, check types and values.
+    ``cls`` is the run's config class: Config (pretraining) or LitConfig."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -258,6 +295,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         data = yaml.safe_load(path.read_text()) or {}
     for ov in overrides:
         apply_override(data, ov)
-    cfg = _build(Config, data)
+    cfg = _build(cls, data)
     validate(cfg)
     return cfg

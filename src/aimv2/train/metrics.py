@@ -47,8 +47,19 @@ class MetricsLogger:
     """Writes metrics on rank 0 only. On resume, drops lines past the resumed step (they were logged
     by the killed run after its last checkpoint and will be logged again)."""
 
-    def __init__(self, out_dir: Path, cfg, start_step: int, enabled: bool, total_steps: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        cfg,
+        start_step: int,
+        enabled: bool,
+        total_steps: int,
+        desc: str = "pretrain",
+        show: dict[str, str] | None = None,
+    ):
         self.enabled = enabled
+        # metric -> short name, for the log line and the progress bar
+        self.show = show or {"loss": "loss", "image_loss": "img", "text_loss": "txt"}
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = self.wandb = self.bar = None
         if not enabled:
@@ -79,7 +90,7 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr, dynamic_ncols=True
+                total=total_steps, initial=start_step, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True
             )
 
     def log(self, row: dict) -> None:
@@ -95,26 +106,14 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
         if self.bar is None:
-            log.info(
-                "step %d loss %.4f (image %.4f, text %.4f) lr %.2e %.1f samples/s",
-                step,
-                row["loss"],
-                row["image_loss"],
-                row["text_loss"],
-                row["lr"],
-                row["samples_per_s"],
-            )
+            shown = " ".join(f"{short} {row[k]:.4f}" for k, short in self.show.items() if k in row)
+            log.info("step %d %s lr %.2e %.1f samples/s", step, shown, row["lr"], row["samples_per_s"])
 
     def advance(self, done: int, last: dict) -> None:
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             if last:
-                self.bar.set_postfix(
-                    loss=f"{last['loss']:.3f}",
-                    img=f"{last['image_loss']:.3f}",
-                    txt=f"{last['text_loss']:.3f}",
-                    refresh=False,
-                )
+                self.bar.set_postfix({s: f"{last[k]:.3f}" for k, s in self.show.items() if k in last}, refresh=False)
 
     def close(self) -> None:
         if not self.enabled:

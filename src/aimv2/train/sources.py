@@ -114,14 +114,21 @@ def _shard_source(cfg: Config, entry: dict, i: int, rank: int, world_size: int, 
 
 
 def build_source(
-    cfg: Config, out_dir: Path | None, save: bool = False, *, rank: int = 0, world_size: int = 1
+    cfg: Config,
+    out_dir: Path | None,
+    save: bool = False,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    img_size: tuple[int, int] | None = None,
 ) -> Source:
     """The run's data and tokenizer. Shards are split by (rank, DataLoader worker); the trainer sets
-    ``source.shards.skip`` to resume each worker's stream."""
+    ``source.shards.skip`` to resume each worker's stream. ``img_size`` defaults to the configured encoder's
+    (``cfg.model``); runs without one (LiT, whose encoder comes from a checkpoint) pass it."""
     from ..models.registry import model_config
 
-    enc = model_config(cfg.model.encoder, **cfg.model.encoder_overrides)
-    img_size = enc.image_hw
+    if img_size is None:
+        img_size = model_config(cfg.model.encoder, **cfg.model.encoder_overrides).image_hw
     tokenizer = _tokenizer(cfg, out_dir, save)
     transform = train_transform(img_size) if cfg.data.augment else eval_transform(img_size)
     if cfg.data.source == "synthetic":

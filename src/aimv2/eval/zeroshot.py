@@ -1,0 +1,159 @@
+"""Zero-shot classification with a LiT model: an image folder (one sub-folder per class), class names, prompts.
+
+Each class is embedded by its prompt ensemble, CLIP's recipe: every template filled with the class name, each
+prompt embedded and L2-normalized, the mean over templates normalized again. An image's class is the one whose
+embedding has the highest cosine with the image's embedding (both are unit vectors, so the dot product). The text
+side is batched over all prompts; the image side streams the folder through ``extract_features`` (same loader,
+unreadable-file handling and bf16 option as the probes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.folders import ImageFiles
+from ..data.transforms import eval_transform
+from ..models.lit import LiT
+from .features import DTYPES, default_device, extract_features
+from .probe import topk_accuracy
+
+# CLIP-style defaults; real data wants the dataset's own templates (--templates).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a {}.",
+)
+
+
+def read_templates(path: str | os.PathLike) -> list[str]:
+    """One template per line with ``{}`` where the class name goes; blank lines and ``#`` comments skipped."""
+    lines = [ln.strip() for ln in open(path, encoding="utf-8")]
+    templates = [ln for ln in lines if ln and not ln.startswith("#")]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(
+            f"{path}: every template needs a {{}} for the class name (bad: {bad[:3]})"
+            if bad
+            else f"{path}: no templates in it"
+        )
+    return templates
+
+
+def read_classnames(path: str | os.PathLike, folders: Sequence[str]) -> list[str]:
+    """Class names for ``folders`` (sorted folder names): lines ``folder<TAB>name`` / ``folder=name`` (folders not
+    listed keep their name), or exactly one name per line in folder order."""
+    lines = [ln.rstrip("\n") for ln in open(path, encoding="utf-8")]
+    lines = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    if any("\t" in ln or "=" in ln for ln in lines):
+        pairs = dict(ln.split("\t" if "\t" in ln else "=", 1) for ln in lines)
+        pairs = {k.strip(): v.strip() for k, v in pairs.items()}
+        unknown = sorted(set(pairs) - set(folders))
+        if unknown:
+            raise ValueError(f"{path}: names for folders that are not classes here: {unknown[:5]}")
+        return [pairs.get(f, f) for f in folders]
+    if len(lines) != len(folders):
+        raise ValueError(f"{path}: {len(lines)} names for {len(folders)} class folders (one per line, in sorted order)")
+    return [ln.strip() for ln in lines]
+
+
+@torch.no_grad()
+def class_embeddings(
+    model: LiT,
+    tokenizer,
+    classes: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    device: torch.device | str | None = None,
+    batch_size: int = 512,
+    dtype: str = "fp32",
+) -> torch.Tensor:
+    """Unit-norm prompt-ensemble embedding of each class: float32 [C, P]."""
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    prompts = [t.format(c) for c in classes for t in templates]  # [C*K], class-major
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer.encode(prompts[i : i + batch_size]).to(device)  # [b, T]
+        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None):
+            out.append(model.encode_text(ids).float())  # [b, P], unit norm
+    emb = torch.cat(out).view(len(classes), len(templates), -1)  # [C, K, P]
+    return F.normalize(emb.mean(dim=1), dim=-1)  # [C, P]
+
+
+class _ImageTower(nn.Module):
+    """``extract_features`` calls its model on pixels: this one answers with LiT image embeddings [B, P]."""
+
+    def __init__(self, lit: LiT):
+        super().__init__()
+        self.lit = lit
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.lit.encode_image(pixels)
+
+
+def zeroshot_classify(
+    model: LiT,
+    tokenizer,
+    images: str | os.PathLike,
+    *,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    dtype: str = "fp32",
+    mean_std: str | tuple = "imagenet",
+    progress: bool | None = None,
+) -> dict:
+    """Classify ``images`` (one sub-folder per class) by cosine with the class prompt embeddings.
+
+    Returns top1 / top5 (percent), per-class top-1 (percent, by folder name), chance (percent), n, classes, names,
+    and the tensors behind them: image_embeds [N, P], class_embeds [C, P], scores [N, C], labels [N].
+    """
+    device = default_device() if device is None else torch.device(device)
+    model = model.to(device).eval()
+    ds = ImageFiles.from_class_folders(images, transform=eval_transform(model.cfg.encoder.image_hw))
+    folders = list(ds.classes)
+    names = list(classnames) if classnames is not None else folders
+    if len(names) != len(folders):
+        raise ValueError(f"{len(names)} class names for {len(folders)} class folders")
+    text = class_embeddings(model, tokenizer, names, templates, device, dtype=dtype).cpu()  # [C, P]
+    feats = extract_features(
+        _ImageTower(model),
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        dtype=dtype,
+        mean_std=mean_std,
+        progress=progress,
+        desc="zero-shot",
+    )
+    img = F.normalize(feats["features"], dim=-1)  # [N, P] (bf16 embeddings renormalized in fp32)
+    labels = feats["labels"]  # [N]
+    scores = img @ text.t()  # [N, C] cosine similarities
+    acc = topk_accuracy(scores, labels, ks=(1, 5))
+    pred = scores.argmax(dim=1)
+    per_class = {}
+    for c, name in enumerate(folders):
+        sel = labels == c
+        per_class[name] = 100.0 * (pred[sel] == c).float().mean().item() if sel.any() else float("nan")
+    return {
+        "top1": acc["top1"],
+        "top5": acc.get("top5", 100.0),  # fewer than 5 classes: every label is in the top 5
+        "chance": 100.0 / len(folders),
+        "n": int(labels.numel()),
+        "classes": folders,
+        "names": names,
+        "per_class": per_class,
+        "image_embeds": img,
+        "class_embeds": text,
+        "scores": scores,
+        "labels": labels,
+    }
