@@ -187,12 +187,12 @@ def greedy_decode(
     step = _NextToken(decoder, feats, use_cache)
     logits = step.first()  # [B, V]
     tokens = feats.new_zeros(B, 0, dtype=torch.long)  # [B, t]
-    scores = torch.zeros(B, dtype=torch.float64, device=feats.device)
+    scores = torch.zeros(B, device=feats.device)  # float32 (float64 is missing on some accelerators)
     done = torch.zeros(B, dtype=torch.bool, device=feats.device)
     for t in range(max_len):
         logp = _log_probs(logits, banned)  # [B, V]
         nxt = logp.argmax(dim=-1)  # [B]
-        scores += torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0].double())
+        scores += torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0])
         nxt = torch.where(done, eos_id, nxt)  # finished rows keep emitting <eos>; cut below
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # [B, t + 1]
         done |= nxt == eos_id
@@ -240,14 +240,14 @@ def beam_search(
         return score / length**length_penalty if length_penalty else score
 
     step = _NextToken(decoder, feats.repeat_interleave(K, dim=0), use_cache)  # rows b * K + k
-    scores = torch.full((B, K), float("-inf"), dtype=torch.float64, device=dev)  # [B, K] live hypothesis scores
+    scores = torch.full((B, K), float("-inf"), device=dev)  # [B, K] live hypothesis scores
     scores[:, 0] = 0.0  # the K rows start identical: only one may expand, or the beam fills with copies
     tokens = torch.zeros(B * K, 0, dtype=torch.long, device=dev)  # [B * K, t]
     finished: list[list[tuple[float, float, list[int], bool]]] = [[] for _ in range(B)]  # min-heaps by norm
     done = [False] * B
     logits = step.first()  # [B * K, V]
     for t in range(max_len):  # candidates hold t + 1 tokens
-        logp = _log_probs(logits, banned).double()  # [B * K, V]
+        logp = _log_probs(logits, banned)  # [B * K, V]
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)  # [B, K * V]
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # [B, C] best first
         parent, tok = top_i // V, top_i % V  # [B, C]
