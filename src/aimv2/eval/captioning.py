@@ -20,7 +20,9 @@ Conventions shared by :func:`greedy_decode` and :func:`beam_search`:
 
 The encoder's prefix at inference (``prefix``): ``"full"`` (bidirectional, as the paper evaluates the encoder),
 ``"random"`` (a prefix length drawn per image from the training distribution U{1, ..., N-1}) or an integer ``M``.
-On the tiny synthetic run ``"full"`` gave the better captions (see the command's help), so it is the default.
+On the tiny synthetic run (400 steps, 256 held-out scenes) the choice made no measurable difference: caption
+cross-entropy 0.8435 full vs 0.8433 random vs 0.8459 causal (M=1), object F1 0.156 / 0.154 / 0.157
+(benchmarks/caption_quality.py). ``"full"`` is the default: the paper's inference setting, and deterministic.
 """
 
 from __future__ import annotations
