@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("aimv2.commands.pretrain", "pretrain an encoder with the AIMv2 objective from a YAML config"),
     "probe": ("aimv2.commands.probe", "train a probe on frozen features and report top-1"),
     "extract": ("aimv2.commands.extract", "extract features of a folder of images"),
+    "caption": ("aimv2.commands.caption", "caption images with a pretraining run's decoder (greedy or beam search)"),
     "convert": ("aimv2.commands.convert", "convert an encoder checkpoint to Apple's or transformers' layout"),
     "data": ("aimv2.commands.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
     "tokenizer": ("aimv2.commands.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Block, RMSNorm, init_trunk_linear_
+from .layers import KV, Block, RMSNorm, init_trunk_linear_
 
 
 @dataclass
@@ -57,6 +57,22 @@ def default_decoder_config(encoder_size: str, **overrides) -> DecoderConfig:
             raise ValueError(f"unknown decoder option {k!r}; valid: {sorted(asdict(cfg))}")
         setattr(cfg, k, v)
     return cfg
+
+
+@dataclass
+class DecoderCache:
+    """Keys and values of every decoder layer for the positions decoded so far (image, BOS, caption tokens).
+
+    The image positions are computed once per image; each caption step then costs one position per layer
+    instead of a forward over the whole ``N + t`` sequence.
+    """
+
+    kv: list[KV]  # per block: (k, v) each [B, H, N + text_len, head_dim]
+    text_len: int  # text positions already in the cache, BOS included
+
+    def select(self, index: torch.Tensor) -> DecoderCache:
+        """The cache of rows ``index`` [B'] (beam search keeps the parents of the surviving hypotheses)."""
+        return DecoderCache([(k[index], v[index]) for k, v in self.kv], self.text_len)
 
 
 class MultimodalDecoder(nn.Module):
@@ -125,3 +141,37 @@ class MultimodalDecoder(nn.Module):
         image_pred = self.pixel_head(x[:, : N - 1])  # [B, N - 1, p*p*3]
         text_logits = self.text_head(x[:, N : N + T])  # [B, T, V]
         return image_pred, text_logits
+
+    # ------------------------------------------------------------------ incremental decoding (captioning)
+    @torch.no_grad()
+    def start(self, image_feats: torch.Tensor) -> tuple[torch.Tensor, DecoderCache]:
+        """Image positions + BOS, for generation: image_feats [B, N, D_enc] ->
+        (logits of caption token 0 [B, V], cache). The same values as ``forward``'s ``text_logits[:, 0]``."""
+        B = image_feats.shape[0]
+        img = self.image_proj(image_feats)  # [B, N, D]
+        bos = self.embed_text(image_feats.new_zeros(B, 0, dtype=torch.long))  # [B, 1, D]
+        x = torch.cat([img, bos], dim=1)  # [B, N + 1, D]
+        kv = []
+        for blk in self.blocks:
+            x, layer_kv = blk.forward_cached(x, None)
+            kv.append(layer_kv)
+        logits = self.text_head(self.norm(x[:, -1]))  # [B, V]
+        return logits, DecoderCache(kv, text_len=1)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, DecoderCache]:
+        """Feed the next caption tokens [B, L] after the cached positions ->
+        (logits [B, L, V] where [:, i] predicts the token after tokens[:, i], the grown cache)."""
+        L = tokens.shape[1]
+        t0 = cache.text_len  # text position of tokens[:, 0] (0 is BOS)
+        if t0 + L > self.cfg.max_text_len:
+            raise ValueError(
+                f"caption of {t0 + L} positions (BOS included) exceeds decoder.max_text_len={self.cfg.max_text_len}"
+            )
+        x = self.tok_embed(tokens) + self.text_pos[:, t0 : t0 + L]  # [B, L, D]
+        kv = []
+        for blk, past in zip(self.blocks, cache.kv, strict=True):
+            x, layer_kv = blk.forward_cached(x, past)
+            kv.append(layer_kv)
+        logits = self.text_head(self.norm(x))  # [B, L, V]
+        return logits, DecoderCache(kv, text_len=t0 + L)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+KV = tuple[torch.Tensor, torch.Tensor]  # cached keys and values of one attention layer, each [B, H, P, head_dim]
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned scale, computed in float32.
@@ -76,6 +78,29 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, N, D)  # [B, N, D]
         return self.proj(y)
 
+    def forward_cached(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """Causal attention for ``L`` new positions that follow ``P`` cached ones (incremental decoding).
+
+        x: [B, L, D] the new positions; past: (k, v) each [B, H, P, hd] of the earlier positions, or None.
+        New position i sees every cached position and new positions <= i, exactly as in a causal forward over
+        all ``P + L`` positions. Returns (y [B, L, D], (k, v) each [B, H, P + L, hd]) for the next call.
+        """
+        B, L, D = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # [B, H, P + L, hd]
+            v = torch.cat([past[1], v], dim=2)
+        P = k.shape[2] - L
+        mask = None
+        if L > 1 and P > 0:  # queries are the last L of P + L positions: query i sees keys j <= P + i
+            key = torch.arange(P + L, device=x.device)
+            mask = key[None, :] <= (P + torch.arange(L, device=x.device))[:, None]  # [L, P + L]
+        # L == 1 sees everything (no mask); P == 0 is a plain causal forward
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)
+        y = y.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
+        return self.proj(y), (k, v)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: RMSNorm -> attention, RMSNorm -> SwiGLU, both residual."""
@@ -91,6 +116,13 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal)
         x = x + self.mlp(self.norm2(x))
         return x
+
+    def forward_cached(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """The causal forward of ``x`` [B, L, D] after cached positions (see :meth:`Attention.forward_cached`)."""
+        a, kv = self.attn.forward_cached(self.norm1(x), past)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, kv
 
 
 def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
