@@ -42,69 +42,6 @@ from ..models.pretrain import AIMv2Pretrainer
 PREFIX_MODES = ("full", "random")
 
 
-class RunError(ValueError):
-    """The folder is not a pretraining run that can caption (no config, tokenizer, checkpoint or decoder)."""
-
-
-# ----------------------------------------------------------------------------------------------- loading a run
-@dataclass
-class PretrainedRun:
-    model: AIMv2Pretrainer  # encoder + decoder with the latest checkpoint's weights, eval mode
-    tokenizer: Tokenizer
-    config: object  # the run's resolved training config (aimv2.train.config.Config)
-    step: int  # training step of the checkpoint
-    checkpoint: Path
-
-
-def load_pretraining_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> PretrainedRun:
-    """The whole pretraining model (encoder + decoder) and tokenizer of a run folder, from its latest checkpoint.
-
-    Only a run folder has the decoder: ``encoder.safetensors`` and released checkpoints hold the encoder alone.
-    The model is rebuilt from the run's own ``config.yaml`` exactly as training built it, and the checkpoint is
-    read with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary pickles).
-    """
-    from ..train import checkpointing as ckpt
-    from ..train.config import ConfigError, load_config
-    from ..train.loop import build_model
-
-    run = Path(run_dir)
-    what = "captioning needs a pretraining run folder (config.yaml, tokenizer.json, checkpoints/ as written by "
-    what += "`aimv2 pretrain`): only its checkpoints hold the decoder"
-    if run.is_file():
-        raise RunError(f"{run} is a file; {what}. Encoder-only files such as encoder.safetensors have no decoder.")
-    if not run.is_dir():
-        raise RunError(f"{run} does not exist; {what}")
-    if not (run / "config.yaml").is_file():
-        raise RunError(f"{run} has no config.yaml; {what}")
-    try:
-        cfg = load_config(run / "config.yaml")
-    except (ConfigError, ValueError) as e:
-        raise RunError(f"{run}/config.yaml cannot be read: {e}") from e
-    if not (run / "tokenizer.json").is_file():
-        raise RunError(f"{run} has no tokenizer.json; {what}")
-    tokenizer = Tokenizer.from_file(run / "tokenizer.json", context_length=cfg.data.context_length)
-    found = ckpt.list_checkpoints(run)
-    if not found:
-        raise RunError(
-            f"{run} has no checkpoint in {run / ckpt.CKPT_DIR} yet: the first is written after "
-            f"train.checkpoint_every={cfg.train.checkpoint_every} steps and at the end of the run"
-        )
-    path = found[-1]
-    try:  # mmap: the optimizer state in the same file is never read into memory
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise RunError(f"{path} cannot be read as a training checkpoint: {type(e).__name__}: {e}") from e
-    sd = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(sd, dict) or not any(k.startswith("decoder.") for k in sd):
-        raise RunError(f"{path} holds no decoder weights (keys 'decoder.*'), so it cannot caption")
-    model = build_model(cfg, tokenizer.vocab_size, tokenizer.pad_id)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise RunError(f"{path} does not match the model of {run}/config.yaml: {e}") from e
-    return PretrainedRun(model.to(device).eval(), tokenizer, cfg, int(state.get("step", 0)), path)
-
-
 # ----------------------------------------------------------------------------------------------- decoding
 @dataclass
 class Generated:
@@ -323,7 +260,7 @@ def parse_prefix(value: str | int) -> str | int:
 
 
 class Captioner:
-    """Images in, captions out, for a pretraining model and its tokenizer (see :func:`load_pretraining_run`)."""
+    """Images in, captions out, for a pretraining model and its tokenizer (``from_run`` reads both from a run)."""
 
     def __init__(
         self,
@@ -340,6 +277,8 @@ class Captioner:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> Captioner:
+        from ..train.runs import load_pretraining_run  # reading a run's checkpoint is the trainer's format
+
         run = load_pretraining_run(run_dir, device=device)
         kwargs.setdefault("mean_std", run.config.data.mean_std)
         return cls(run.model, run.tokenizer, **kwargs)

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from ..data.transforms import normalize
-from ..models.pretrain import AIMv2Pretrainer, create_pretraining_model
 from . import checkpointing as ckpt
 from .config import Config
 from .data import Batch, ShardStepBatches, StepBatches, make_loader
 from .metrics import MetricsLogger, flops_per_sample, peak_flops
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, init_distributed, parallelize
+from .runs import build_model
 from .sources import build_source
 
 log = logging.getLogger("aimv2.train")
@@ -52,19 +52,6 @@ def _autocast(cfg: Config, device: torch.device):
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
-
-
-def build_model(cfg: Config, vocab_size: int, pad_id: int) -> AIMv2Pretrainer:
-    dec = {f"decoder_{k}": v for k, v in cfg.model.decoder.items()}
-    dec.setdefault("decoder_max_text_len", cfg.data.context_length)
-    return create_pretraining_model(
-        cfg.model.encoder,
-        vocab_size=vocab_size,
-        pad_id=pad_id,
-        alpha=cfg.model.alpha,
-        **cfg.model.encoder_overrides,
-        **dec,
-    )
 
 
 @dataclass
