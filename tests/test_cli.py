@@ -72,7 +72,7 @@ def test_pretrain_bad_config_value_is_one_clear_line(tmp_path):
 
 @pytest.mark.slow
 def test_demo_smoke(tmp_path):
-    """The whole demo pipeline on a very small budget: pretrain, probe splits, two probes, table, plot."""
+    """The whole demo on a very small budget: pretrain, probes, plots, captions, LiT and zero-shot."""
     out = tmp_path / "demo"
     cmd = [
         sys.executable,
@@ -91,6 +91,10 @@ def test_demo_smoke(tmp_path):
         "40",
         "--probe-val",
         "20",
+        "--captions",
+        "2",
+        "--lit-steps",
+        "2",
         "model.encoder_overrides={depth: 2}",
         "train.log_every=1",
         "train.progress=false",
@@ -108,5 +112,9 @@ def test_demo_smoke(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["steps"] == 3
     assert set(result["probe_top1"]["count"]) == {"pretrained", "random_init", "chance"}
+    assert len(result["captions"]) == 2 and all(c["true"] and "decoded" in c for c in result["captions"])
+    assert result["zeroshot"]["chance"] == pytest.approx(100 / 9) and 0 <= result["zeroshot"]["top1"] <= 100
+    for png in ("loss_curve.png", "probe_top1.png", "probe-count/report/pretrained.png"):
+        assert (out / png).is_file(), png
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text()) == result

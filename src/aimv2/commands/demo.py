@@ -15,12 +15,17 @@ DESCRIPTION = """The whole method at laptop scale, on the built-in synthetic sce
   2. labelled probe splits from the same scene generator: number of objects (count), colour and shape
      of the single large object among smaller distractors (colour, shape)
   3. aimv2 probe --method attentive   on the pretrained encoder and on the same encoder at random init
-  4. tables on stdout; in the run folder results.json, loss_curve.png, probe_top1.png and, per task,
-     probe-TASK/report/{pretrained,random-init}.{json,png} (per-class accuracy, confusion matrix)
+  4. aimv2 caption RUN                 captions of held-out scenes by the pretraining decoder (beam 3), shown
+                                      next to the true captions
+  5. aimv2 lit configs/lit-tiny.yaml   a tiny LiT text tower trained against the frozen pretrained encoder, then
+     aimv2 zeroshot                   zero-shot classification of the colour probe split from class names
+  6. tables on stdout; in the run folder results.json, loss_curve.png, probe_top1.png, captions.json and, per
+     task, probe-TASK/report/{pretrained,random-init}.{json,png} (per-class accuracy, confusion matrix)
 
 examples:
   aimv2 demo
-  aimv2 demo --steps 100 --probe-tasks count
+  aimv2 demo --steps 100 --probe-tasks count --lit-steps 50
+  aimv2 demo --no-lit --captions 0
 """
 
 
@@ -31,7 +36,55 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-tasks", default="count,colour,shape", help="comma-separated (default: %(default)s)")
     p.add_argument("--probe-train", type=int, default=1000, help="probe training images (default: %(default)s)")
     p.add_argument("--probe-val", type=int, default=500, help="probe validation images (default: %(default)s)")
+    p.add_argument(
+        "--captions", type=int, default=6, help="held-out scenes to caption, 0 for none (default: %(default)s)"
+    )
+    p.add_argument("--no-lit", action="store_true", help="skip the LiT zero-shot step")
+    p.add_argument("--lit-config", default="configs/lit-tiny.yaml", help="LiT config (default: %(default)s)")
+    p.add_argument("--lit-steps", type=int, help="override the LiT config's train.steps")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
+
+
+def _aimv2(*args: str) -> str:
+    """``aimv2 ARGS`` in a fresh process, as a user would run it; returns its stdout (raises with its output)."""
+    r = subprocess.run([sys.executable, "-m", "aimv2", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"aimv2 {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def _captions(run_dir: Path, n: int, seed: int, size: int) -> list[dict]:
+    """Caption ``n`` scenes never seen in training (another seed) with `aimv2 caption`; pair them with the truth."""
+    from ..data.synthetic import synthetic_sample
+
+    folder = run_dir / "caption-scenes"
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for i in range(n):
+        image, text = synthetic_sample(i, seed, size)
+        path = folder / f"scene-{i:02d}.png"
+        image.save(path)
+        truth[path.name] = text
+    lines = _aimv2("caption", str(run_dir), str(folder), "--beam", "3", "--json", "--no-progress", "--workers", "0")
+    rows = [json.loads(x) for x in lines.splitlines() if x.startswith("{")]
+    return [{"image": Path(r["path"]).name, "true": truth[Path(r["path"]).name], "decoded": r["caption"]} for r in rows]
+
+
+def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
+    """Train a tiny LiT against the frozen pretrained encoder, then classify the colour split zero-shot."""
+    from ..data.synthetic import write_probe_splits
+
+    lit_dir = run_dir / "lit"
+    split = run_dir / "probe-colour"
+    if not (split / "val").is_dir():
+        write_probe_splits(split, task="colour", n_train=0, n_val=args.probe_val, size=size, seed=seed, overwrite=True)
+    overrides = [f"lit.encoder={run_dir}", f"out_dir={lit_dir}"]
+    if args.lit_steps:
+        overrides.append(f"train.steps={args.lit_steps}")
+    _aimv2("lit", args.lit_config, *overrides, "--quiet")
+    out = _aimv2("zeroshot", str(lit_dir), "--images", str(split / "val"), "--workers", "1")
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"task": "colour", "top1": result["top1"], "top5": result.get("top5"), "chance": result["chance"]}
 
 
 def _probe(encoder_spec: str, split_dir: Path, extra: list[str]) -> dict:
@@ -151,6 +204,12 @@ def run(args) -> int:
         result[f"{key}_first"], result[f"{key}_last"] = first[key], last[key]
     result["probe_top1"] = probes
     plot_probes(probes, out / "probe_top1.png")
+    if args.captions > 0:
+        captions = _captions(out, args.captions, cfg.seed + 2000, img)
+        (out / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
+        result["captions"] = captions
+    if not args.no_lit:
+        result["zeroshot"] = _zeroshot(out, args, cfg.seed + 1000, img)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(f"| {'':10} | step {first['step']:>5} | step {last['step']:>5} |")
@@ -162,6 +221,13 @@ def run(args) -> int:
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 13}|{'-' * 8}|")
     for task, r in probes.items():
         print(f"| {task:22} | {r['pretrained']:9.1f}% | {r['random_init']:10.1f}% | {r['chance']:5.1f}% |")
+    if args.captions > 0:
+        print("\ncaptions of held-out scenes by the pretraining decoder (aimv2 caption --beam 3):")
+        for c in result["captions"]:
+            print(f"  {c['image']}\n    true:    {c['true']}\n    decoded: {c['decoded']}")
+    if "zeroshot" in result:
+        z = result["zeroshot"]
+        print(f"\nLiT zero-shot on the {z['task']} split: top-1 {z['top1']:.1f}% (chance {z['chance']:.1f}%)")
     print(
         f"\nloss curve: {out / 'loss_curve.png'}; probe accuracy: {out / 'probe_top1.png'}; confusion matrices: "
         f"{out}/probe-TASK/report/*.png; results: {out / 'results.json'}"
