@@ -292,3 +292,39 @@ def test_extract_at_a_higher_resolution_resizes_positions(tmp_path):
     x = normalize(eval_transform(48)(Image.open(tmp_path / "img/a.png").convert("RGB"))[None], "imagenet", "cpu")
     with torch.no_grad():
         torch.testing.assert_close(feats, at48(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_frozen_warmup_under_fsdp_matches_single_process(source, tmp_path):
+    """2-process FSDP2 (gloo): the encoder stays bit-identical through the warm-up and the run trains like one
+    process (the encoder's gradients are reduce-scattered like all others, then dropped)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    _, apple, _ = source
+    common = [
+        *BASE,
+        f"model.init_from={apple}",
+        *AT48,
+        "train.steps=3",
+        "train.freeze_encoder_steps=2",
+        "train.checkpoint_every=1",
+        "train.keep_last=5",
+        "optim.lr_mult={encoder: 0.5}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
+    cmd = [*run, "pretrain", str(TINY), *common, f"out_dir={tmp_path / 'fsdp'}", "train.parallel=fsdp"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train(_cfg(tmp_path / "single", *common[len(BASE) :]))
+    for step in (1, 2):
+        a, _ = _encoder_at(tmp_path / "fsdp", step)
+        b, _ = _encoder_at(tmp_path / "single", step)
+        assert all(torch.equal(a[k], v) for k, v in b.items()), step
+    a, b = load_file(tmp_path / "fsdp/encoder.safetensors"), load_file(tmp_path / "single/encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
