@@ -27,7 +27,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         help="encoder config override, repeatable (e.g. --set depth=2 for a quick check)",
     )
     g.add_argument(
-        "--img-size", type=int, help="resize the short side to this, then center crop it (default: the encoder's)"
+        "--img-size",
+        "--resolution",
+        dest="img_size",
+        type=int,
+        help="resize the short side to this, then center crop it (default: the encoder's); a learned position "
+        "embedding is resized to the new grid, e.g. a 224 checkpoint evaluated at 336 runs on a 24x24 grid",
     )
     g.add_argument(
         "--crop-pct", type=float, default=1.0, help="resize to img_size/crop_pct before the crop (default: 1.0)"

@@ -86,8 +86,25 @@ def load_latest(out_dir: str | Path) -> dict | None:
     return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load full state dicts into a (possibly DDP/FSDP-wrapped) model and its optimizer."""
-    opts = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, stateless: nn.Module | None = None):
+    """Load full state dicts into a (possibly DDP/FSDP-wrapped) model and its optimizer.
+
+    ``stateless``: a submodule whose parameters have no optimizer state in this checkpoint (the encoder, saved
+    during a frozen-encoder warm-up: it never took an optimizer step); they are left without state, exactly as
+    in the run that wrote it. Every other parameter's state must be there."""
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True, strict=True))
+    strict = stateless is None
+    set_optimizer_state_dict(
+        model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=strict)
+    )
+    if stateless is not None:
+        skip = {id(p) for p in stateless.parameters()}
+        lacking = [
+            p for g in optimizer.param_groups for p in g["params"] if id(p) not in skip and p not in optimizer.state
+        ]
+        if lacking:
+            raise RuntimeError(
+                f"the checkpoint has no optimizer state for {len(lacking)} parameter(s) outside the encoder"
+            )
+        for p in stateless.parameters():
+            optimizer.state.pop(p, None)

@@ -22,6 +22,12 @@ class ModelConfig:
     encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 6}
     decoder: dict[str, Any] = field(default_factory=dict)  # embed_dim, depth, num_heads, mlp_hidden_dim
     alpha: float = 0.4  # weight of the pixel loss: loss = text_loss + alpha * image_loss
+    # Post-training: start from earlier weights instead of a random init (ignored when out_dir already holds a
+    # checkpoint: resume wins). A training run folder (encoder + decoder), or an encoder checkpoint in Apple's,
+    # transformers' or our layout (a .safetensors file or a save_pretrained folder); learned position embeddings
+    # are resized to this run's grid. Loading is strict: a different width, depth or patch size is an error.
+    init_from: str | None = None
+    init_decoder: bool = True  # also take the decoder when init_from is a run folder (false: a fresh decoder)
 
 
 @dataclass
@@ -57,11 +63,20 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables
+    # Learning-rate multipliers by parameter-name prefix, e.g. {encoder: 0.1} or {encoder.blocks: 0.5, decoder: 1};
+    # the longest matching prefix wins, 1.0 where none matches. Decoupled weight decay scales with the group's lr
+    # (so a multiplier of 0 freezes a module entirely); which parameters decay is unchanged.
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # Warm up a fresh decoder on a frozen encoder for the first N steps (post-training from an encoder-only
+    # checkpoint). The encoder still runs forward and backward (DDP and FSDP2 reduce every parameter each step);
+    # its gradients are dropped before clipping and the optimizer step, so AdamW neither moves it (no update, no
+    # weight decay) nor keeps moments for it. Decided by the step number, so a resume mid warm-up continues it.
+    freeze_encoder_steps: int = 0
     batch_size: int = 64  # global batch (all ranks, all accumulation micro-steps)
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
@@ -269,6 +284,15 @@ def validate(cfg: Config) -> None:
             "data.source=shards needs either data.shards=PATH_OR_PATTERN or a data.mixture list (not both)",
         ),
         (0 < cfg.data.max_fault_rate <= 1, "data.max_fault_rate must be in (0, 1]"),
+        (t.freeze_encoder_steps >= 0, "train.freeze_encoder_steps must be >= 0"),
+        (
+            t.freeze_encoder_steps == 0 or bool(cfg.model.init_from),
+            "train.freeze_encoder_steps warms up a decoder on a pretrained encoder: set model.init_from=PATH too",
+        ),
+        (
+            all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in o.lr_mult.values()),
+            f"optim.lr_mult values must be numbers >= 0, got {o.lr_mult!r}",
+        ),
     ]
     if isinstance(cfg, LitConfig):
         checks += [
@@ -284,9 +308,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
 
+REQUIRED = "???"  # a config value that must be given (by an override): e.g. model.init_from in the high-res presets
+
+
+def _required_left(data, prefix: str = "") -> list[str]:
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in _required_left(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if data == REQUIRED else []
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Config:
     """Read a YAML config (or the defaults if path is None), apply overrides, check types and values.
-    ``cls`` is the run's config class: Config (pretraining) or LitConfig."""
+
+    ``cls`` is the run's config class: Config (pretraining) or LitConfig. A value ``???`` marks a key the config
+    leaves to the command line; one left unset is an error naming it."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -295,6 +330,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
         data = yaml.safe_load(path.read_text()) or {}
     for ov in overrides:
         apply_override(data, ov)
+    missing = _required_left(data)
+    if missing:
+        raise ConfigError(
+            f"{path} needs a value for {', '.join(missing)} (marked ??? in the file): add "
+            + " ".join(f"{k}=..." for k in missing)
+            + " to the command"
+        )
     cfg = _build(cls, data)
     validate(cfg)
     return cfg

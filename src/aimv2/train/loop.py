@@ -21,6 +21,7 @@ from ..data.transforms import normalize
 from . import checkpointing as ckpt
 from .config import Config
 from .data import Batch, ShardStepBatches, StepBatches, make_loader
+from .init_from import init_from
 from .metrics import MetricsLogger, flops_per_sample, peak_flops
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, init_distributed, parallelize
@@ -78,6 +79,9 @@ def train(cfg: Config) -> dict:
         source = build_source(cfg, out_dir, save=False, rank=info.rank, world_size=info.world_size)
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id)
+    origin = None  # where the weights came from (model.init_from); every checkpoint of the run keeps it
+    if cfg.model.init_from and not ckpt.list_checkpoints(out_dir):  # resume wins: never re-apply init_from
+        origin = init_from(model, cfg)
     model.to(device)
     enc_cfg = model.encoder.cfg
     step_model = parallelize(model, cfg.train, info, device)
@@ -86,8 +90,11 @@ def train(cfg: Config) -> dict:
     start_step, bad_in_row, skipped = 0, 0, 0
     state = ckpt.load_latest(out_dir)
     if state is not None:
-        ckpt.restore(model, optimizer, state)
+        # written during the frozen-encoder warm-up: the encoder has no AdamW state yet (it never took a step)
+        warming = state["step"] <= cfg.train.freeze_encoder_steps
+        ckpt.restore(model, optimizer, state, stateless=model.encoder if warming else None)
         start_step, bad_in_row, skipped = state["step"], state["bad_in_row"], state["skipped_steps"]
+        origin = state.get("init_from")
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         if source.shards is not None:
             saved = _saved_positions(state, info, cfg.data.num_workers)  # {worker: {source: position}}
@@ -142,6 +149,12 @@ def train(cfg: Config) -> dict:
         losses = _train_step(step_model, batch, cfg, device, autocast, info, consts)
         if info.distributed:  # every rank takes the same skip decision and logs the global losses
             dist.all_reduce(losses)
+        frozen = step < cfg.train.freeze_encoder_steps
+        if frozen:  # the encoder's gradients were reduced like all others; drop them: no clip share, no AdamW step
+            for p in model.encoder.parameters():
+                p.grad = None
+        elif step == cfg.train.freeze_encoder_steps > 0 and info.is_main:
+            log.info("encoder unfrozen after %d steps of decoder warm-up", step)
         grad_norm = _clip(model, cfg.optim.grad_clip)
         finite = torch.isfinite(losses).all() and torch.isfinite(grad_norm)
         if finite:
@@ -178,6 +191,7 @@ def train(cfg: Config) -> dict:
                 "tokens_per_s": tokens_since / dt,
                 "mfu": (sps * flops / info.world_size / peak) if peak else None,
                 "skipped_steps": skipped,
+                **({"encoder_frozen": frozen} if cfg.train.freeze_encoder_steps else {}),
                 **_mix_fractions(mix, source, info, device),
             }
             metrics.log(last)
@@ -186,7 +200,7 @@ def train(cfg: Config) -> dict:
                 mix.zero_()
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info, positions)
+            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info, positions, origin)
     metrics.close()
     if info.distributed:
         dist.barrier()
@@ -247,7 +261,9 @@ def _clip(model, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def _checkpoint(model, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg: Config, info, positions: dict):
+def _checkpoint(
+    model, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg: Config, info, positions: dict, origin=None
+):
     model_sd, optim_sd = ckpt.gather_state(model, optimizer)
     per_rank = [(ckpt.rng_state(), positions)]
     if info.distributed:
@@ -259,6 +275,7 @@ def _checkpoint(model, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg:
             "skipped_steps": skipped,
             "rng": [r for r, _ in per_rank],
             "data_position": [p for _, p in per_rank],  # per rank: {worker: raw samples passed} (shards)
+            "init_from": origin,  # model.init_from's record (path, kind, layout, step, decoder, pos_embed) or None
         }
         ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, extra, cfg.train.keep_last)
         _write_encoder(model_sd, model.encoder.cfg, model.encoder.name, out_dir)

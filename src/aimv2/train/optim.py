@@ -3,6 +3,11 @@
 Fully decoupled decay shrinks p <- p * (1 - wd * lr_t / lr_peak): the decay follows the schedule's
 shape but not its scale. torch's AdamW applies p <- p * (1 - lr_t * wd'), so wd' = wd / lr_peak gives
 exactly that update while keeping torch's fused/foreach kernels.
+
+Per-module learning-rate multipliers (``optim.lr_mult``, e.g. ``{encoder: 0.1}``) split the two decay groups
+further by multiplier; each group keeps its ``lr_mult`` and :func:`set_lr` gives it ``lr_t * lr_mult``. The decay
+step ``lr_t * wd'`` therefore scales with the multiplier too: a module at 0.1 x lr also decays at 0.1 x, and one
+at 0 does not move at all.
 """
 
 from __future__ import annotations
@@ -18,24 +23,56 @@ from .config import OptimConfig
 NO_DECAY_NAMES = ("pos_embed", "text_pos", "bos", "cls_token", "logit_scale")
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_peak: float) -> list[dict]:
-    decay, no_decay = [], []
+# Wrappers that activation checkpointing and torch.compile insert into parameter names.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter name as the model defines it, without the wrappers parallelize() may have added."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def lr_mult_of(name: str, lr_mult: dict[str, float]) -> float:
+    """The multiplier of the longest prefix in ``lr_mult`` that matches ``name`` on a dot boundary (else 1.0)."""
+    best, mult = -1, 1.0
+    for prefix, m in lr_mult.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, mult = len(prefix), float(m)
+    return mult
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_peak: float, lr_mult: dict[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups: decay / no decay (same rules with or without multipliers), split by lr multiplier."""
+    lr_mult = lr_mult or {}
+    names = [plain_name(n) for n, p in model.named_parameters() if p.requires_grad]
+    unused = [k for k in lr_mult if not any(n == k or n.startswith(k + ".") for n in names)]
+    if unused:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise ValueError(
+            f"optim.lr_mult: no parameter name starts with {unused}; names start with {tops} "
+            "(e.g. encoder, encoder.blocks, encoder.blocks.0, decoder)"
+        )
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []} if not lr_mult else {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = plain_name(name)
         leaf = name.split(".")[-1]
-        if p.ndim < 2 or leaf in NO_DECAY_NAMES or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        decay = not (p.ndim < 2 or leaf in NO_DECAY_NAMES or name.endswith(".bias"))
+        groups.setdefault((decay, lr_mult_of(name, lr_mult)), []).append(p)
+    # without multipliers: exactly the historical two groups (decay, no decay), so older checkpoints still load
+    order = sorted(groups, key=lambda k: (not k[0], -k[1]))
     return [
-        {"params": decay, "weight_decay": weight_decay / lr_peak},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[k], "weight_decay": weight_decay / lr_peak if k[0] else 0.0, "lr_mult": k[1]} for k in order
     ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.lr)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_mult)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -49,5 +86,6 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr`` times its ``lr_mult`` (1 when it has none)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
