@@ -247,6 +247,23 @@ def native_resize(
     return out, info  # uint8 [3, H, W]
 
 
+def native_fit(img: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
+    """Bring an image to exactly ``hw = (H, W)`` pixels keeping its aspect ratio: scale it to cover the box
+    (bicubic, antialiased), then center-crop the side that overhangs. PIL image -> uint8 [3, H, W].
+
+    Native-resolution training gives all images of a step one grid; an image whose aspect ratio differs from the
+    step's loses the overhang rather than being distorted or padded (no padding tokens).
+    """
+    img = to_rgb(img)
+    h, w = int(hw[0]), int(hw[1])
+    W, H = img.size
+    k = max(h / H, w / W)
+    rh, rw = max(h, round(H * k)), max(w, round(W * k))
+    top, left = (rh - h) // 2, (rw - w) // 2
+    box = (left / k, top / k, (left + w) / k, (top + h) / k)  # the kept region, in the original's pixels
+    return _chw(img.resize((w, h), Image.Resampling.BICUBIC, box=box))  # uint8 [3, h, w]
+
+
 def mean_std(spec: str | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``"imagenet"``, ``"clip"`` or an explicit ``(mean, std)`` pair -> ``(mean, std)``."""
     if isinstance(spec, str):
