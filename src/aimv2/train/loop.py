@@ -93,7 +93,7 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id)
     model.to(device)
     enc_cfg = model.encoder.cfg
-    step_model = parallelize(model, cfg.train, info, device)
+    step_model = parallelize(model, cfg.train, info, device, dynamic_shapes=cfg.data.native.enabled)
     optimizer = build_optimizer(model, cfg.optim)
 
     start_step, bad_in_row, skipped = 0, 0, 0
