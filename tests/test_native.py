@@ -283,3 +283,42 @@ def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch):
     enc = aimv2.create_model("aimv2-tiny-patch8-native", checkpoint=tmp_path / "ref/encoder.safetensors", depth=2)
     assert enc(torch.randn(1, 3, 24, 56)).shape == (1, 21, 192)  # any grid
     assert math.isfinite(rows[0][-1]["tokens_per_s"])
+
+
+def test_extract_native_keeps_aspect_groups_by_shape_and_matches_the_encoder(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from aimv2.cli import main
+    from aimv2.data.transforms import native_resize, normalize
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"a.png": (40, 90), "b.png": (90, 40), "c.png": (40, 88), "d.png": (64, 64)}  # (H, W)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "e.png").write_bytes(b"not an image")
+    out = tmp_path / "f.safetensors"
+    args = ["aimv2-tiny-patch8-native", str(folder), str(out), "--native", "--max-patches", "24"]
+    common = ["--set", "depth=2", "--workers", "0", "--no-progress"]
+    assert main(["extract", *args, *common]) == 0
+    assert "warning: 1 of 5 images could not be read" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        feats, offsets, grids = f.get_tensor("features"), f.get_tensor("offsets"), f.get_tensor("grids")
+        paths = json.loads(f.metadata()["paths"])
+    assert paths == ["a.png", "b.png", "c.png", "d.png"]  # folder order, not grouped order
+    torch.manual_seed(0)  # the command's random init is seeded with 0
+    enc = aimv2.create_model("aimv2-tiny-patch8-native", depth=2).eval()
+    for i, name in enumerate(paths):
+        h, w = sizes[name]
+        gh, gw = grids[i].tolist()
+        assert gh * gw <= 24 and abs(math.log((gh / gw) / (h / w))) < 0.45  # aspect kept within a patch
+        x, _ = native_resize(Image.open(folder / name), 24, P)
+        with torch.no_grad():
+            ref = enc(normalize(x[None]))[0]
+        torch.testing.assert_close(feats[offsets[i] : offsets[i + 1]], ref, rtol=1e-4, atol=1e-4)
+    assert grids[0].tolist() == grids[2].tolist() != grids[1].tolist()  # a and c share a batch shape
+    pooled = tmp_path / "p.npy"
+    assert main(["extract", *args[:2], str(pooled), "--native", "--max-patches", "24", "--pool", "mean", *common]) == 0
+    assert np.load(pooled).shape == (4, 192)
+    assert main(["extract", "aimv2-tiny-patch8-64", str(folder), str(tmp_path / "x.safetensors"), "--native"]) == 2
