@@ -322,3 +322,24 @@ def test_extract_native_keeps_aspect_groups_by_shape_and_matches_the_encoder(tmp
     assert main(["extract", *args[:2], str(pooled), "--native", "--max-patches", "24", "--pool", "mean", *common]) == 0
     assert np.load(pooled).shape == (4, 192)
     assert main(["extract", "aimv2-tiny-patch8-64", str(folder), str(tmp_path / "x.safetensors"), "--native"]) == 2
+
+
+def test_probe_native_on_folders_of_mixed_aspect_ratios(tmp_path, capsys):
+    from aimv2.cli import main
+    from aimv2.data.synthetic import probe_scene, render
+
+    for split, n in (("train", 18), ("val", 9)):
+        for i in range(n):
+            spec, label = probe_scene("colour", split, i)
+            hw = [(32, 64), (64, 32), (48, 48)][i % 3]
+            (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+            render(spec, hw).save(tmp_path / split / label / f"{i}.png")
+    base = ["probe", "aimv2-tiny-patch8-native", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val")]
+    common = ["--set", "depth=1", "--workers", "0", "--no-progress", "--native", "--max-patches", "16"]
+    assert main([*base, "--method", "knn", "--k", "3", *common]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["native"] is True and result["max_patches"] == 16 and 0 <= result["top1"] <= 100
+    assert "native, 3 grids" in out
+    assert main([*base, "--method", "attentive", *common]) == 2  # needs token masks: refused with a reason
+    assert "mean-pooled" in capsys.readouterr().err

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ._features_args import (
     add_encoder_arguments,
+    add_native_arguments,
     encoder_img_size,
     load_encoder_from_args,
+    native_transform,
     plain_warnings,
     resolve_device,
 )
@@ -54,14 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--pool", choices=("none", "mean"), default="none", help="none: keep patch tokens; mean: average them"
     )
-    parser.add_argument(
-        "--native",
-        action="store_true",
-        help="keep each image's aspect ratio, at most --max-patches patches (sin-cos encoders); batches group by shape",
-    )
-    parser.add_argument(
-        "--max-patches", type=int, default=1024, help="--native: patches per image at most (default: 1024)"
-    )
+    add_native_arguments(parser)
     add_encoder_arguments(parser)
 
 
@@ -108,17 +103,7 @@ def run(args) -> int:
         transform = eval_transform(img_size, crop_pct=args.crop_pct)
         groups = None
         if args.native:
-            from ..data.transforms import NativeResize
-
-            cfg = encoder.cfg
-            if cfg.pos_embed != "sincos":
-                raise ValueError(
-                    f"--native needs an encoder with sin-cos position embeddings (a -native model); {args.encoder} "
-                    f"has a learned {cfg.grid_size} grid"
-                )
-            if args.max_patches < 2:
-                raise ValueError(f"--max-patches must be >= 2, got {args.max_patches}")
-            transform = NativeResize(args.max_patches, cfg.patch_size)
+            transform = native_transform(encoder, args)
         dataset = ImageFiles.from_folder(args.images, transform)
         if args.native:
             groups = native_shape_groups(dataset.paths, args.max_patches, encoder.cfg.patch_size)
