@@ -29,7 +29,9 @@ class NativeConfig:
     """Native-resolution training (aimv2.train.native): per step an area of 2^n patches, n from a normal(0, 1)
     truncated to [-1, 1] mapped onto [log2 min_patches, log2 max_patches] (the paper: 128 and 4096), one aspect ratio
     per step log-uniform in [1/max_aspect, max_aspect], and a global batch of tokens_per_batch // patches images
-    (rounded down to a multiple of batch_multiple). Replaces train.batch_size; needs a sin-cos (-native) encoder."""
+    (rounded down to a multiple of batch_multiple). Replaces train.batch_size; needs a sin-cos (-native) encoder.
+    All images of a step share its grid: synthetic scenes are rendered at it, folder/hf images keep their aspect
+    ratio and lose the overhang (center crop); data.augment does not apply. Shards are not supported yet."""
 
     enabled: bool = False
     min_patches: int = 128
