@@ -343,3 +343,28 @@ def test_probe_native_on_folders_of_mixed_aspect_ratios(tmp_path, capsys):
     assert "native, 3 grids" in out
     assert main([*base, "--method", "attentive", *common]) == 2  # needs token masks: refused with a reason
     assert "mean-pooled" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_native_training_matches_single_process(tmp_path):
+    """2-process DDP (gloo): both ranks take the same grid and half of each step's varying batch; the global-batch
+    losses and the weights match one process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    args = ["pretrain", str(ROOT / "configs/native-tiny.yaml"), *NATIVE_RUN, "train.steps=3"]
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
+    r = subprocess.run([*torchrun, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, multi)]
+    for s, m in zip(*rows, strict=True):
+        assert (m["patches"], m["batch_size"]) == (s["patches"], s["batch_size"])
+        for key in ("loss", "image_loss", "text_loss", "grad_norm"):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+    a, b = load_file(single / "encoder.safetensors"), load_file(multi / "encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
