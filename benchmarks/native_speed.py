@@ -59,6 +59,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--static-native",
+        action="store_true",
+        help="--compile: compile the native model with static shapes too (to count the recompiles it would cost)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -76,7 +81,7 @@ def main() -> None:
         if args.compile:
             from aimv2.train.parallelize import apply_compile
 
-            apply_compile(model, dynamic=mode == "native")
+            apply_compile(model, dynamic=mode == "native" and not args.static_native)
         models[mode] = (model, build_optimizer(model, OptimConfig()))
     ps = models["fixed"][0].encoder.cfg.patch_size
     sched = NativeSchedule(
@@ -110,12 +115,13 @@ def main() -> None:
         _sync(device)
         return time.perf_counter() - t0, B * gh * gw, B * args.text_len
 
-    graphs = {}
+    graphs, warm_graphs = {}, {}
     for mode in ("fixed", "native"):
         before = _graph_count()
         for i in range(args.warmup):
             step(mode, 10_000 + i)  # warmup steps come from elsewhere in the schedule
-        graphs[mode] = _graph_count() - before
+        warm_graphs[mode] = _graph_count() - before
+        graphs[mode] = 0
     totals = {mode: [0.0, 0, 0] for mode in ("fixed", "native")}
     for i in range(args.steps):
         for mode in ("fixed", "native") if i % 2 == 0 else ("native", "fixed"):
@@ -124,17 +130,20 @@ def main() -> None:
             graphs[mode] += _graph_count() - before
             t = totals[mode]
             t[0], t[1], t[2] = t[0] + dt, t[1] + img, t[2] + txt
+    shapes = [sched(i) for i in range(args.steps)] + [sched(10_000 + i) for i in range(args.warmup)]
     results = {
         mode: {
             "seconds": t[0],
             "image_tokens_per_s": t[1] / t[0],
             "tokens_per_s": (t[1] + t[2]) / t[0],
             "samples_per_s": t[2] / args.text_len / t[0],
-            "compiled_graphs": graphs[mode] if args.compile else None,
+            "graphs_in_warmup": warm_graphs[mode] if args.compile else None,
+            "graphs_in_timed_steps": graphs[mode] if args.compile else None,  # their compile time is in "seconds"
+            "distinct_shapes": len({(s.batch_size, s.grid) for s in shapes}) if mode == "native" else 1,
         }
         for mode, t in totals.items()
     }
-    shapes = [sched(i) for i in range(args.steps)]
+    shapes = shapes[: args.steps]
     ratio_img = results["native"]["image_tokens_per_s"] / results["fixed"]["image_tokens_per_s"]
     ratio_all = results["native"]["tokens_per_s"] / results["fixed"]["tokens_per_s"]
     info = {
@@ -151,6 +160,7 @@ def main() -> None:
         "fixed": {"grid": list(fixed_grid), "batch_size": fixed_B},
         "steps": args.steps,
         "compile": args.compile,
+        "static_native": args.static_native,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -164,11 +174,11 @@ def main() -> None:
         f"{fixed_B}; native areas {args.min_patches}-{args.max_patches}; device {info['device']}, "
         f"{info['threads']} threads, compile={args.compile}"
     )
-    print(f"{'mode':>6} | {'image tok/s':>11} | {'all tok/s':>9} | {'samples/s':>9} | graphs")
+    print(f"{'mode':>6} | {'image tok/s':>11} | {'all tok/s':>9} | {'samples/s':>9} | graphs warmup+timed | shapes")
     for mode, r in results.items():
         print(
             f"{mode:>6} | {r['image_tokens_per_s']:11.0f} | {r['tokens_per_s']:9.0f} | {r['samples_per_s']:9.1f} | "
-            f"{r['compiled_graphs']}"
+            f"{r['graphs_in_warmup']}+{r['graphs_in_timed_steps']} | {r['distinct_shapes']}"
         )
     print(f"native/fixed: image tokens/s {ratio_img:.2f}x, all tokens/s {ratio_all:.2f}x")
     if args.out:
