@@ -57,6 +57,32 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
 
 
+def add_native_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="keep each image's aspect ratio, at most --max-patches patches (sin-cos encoders); batches group by shape",
+    )
+    parser.add_argument(
+        "--max-patches", type=int, default=1024, help="--native: patches per image at most (default: 1024)"
+    )
+
+
+def native_transform(encoder, args):
+    """--native: the NativeResize transform for ``encoder`` (a ValueError naming the problem if it cannot)."""
+    from ..data.transforms import NativeResize
+
+    cfg = encoder.cfg
+    if cfg.pos_embed != "sincos":
+        raise ValueError(
+            f"--native needs an encoder with sin-cos position embeddings (a -native model); {args.encoder} has a "
+            f"learned {cfg.grid_size} grid"
+        )
+    if args.max_patches < 2:
+        raise ValueError(f"--max-patches must be >= 2, got {args.max_patches}")
+    return NativeResize(args.max_patches, cfg.patch_size)
+
+
 def parse_blocks(text: str) -> list[int] | None:
     """``"-4,-3,-2,-1"`` -> [-4, -3, -2, -1]; ``""`` -> None."""
     if not text.strip():

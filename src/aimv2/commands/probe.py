@@ -11,8 +11,10 @@ from dataclasses import replace
 
 from ._features_args import (
     add_encoder_arguments,
+    add_native_arguments,
     encoder_img_size,
     load_encoder_from_args,
+    native_transform,
     plain_warnings,
     resolve_device,
 )
@@ -171,6 +173,8 @@ def add_arguments(parser) -> None:
         help="dtype features are kept in, in memory and on disk; bf16 halves the attentive probe's tokens "
         "(default: fp32)",
     )
+    n = parser.add_argument_group("native resolution (linear and knn probes on image folders)")
+    add_native_arguments(n)
     add_encoder_arguments(parser)
 
 
@@ -200,7 +204,7 @@ def run(args) -> int:
     from ..data.transforms import TrainTransform, eval_transform
     from ..eval.datasets import AugmentedViews
     from ..eval.feature_cache import cached_features
-    from ..eval.features import extract_features
+    from ..eval.features import STORE_DTYPES, extract_features, extract_native_features, native_shape_groups
     from ..eval.probe import ProbeConfig, grid_search, run_probe, stratified_split
 
     try:
@@ -211,8 +215,17 @@ def run(args) -> int:
         encoder = load_encoder_from_args(args)
         img_size = encoder_img_size(encoder, args.img_size)
         transform = eval_transform(img_size, crop_pct=args.crop_pct)
+        if args.native:
+            if args.method == "attentive" or args.train_views:
+                raise ValueError(
+                    "--native probes mean-pooled features (--method linear or knn, no --train-views): the attentive "
+                    "head would need per-image token masks for images with different numbers of patches"
+                )
+            transform = native_transform(encoder, args)
         with plain_warnings():
             train, val, classes = _datasets(args, transform)
+        if args.native and not all(hasattr(d, "paths") for d in (train, val)):
+            raise ValueError("--native reads image folders (class sub-folders), not shards or HF datasets")
         heads = args.heads or getattr(getattr(encoder, "cfg", None), "num_heads", 8)
         cfg = ProbeConfig(
             method=args.method,
@@ -252,6 +265,15 @@ def run(args) -> int:
     t0 = time.perf_counter()
     with plain_warnings():
         for split, dataset in (("train", train), ("val", val)):
+            if args.native:  # per-image grids: batches grouped by shape, features mean-pooled, not cached
+                groups = native_shape_groups(dataset.paths, args.max_patches, encoder.cfg.patch_size)
+                nat = {k: v for k, v in settings.items() if k != "store"}
+                f = extract_native_features(encoder, dataset, groups, desc=f"features {split}", **nat)
+                f["features"] = f["features"].to(STORE_DTYPES[args.cache_dtype])
+                feats[split] = f
+                shapes = len(groups)
+                print(f"{split} features: {list(f['features'].shape)} native, {shapes} grids, computed (not cached)")
+                continue
             f = cached_features(
                 encoder, dataset, cache_dir=args.cache_dir, use_cache=not args.no_cache, desc=f"features {split}",
                 **settings,
@@ -316,6 +338,8 @@ def run(args) -> int:
         encoder=args.encoder,
         checkpoint=args.checkpoint,
         img_size=img_size,
+        native=args.native,
+        max_patches=args.max_patches if args.native else None,
         mean_std=args.mean_std,
         blocks=args.blocks,
         dtype=dtype,

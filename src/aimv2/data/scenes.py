@@ -239,45 +239,51 @@ OUTLINES: dict[str, np.ndarray] = {
 }
 
 
-def _background(bg: Background, size: int) -> Image.Image:
-    """The background alone, as a ``size`` x ``size`` RGB image."""
+def _background(bg: Background, size: int | tuple[int, int]) -> Image.Image:
+    """The background alone, as a ``size`` x ``size`` (or ``(height, width)``) RGB image."""
+    h, w = (size, size) if isinstance(size, int) else size
     if bg.kind == "solid":
-        return Image.new("RGB", (size, size), bg.rgb)
+        return Image.new("RGB", (w, h), bg.rgb)
     base = np.asarray(bg.rgb, np.float32)
     if bg.kind == "gradient":
-        t = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+        ty = (np.arange(h, dtype=np.float32) + 0.5) / h - 0.5
+        tx = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
         a = math.radians(bg.angle)
-        ramp = (math.cos(a) * t[None, :] + math.sin(a) * t[:, None]) * (2 * bg.strength)  # [H, W] in +-strength
+        ramp = (math.cos(a) * tx[None, :] + math.sin(a) * ty[:, None]) * (2 * bg.strength)  # [H, W] in +-strength
         pixels = base + ramp[:, :, None]
     elif bg.kind == "noise":
         g = np.random.default_rng(bg.seed)
         # blotches mostly in brightness, a little in hue, so a "noisy grey" background still reads as grey
         coarse = g.normal(0, bg.strength, (5, 5, 1)) + g.normal(0, bg.strength * 0.4, (5, 5, 3))
         blotches = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8), "RGB")
-        smooth = np.asarray(blotches.resize((size, size), Image.Resampling.BILINEAR), np.float32) - 128
-        grain = g.standard_normal((size, size, 1), dtype=np.float32) * (bg.strength * 0.4)
+        smooth = np.asarray(blotches.resize((w, h), Image.Resampling.BILINEAR), np.float32) - 128
+        grain = g.standard_normal((h, w, 1), dtype=np.float32) * (bg.strength * 0.4)
         pixels = base + smooth + grain
     else:
         raise ValueError(f"unknown background kind {bg.kind!r}")
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-def render(spec: SceneSpec, size: int = 64, supersample: int | None = None) -> Image.Image:
-    """Draw ``spec`` as a ``size`` x ``size`` RGB image.
+def render(spec: SceneSpec, size: int | tuple[int, int] = 64, supersample: int | None = None) -> Image.Image:
+    """Draw ``spec`` as a ``size`` x ``size`` RGB image, or ``(height, width)`` for any aspect ratio.
 
-    Shapes are drawn at ``supersample`` times the size and box-filtered down (antialiased edges); the default picks
-    4x for tiny images, 2x up to 128 px and 1x above, where PIL's edges are already smooth enough.
+    On a non-square canvas, centres scale with each side (x with the width, y with the height) and radii with the
+    short side, so shapes stay undistorted, inside the image, and in the same relative places (captions that name
+    positions stay true); a square canvas gives exactly the square rendering. Shapes are drawn at ``supersample``
+    times the size and box-filtered down (antialiased edges); the default picks 4x for tiny images, 2x up to 128 px
+    and 1x above, where PIL's edges are already smooth enough.
     """
-    if size < 8:
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(h, w) < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
-    ss = supersample or (4 if size <= 48 else 2 if size <= 128 else 1)
-    img = _background(spec.background, size)
+    ss = supersample or (4 if max(h, w) <= 48 else 2 if max(h, w) <= 128 else 1)
+    img = _background(spec.background, (h, w))
     if ss > 1:  # nearest up then box down gives the background back exactly; only shape edges get blended
-        img = img.resize((size * ss, size * ss), Image.Resampling.NEAREST)
+        img = img.resize((w * ss, h * ss), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(img)
-    s = size * ss
+    sh, sw = h * ss, w * ss
     for o in spec.objects:
-        cx, cy, r = o.x * s, o.y * s, o.radius * s
+        cx, cy, r = o.x * sw, o.y * sh, o.radius * min(sh, sw)
         if o.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=o.rgb)
             continue

@@ -49,8 +49,9 @@ def synthetic_scene(index: int, seed: int = 0) -> tuple[SceneSpec, str]:
     return spec, spec.caption(rng)
 
 
-def synthetic_sample(index: int, seed: int = 0, size: int = 64) -> tuple[Image.Image, str]:
-    """Sample ``index`` of the stream with ``seed``: (RGB image of ``size`` x ``size``, caption)."""
+def synthetic_sample(index: int, seed: int = 0, size: int | tuple[int, int] = 64) -> tuple[Image.Image, str]:
+    """Sample ``index`` of the stream with ``seed``: (RGB image of ``size`` x ``size``, caption). ``size`` may be
+    ``(height, width)``: the same scene and caption at another aspect ratio (native-resolution training)."""
     spec, text = synthetic_scene(index, seed)
     return render(spec, size), text
 

@@ -211,6 +211,33 @@ _PIL_RESAMPLE = {
 }
 
 
+def native_grid(hw: tuple[int, int], area_patches: int, patch_size: int) -> tuple[int, int]:
+    """The patch grid (gh, gw) that :func:`native_resize` gives an image of ``hw = (H, W)`` pixels."""
+    H, W = hw
+    k = math.sqrt(area_patches * patch_size**2 / (W * H))  # area-matching scale
+    gh, gw = max(1, round(H * k / patch_size)), max(1, round(W * k / patch_size))  # sides in patches
+    while gh * gw > area_patches:
+        if gh >= gw:
+            gh -= 1
+        else:
+            gw -= 1
+    return gh, gw
+
+
+class NativeResize:
+    """:func:`native_resize` as a transform (PIL image -> uint8 [3, H, W]): aspect ratio kept, at most
+    ``max_patches`` patches. Picklable, with a stable repr (part of feature-cache keys)."""
+
+    def __init__(self, max_patches: int, patch_size: int):
+        self.max_patches, self.patch_size = int(max_patches), int(patch_size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return native_resize(img, self.max_patches, self.patch_size)[0]
+
+    def __repr__(self) -> str:
+        return f"NativeResize(max_patches={self.max_patches}, patch_size={self.patch_size})"
+
+
 def native_resize(
     img: Image.Image, area_patches: int, patch_size: int, pad_to: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, dict]:
@@ -227,13 +254,7 @@ def native_resize(
         raise ValueError(f"need area_patches >= 1 and patch_size >= 1, got {area_patches}, {patch_size}")
     img = to_rgb(img)
     W, H = img.size
-    k = math.sqrt(area_patches * patch_size**2 / (W * H))  # area-matching scale
-    gh, gw = max(1, round(H * k / patch_size)), max(1, round(W * k / patch_size))  # sides in patches
-    while gh * gw > area_patches:
-        if gh >= gw:
-            gh -= 1
-        else:
-            gw -= 1
+    gh, gw = native_grid((H, W), area_patches, patch_size)
     h, w = gh * patch_size, gw * patch_size
     out = _chw(img.resize((w, h), Image.Resampling.BICUBIC))  # uint8 [3, h, w]
     pad = (0, 0)
@@ -245,6 +266,23 @@ def native_resize(
         out = torch.nn.functional.pad(out, (0, pad[1], 0, pad[0]))  # zeros bottom/right
     info = {"orig_hw": (H, W), "hw": (h, w), "pad": pad}
     return out, info  # uint8 [3, H, W]
+
+
+def native_fit(img: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
+    """Bring an image to exactly ``hw = (H, W)`` pixels keeping its aspect ratio: scale it to cover the box
+    (bicubic, antialiased), then center-crop the side that overhangs. PIL image -> uint8 [3, H, W].
+
+    Native-resolution training gives all images of a step one grid; an image whose aspect ratio differs from the
+    step's loses the overhang rather than being distorted or padded (no padding tokens).
+    """
+    img = to_rgb(img)
+    h, w = int(hw[0]), int(hw[1])
+    W, H = img.size
+    k = max(h / H, w / W)
+    rh, rw = max(h, round(H * k)), max(w, round(W * k))
+    top, left = (rh - h) // 2, (rw - w) // 2
+    box = (left / k, top / k, (left + w) / k, (top + h) / k)  # the kept region, in the original's pixels
+    return _chw(img.resize((w, h), Image.Resampling.BICUBIC, box=box))  # uint8 [3, h, w]
 
 
 def mean_std(spec: str | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -144,3 +144,63 @@ def extract_features(
     if filled < total:  # copy so the result does not keep the unused tail alive
         out, labels, indices = out[:filled].clone(), labels[:filled].clone(), indices[:filled].clone()
     return {"features": out, "labels": labels, "indices": indices, "errors": errors}
+
+
+def native_shape_groups(paths: Sequence, max_patches: int, patch_size: int) -> dict[tuple[int, int], list[int]]:
+    """{patch grid: dataset indices} of image files resized by :class:`~aimv2.data.transforms.NativeResize`,
+    from the files' headers (no decoding). Unreadable files go to grid (0, 0): their batch reports them."""
+    from PIL import Image
+
+    from ..data.transforms import native_grid
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                W, H = img.size
+            grid = native_grid((H, W), max_patches, patch_size)
+        except Exception:  # noqa: BLE001 - any unreadable file: the reader names the reason later
+            grid = (0, 0)
+        groups.setdefault(grid, []).append(i)
+    return groups
+
+
+def extract_native_features(encoder: nn.Module, dataset: Dataset, groups: dict, **kw) -> dict:
+    """:func:`extract_features` over images of different grids (native resolution): one pass per grid (batches
+    share one shape), results back in dataset order. ``features`` is a tensor [n, (K,) D] when pooled, else a
+    list of n tensors [N_i, D] (N_i the image's own number of patches); ``grids`` long [n, 2] per image."""
+    from torch.utils.data import Subset
+
+    feats, labels, indices, grids, errors = [], [], [], [], []
+    total = len(dataset)
+    for grid, idx in sorted(groups.items()):
+        with warnings.catch_warnings():  # one warning for the whole dataset below
+            warnings.simplefilter("ignore", UnreadableImagesWarning)
+            try:
+                r = extract_features(encoder, Subset(dataset, idx), **kw)
+            except RuntimeError:
+                if grid != (0, 0):
+                    raise
+                r = None
+        if r is None:  # a group of only unreadable files
+            errors += [dataset[i][0] for i in idx]
+            continue
+        errors += r["errors"]
+        feats += list(r["features"].unbind(0))
+        labels.append(r["labels"])
+        indices.append(r["indices"])  # the samples carry their dataset index
+        grids += [grid] * len(r["labels"])
+    if errors:
+        warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
+    if not feats:
+        raise RuntimeError(f"none of the {total} images could be read" if total else "the dataset is empty")
+    order = torch.cat(indices).argsort()
+    feats = [feats[i] for i in order.tolist()]
+    pooled = feats[0].ndim == 1 or kw.get("pool") == "mean"
+    return {
+        "features": torch.stack(feats) if pooled else feats,
+        "labels": torch.cat(labels)[order],
+        "indices": torch.cat(indices)[order],
+        "grids": torch.tensor(grids, dtype=torch.long)[order],
+        "errors": errors,
+    }

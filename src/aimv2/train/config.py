@@ -31,6 +31,23 @@ class ModelConfig:
 
 
 @dataclass
+class NativeConfig:
+    """Native-resolution training (aimv2.train.native): per step an area of 2^n patches, n from a normal(0, 1)
+    truncated to [-1, 1] mapped onto [log2 min_patches, log2 max_patches] (the paper: 128 and 4096), one aspect ratio
+    per step log-uniform in [1/max_aspect, max_aspect], and a global batch of tokens_per_batch // patches images
+    (rounded down to a multiple of batch_multiple). Replaces train.batch_size; needs a sin-cos (-native) encoder.
+    All images of a step share its grid: synthetic scenes are rendered at it, folder/hf images keep their aspect
+    ratio and lose the overhang (center crop); data.augment does not apply. Shards are not supported yet."""
+
+    enabled: bool = False
+    min_patches: int = 128
+    max_patches: int = 4096
+    tokens_per_batch: int = 262144  # image tokens per global batch (64 images of 4096 patches)
+    max_aspect: float = 2.0  # height/width in [1/max_aspect, max_aspect]
+    batch_multiple: int = 8  # every B_s is a multiple of this (must be divisible by ranks x train.grad_accum)
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic (built-in scenes) | shards (webdataset) | folder | hf (local datasets files)
     folder: str | None = None  # source=folder: images with sidecar .txt captions, or a CSV / JSONL of path,caption
@@ -51,6 +68,7 @@ class DataConfig:
     context_length: int = 77  # tokens per caption, EOS included, right-padded
     tokenizer: str | None = None  # tokenizer.json or SentencePiece .model; None: the built-in synthetic-caption one
     synthetic_length: int | None = None  # None: an endless stream of distinct scenes
+    native: NativeConfig = field(default_factory=NativeConfig)  # native-resolution training (off by default)
 
 
 @dataclass
@@ -302,6 +320,33 @@ def validate(cfg: Config) -> None:
             (t.parallel == "ddp", "LiT trains with train.parallel=ddp (the frozen encoder is replicated)"),
             (cfg.lit.projection_dim >= 1, "lit.projection_dim must be >= 1"),
             (cfg.lit.init_temperature > 0, "lit.init_temperature must be > 0"),
+        ]
+    nat = cfg.data.native
+    if nat.enabled:
+        checks += [
+            (nat.min_patches >= 2, f"data.native.min_patches must be >= 2, got {nat.min_patches}"),
+            (
+                nat.max_patches >= nat.min_patches,
+                f"data.native.max_patches ({nat.max_patches}) must be >= data.native.min_patches ({nat.min_patches})",
+            ),
+            (nat.max_aspect >= 1, f"data.native.max_aspect must be >= 1, got {nat.max_aspect}"),
+            (nat.batch_multiple >= 1, "data.native.batch_multiple must be >= 1"),
+            (
+                nat.batch_multiple % t.grad_accum == 0,
+                f"data.native.batch_multiple ({nat.batch_multiple}) must be divisible by train.grad_accum "
+                f"({t.grad_accum}): every step's batch is split into equal micro-batches",
+            ),
+            (
+                nat.tokens_per_batch >= nat.max_patches * nat.batch_multiple,
+                f"data.native.tokens_per_batch ({nat.tokens_per_batch}) is smaller than data.native.max_patches x "
+                f"data.native.batch_multiple = {nat.max_patches * nat.batch_multiple}: a step at the largest area "
+                f"would have no images; raise tokens_per_batch or lower max_patches",
+            ),
+            (
+                cfg.data.source != "shards",
+                "data.native is not supported with data.source=shards yet (the shard reader transforms images "
+                "before the step's grid is known); use synthetic, folder or hf",
+            ),
         ]
     for ok, msg in checks:
         if not ok:

@@ -6,6 +6,9 @@ is keyed by the sample's global index. So:
   - any number of ranks and workers sees the same global batch (DDP matches single-process training),
   - ranks and workers never see the same sample, nor draw the same prefix sequence,
   - resuming at step k continues the stream exactly (the data position is the step).
+
+Native resolution (``native=NativeSchedule``): step s has its own grid and global batch B_s, both drawn from
+(seed, s) alone, and holds samples [start(s), start(s) + B_s); the rest is as above.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..models.pretrain import PrefixSampler
+from .native import NativeSchedule
 
 
 @dataclass
@@ -53,12 +57,19 @@ class _StepStream(IterableDataset):
         encode_text: Callable[[list[str]], torch.Tensor],
         seed: int,
         patch_size: int,
+        native: NativeSchedule | None = None,
     ):
-        if global_batch % world_size:
+        if native is not None and native.batch_multiple % world_size:
+            raise ValueError(
+                f"data.native.batch_multiple {native.batch_multiple} is not divisible by the number of ranks "
+                f"{world_size} (x train.grad_accum): every step's batch must split evenly"
+            )
+        if native is None and global_batch % world_size:
             raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
-        self.rank, self.start_step, self.steps = rank, start_step, steps
+        self.rank, self.world_size, self.start_step, self.steps = rank, world_size, start_step, steps
+        self.native = native
         self.encode_text, self.seed, self.patch_size = encode_text, seed, patch_size
         self.prefix = PrefixSampler(seed)
 
@@ -78,9 +89,18 @@ class _StepStream(IterableDataset):
 class StepBatches(_StepStream):
     """This rank's Batch for steps start_step, ..., steps-1 of an indexable dataset (see the module docstring)."""
 
-    def __init__(self, sample_fn: Callable[[int, int], tuple], *, length: int | None, **common):
+    def __init__(
+        self,
+        sample_fn: Callable[[int, int], tuple],
+        *,
+        length: int | None,
+        native_fn: Callable[[int, int, tuple[int, int]], tuple] | None = None,
+        **common,
+    ):
         super().__init__(**common)
-        self.sample_fn = sample_fn
+        if self.native is not None and native_fn is None:
+            raise ValueError("native-resolution batches need a native_fn (dataset index, global index, (H, W))")
+        self.sample_fn, self.native_fn = sample_fn, native_fn
         self.length = length
         self._perms: dict[int, np.ndarray] = {}
 
@@ -94,11 +114,25 @@ class StepBatches(_StepStream):
         return int(self._perms[epoch][pos])
 
     def batch(self, step: int) -> Batch:
+        if self.native is not None:
+            return self._native_batch(step)
         first = step * self.global_batch + self.rank * self.local_batch
         indices = torch.arange(first, first + self.local_batch)  # [B] global sample indices
         images, captions = zip(*(self.sample_fn(self._dataset_index(int(i)), int(i)) for i in indices), strict=True)
         images = torch.stack(images)  # [B, 3, H, W] uint8
         prefix_len = self.prefix.per_sample(indices, self._num_patches(images))  # [B]
+        return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
+
+    def _native_batch(self, step: int) -> Batch:
+        shape = self.native(step)  # the same on every rank and worker: (seed, step) only
+        local = shape.batch_size // self.world_size
+        first = shape.start + self.rank * local
+        indices = torch.arange(first, first + local)  # [B_s / ranks] global sample indices
+        hw = (shape.grid[0] * self.patch_size, shape.grid[1] * self.patch_size)
+        fn = self.native_fn
+        images, captions = zip(*(fn(self._dataset_index(int(i)), int(i), hw) for i in indices), strict=True)
+        images = torch.stack(images)  # [B, 3, gh*p, gw*p] uint8
+        prefix_len = self.prefix.per_sample(indices, shape.num_patches)  # [B]
         return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
 
     def __iter__(self):
@@ -119,6 +153,8 @@ class ShardStepBatches(_StepStream):
 
     def __init__(self, sources: list[tuple[str, object, float]], **common):
         super().__init__(**common)
+        if self.native is not None:
+            raise ValueError("native-resolution training does not read shards yet")
         self.names = [name for name, _, _ in sources]
         self.streams = [samples for _, samples, _ in sources]
         weights = np.array([w for _, _, w in sources], dtype=np.float64)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from .config import Config
 from .data import Batch, ShardStepBatches, StepBatches, make_loader
 from .init_from import init_from
 from .metrics import MetricsLogger, flops_per_sample, peak_flops
+from .native import NativeSchedule
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, init_distributed, parallelize
 from .runs import build_model
@@ -84,7 +84,7 @@ def train(cfg: Config) -> dict:
         origin = init_from(model, cfg)
     model.to(device)
     enc_cfg = model.encoder.cfg
-    step_model = parallelize(model, cfg.train, info, device)
+    step_model = parallelize(model, cfg.train, info, device, dynamic_shapes=cfg.data.native.enabled)
     optimizer = build_optimizer(model, cfg.optim)
 
     start_step, bad_in_row, skipped = 0, 0, 0
@@ -117,11 +117,12 @@ def train(cfg: Config) -> dict:
         encode_text=source.tokenizer.encode,
         seed=cfg.seed,
         patch_size=enc_cfg.patch_size,
+        native=native_schedule(cfg, info),
     )
     if source.shards is not None:
         stream = ShardStepBatches(source.shards, **common)
     else:
-        stream = StepBatches(source.sample_fn, length=source.length, **common)
+        stream = StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
     positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)
     mix = None  # shards: samples per source since the last log line
     if source.shards is not None:
@@ -130,15 +131,13 @@ def train(cfg: Config) -> dict:
         mix = torch.zeros(len(source.shards), dtype=torch.long)
     loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
     autocast = _autocast(cfg, device)
-    n_patches = math.prod(enc_cfg.grid_size)
-    flops = flops_per_sample(model, n_patches, cfg.data.context_length)
     peak = peak_flops(device, bf16=autocast is not contextlib.nullcontext)
     metrics = MetricsLogger(out_dir, cfg, start_step, enabled=info.is_main, total_steps=cfg.train.steps)
 
     consts = _StepConsts(enc_cfg.patch_size, source.tokenizer.pad_id, model.alpha)
     model.train()
     last: dict = {}
-    t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+    t_last, samples_since, tokens_since, flops_since = time.perf_counter(), 0, 0, 0.0
     for batch in loader:
         step = batch.step
         if mix is not None:
@@ -173,9 +172,12 @@ def train(cfg: Config) -> dict:
                 f"The last good checkpoint in {out_dir / ckpt.CKPT_DIR} is intact: lower optim.lr, raise "
                 f"optim.warmup_steps or use train.precision=fp32, then re-run the same command to resume."
             )
-        samples_since += cfg.train.batch_size
+        global_batch = len(batch.text) * info.world_size  # varies per step with data.native
+        n_patches = (batch.images.shape[-2] // consts.patch_size) * (batch.images.shape[-1] // consts.patch_size)
+        samples_since += global_batch
         text_tokens = int((batch.text != source.tokenizer.pad_id).sum())
         tokens_since += (n_patches * len(batch.text) + text_tokens) * info.world_size
+        flops_since += flops_per_sample(model, n_patches, cfg.data.context_length) * global_batch
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             dt = time.perf_counter() - t_last
@@ -189,13 +191,16 @@ def train(cfg: Config) -> dict:
                 "grad_norm": grad_norm.item(),
                 "samples_per_s": sps,
                 "tokens_per_s": tokens_since / dt,
-                "mfu": (sps * flops / info.world_size / peak) if peak else None,
+                "mfu": (flops_since / dt / info.world_size / peak) if peak else None,
                 "skipped_steps": skipped,
                 **({"encoder_frozen": frozen} if cfg.train.freeze_encoder_steps else {}),
                 **_mix_fractions(mix, source, info, device),
             }
+            if cfg.data.native.enabled:
+                last["patches"] = n_patches  # this step's grid, gh * gw
+                last["batch_size"] = global_batch
             metrics.log(last)
-            t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+            t_last, samples_since, tokens_since, flops_since = time.perf_counter(), 0, 0, 0.0
             if mix is not None:
                 mix.zero_()
         metrics.advance(done, last)
@@ -205,6 +210,27 @@ def train(cfg: Config) -> dict:
     if info.distributed:
         dist.barrier()
     return last
+
+
+def native_schedule(cfg: Config, info: DistInfo) -> NativeSchedule | None:
+    """The run's per-step areas and batch sizes (data.native), or None for fixed-resolution training."""
+    nat = cfg.data.native
+    if not nat.enabled:
+        return None
+    quantum = info.world_size * cfg.train.grad_accum
+    if nat.batch_multiple % quantum:
+        raise TrainingError(
+            f"data.native.batch_multiple={nat.batch_multiple} is not divisible by ranks x train.grad_accum = "
+            f"{info.world_size} x {cfg.train.grad_accum}: every step's batch must split into equal micro-batches"
+        )
+    return NativeSchedule(
+        seed=cfg.seed,
+        min_patches=nat.min_patches,
+        max_patches=nat.max_patches,
+        tokens_per_batch=nat.tokens_per_batch,
+        max_aspect=nat.max_aspect,
+        batch_multiple=nat.batch_multiple,
+    )
 
 
 def _train_step(step_model, batch: Batch, cfg: Config, device, autocast, info: DistInfo, src: _StepConsts):

@@ -54,11 +54,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (parameter names unchanged): one graph reused by every layer of a stack."""
+def apply_compile(model: nn.Module, dynamic: bool = False) -> None:
+    """Compile each block in place (parameter names unchanged): one graph reused by every layer of a stack.
+
+    ``dynamic=True`` (native-resolution runs, whose batch size and sequence length change every step) compiles
+    with symbolic shapes from the start, so a new (B, N) reuses the graph instead of recompiling; fixed-resolution
+    runs keep static shapes (``dynamic=False``), the fastest kernels for their one shape."""
     for blocks in block_lists(model):
         for blk in blocks:
-            blk.compile(dynamic=False)
+            blk.compile(dynamic=dynamic)
 
 
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
@@ -73,12 +77,15 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device) -> nn.Module:
-    """Returns the module to call in the training step (the same module, or its DDP wrapper)."""
+def parallelize(
+    model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device, dynamic_shapes: bool = False
+) -> nn.Module:
+    """Returns the module to call in the training step (the same module, or its DDP wrapper).
+    ``dynamic_shapes``: the batch and sequence length vary per step (native resolution); see apply_compile."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
-        apply_compile(model)
+        apply_compile(model, dynamic=dynamic_shapes)
     if not info.distributed:
         return model
     if cfg.parallel == "fsdp":

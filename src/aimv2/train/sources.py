@@ -27,6 +27,8 @@ class Source:
     length: int | None  # None: an endless stream of distinct samples
     tokenizer: Tokenizer
     shards: list[tuple[str, object, float]] | None = None  # source=shards: (name, ShardSamples, weight) each
+    # data.native: (dataset index, global index, (H, W)) -> (uint8 image [3, H, W], caption)
+    native_fn: Callable[[int, int, tuple[int, int]], tuple[torch.Tensor, str]] | None = None
 
 
 class _SeededSample:
@@ -58,6 +60,42 @@ class _FirstReadable:
             if item is not None:
                 return item
         raise RuntimeError(f"no readable image-caption pair left in {self.ds}")
+
+
+class _NativeSynthetic:
+    """Picklable native sample function of the built-in scenes: the scene rendered straight at the step's
+    (H, W), any aspect ratio (no resize, nothing cropped)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, index: int, global_index: int, hw: tuple[int, int]) -> tuple[torch.Tensor, str]:
+        from ..data.synthetic import synthetic_sample
+
+        image, caption = synthetic_sample(index, self.seed, size=tuple(hw))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))), caption
+
+
+class _NativeFit:
+    """Picklable native sample function of a dataset of PIL images: aspect ratio kept, cropped to the step's
+    (H, W) (:func:`aimv2.data.transforms.native_fit`)."""
+
+    def __init__(self, get_item):
+        self.get_item = get_item
+
+    def __call__(self, index: int, global_index: int, hw: tuple[int, int]) -> tuple[torch.Tensor, str]:
+        from ..data.transforms import native_fit
+
+        image, caption = self.get_item(index)
+        return native_fit(image, hw), caption
+
+
+def _check_native(cfg: Config, enc) -> None:
+    if cfg.data.native.enabled and enc.pos_embed != "sincos":
+        raise ConfigError(
+            f"data.native needs an encoder with 2D sin-cos position embeddings (a -native name such as "
+            f"aimv2-tiny-patch8-native); {cfg.model.encoder} has a learned {enc.grid_size} grid"
+        )
 
 
 def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
@@ -127,15 +165,24 @@ def build_source(
     (``cfg.model``); runs without one (LiT, whose encoder comes from a checkpoint) pass it."""
     from ..models.registry import model_config
 
-    if img_size is None:
-        img_size = model_config(cfg.model.encoder, **cfg.model.encoder_overrides).image_hw
+    if img_size is None:  # LiT passes the size of its checkpoint's encoder; native mode needs a configured one
+        enc = model_config(cfg.model.encoder, **cfg.model.encoder_overrides)
+        _check_native(cfg, enc)
+        img_size = enc.image_hw
+    elif cfg.data.native.enabled:
+        raise ConfigError("data.native is for pretraining runs; this run's images have one fixed size")
     tokenizer = _tokenizer(cfg, out_dir, save)
     transform = train_transform(img_size) if cfg.data.augment else eval_transform(img_size)
     if cfg.data.source == "synthetic":
         from ..data.synthetic import synthetic_sample
 
         get_item = partial(synthetic_sample, seed=cfg.seed, size=max(img_size))
-        return Source(_SeededSample(get_item, transform, cfg.seed), cfg.data.synthetic_length, tokenizer)
+        return Source(
+            _SeededSample(get_item, transform, cfg.seed),
+            cfg.data.synthetic_length,
+            tokenizer,
+            native_fn=_NativeSynthetic(cfg.seed),
+        )
     if cfg.data.source == "shards":
         entries = cfg.data.mixture or [{"name": "shards", "shards": cfg.data.shards}]
         # decoding inside the reader lets JPEGs decode at reduced scale when the crop allows (TrainTransform)
@@ -152,7 +199,8 @@ def build_source(
             ds = CaptionedImages(cfg.data.folder, max_fault_rate=cfg.data.max_fault_rate)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data.folder={cfg.data.folder!r}: {e}") from e
-        return Source(_SeededSample(_FirstReadable(ds), transform, cfg.seed), len(ds), tokenizer)
+        get_item = _FirstReadable(ds)
+        return Source(_SeededSample(get_item, transform, cfg.seed), len(ds), tokenizer, native_fn=_NativeFit(get_item))
     if cfg.data.source == "hf":
         from ..data.hf import HFImageText
 
@@ -165,5 +213,6 @@ def build_source(
             )
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise ConfigError(f"data.hf_files={cfg.data.hf_files!r}: {e}") from e
-        return Source(_SeededSample(_FirstReadable(ds), transform, cfg.seed), len(ds), tokenizer)
+        get_item = _FirstReadable(ds)
+        return Source(_SeededSample(get_item, transform, cfg.seed), len(ds), tokenizer, native_fn=_NativeFit(get_item))
     raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards, folder, hf")

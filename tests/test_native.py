@@ -1,0 +1,370 @@
+"""Native-resolution training: per-step area distribution, token budget and aspect ratios, rank lockstep,
+the objective on non-square sin-cos grids, exact micro-batch reweighting, and a short run that resumes exactly."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import aimv2
+from aimv2.models.pretrain import patchify
+from aimv2.train.config import ConfigError, load_config
+from aimv2.train.native import NativeSchedule, fit_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+P = 8
+
+
+def _paper_schedule(seed=0):
+    return NativeSchedule(seed=seed, min_patches=128, max_patches=4096, tokens_per_batch=262144, batch_multiple=8)
+
+
+def test_area_distribution_budget_and_grids_at_paper_scale():
+    sched = _paper_schedule()
+    shapes = [sched(s) for s in range(3000)]
+    areas = np.array([s.area for s in shapes])
+    assert areas.min() >= 128 and areas.max() <= 4096
+    n = (np.log2(areas) - 7) / 2.5 - 1  # back to the truncated normal's support [-1, 1]
+    assert abs(np.median(np.log2(areas)) - 9.5) < 0.1  # median 2^9.5 ~ 724 patches
+    # truncated normal(0, 1) on [-1, 1]: standard deviation 0.538, 0.439 of the mass in |n| > 0.5
+    assert abs(n.std() - 0.538) < 0.03 and abs((np.abs(n) > 0.5).mean() - 0.439) < 0.04
+    assert areas.min() < 140 and areas.max() > 3600  # the tails are reached
+    for s in shapes:
+        N = s.num_patches
+        assert N <= s.area and N >= 0.8 * s.area  # the grid uses most of the drawn area
+        assert s.batch_size % 8 == 0 and s.batch_size * N <= 262144  # the token budget ...
+        assert s.batch_size * N > 262144 - 8 * N  # ... filled to within one batch quantum
+        assert 0.5 * (1 - 1 / min(s.grid)) <= s.grid[0] / s.grid[1] <= 2 / (1 - 1 / min(s.grid))  # aspect in [1/2, 2]
+    # starts are the running sum of batch sizes, also across the draw blocks
+    assert all(b.start == a.start + a.batch_size for a, b in zip(shapes, shapes[1:], strict=False))
+    # a fresh schedule (a resumed run) gives the same shape at any step; another seed gives others
+    assert NativeSchedule(**_kw(sched))(2500) == shapes[2500]
+    other = _paper_schedule(seed=1)
+    assert any(other(t).area != shapes[t].area for t in range(20))
+
+
+def _kw(s):
+    return dict(
+        seed=s.seed,
+        min_patches=s.min_patches,
+        max_patches=s.max_patches,
+        tokens_per_batch=s.tokens_per_batch,
+        batch_multiple=s.batch_multiple,
+    )
+
+
+@pytest.mark.parametrize("area", [16, 45, 128, 724, 4096])
+@pytest.mark.parametrize("aspect", [0.5, 0.75, 1.0, 1.6, 2.0])
+def test_fit_grid_keeps_aspect_within_rounding(area, aspect):
+    gh, gw = fit_grid(area, aspect)
+    assert gh * gw <= area
+    # one patch of rounding on either side
+    assert (gh - 1) / (gw + 1) <= aspect <= (gh + 1) / max(gw - 1, 1e-9)
+
+
+def test_native_fit_keeps_aspect_and_crops_only_the_overhang():
+    from aimv2.data.transforms import native_fit
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (60, 120, 3), dtype=np.uint8))  # 1:2 (h:w)
+    same = native_fit(img, (32, 64))  # same aspect: a plain resize
+    ref = np.asarray(img.resize((64, 32), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert same.shape == (3, 32, 64) and np.abs(same.numpy().astype(int) - ref).max() <= 1
+    sq = native_fit(img, (32, 32))  # square grid: the central square, undistorted
+    ref = np.asarray(img.crop((30, 0, 90, 60)).resize((32, 32), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert sq.shape == (3, 32, 32) and np.abs(sq.numpy().astype(int) - ref).mean() < 2
+
+
+def _stream(rank, world, *, start_step=0, steps=6, native_fn=None):
+    from aimv2.train.data import StepBatches
+
+    def native(index, global_index, hw):
+        return torch.full((3, *hw), index % 251, dtype=torch.uint8), f"caption {index}"
+
+    sched = NativeSchedule(seed=3, min_patches=4, max_patches=16, tokens_per_batch=128, batch_multiple=4)
+    return StepBatches(
+        None,
+        length=None,
+        native_fn=native_fn or native,
+        global_batch=8,
+        rank=rank,
+        world_size=world,
+        start_step=start_step,
+        steps=steps,
+        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
+        seed=0,
+        patch_size=P,
+        native=sched,
+    )
+
+
+def test_ranks_share_each_steps_area_but_not_images_or_prefixes():
+    from torch.utils.data import DataLoader
+
+    seen = {}
+    for rank in range(2):
+        for b in DataLoader(_stream(rank, 2), batch_size=None, num_workers=2):  # 2 workers: steps alternate
+            seen[(rank, b.step)] = b
+    single = {b.step: b for b in _stream(0, 1)}
+    shapes = {tuple(b.images.shape[-2:]) for b in single.values()}
+    assert len(shapes) > 1  # the grid changes across steps
+    for step, b in single.items():
+        r0, r1 = seen[(0, step)], seen[(1, step)]
+        assert r0.images.shape == r1.images.shape  # lockstep: same grid and local batch on both ranks
+        N = (b.images.shape[-2] // P) * (b.images.shape[-1] // P)
+        assert len(b.indices) * N <= 128 and len(b.indices) % 4 == 0
+        assert not set(r0.indices.tolist()) & set(r1.indices.tolist())  # different images
+        assert not torch.equal(r0.prefix_len, r1.prefix_len)
+        # the two ranks together are the single-process global batch (same samples, prefixes, pixels)
+        assert torch.equal(b.indices, torch.cat([r0.indices, r1.indices]))
+        assert torch.equal(b.prefix_len, torch.cat([r0.prefix_len, r1.prefix_len]))
+        assert torch.equal(b.images, torch.cat([r0.images, r1.images]))
+        assert ((b.prefix_len >= 1) & (b.prefix_len <= N - 1)).all()
+    idx = torch.cat([single[s].indices for s in sorted(single)])
+    assert torch.equal(idx, torch.arange(len(idx)))  # the stream is contiguous: no sample skipped or repeated
+    for b in _stream(0, 1, start_step=3):  # resuming mid-stream continues exactly
+        assert torch.equal(b.indices, single[b.step].indices) and torch.equal(b.images, single[b.step].images)
+
+
+def test_synthetic_scenes_render_at_any_aspect():
+    from aimv2.data.synthetic import synthetic_sample
+
+    sq, cap = synthetic_sample(5, seed=1, size=48)
+    sq2, cap2 = synthetic_sample(5, seed=1, size=(48, 48))
+    assert cap == cap2 and np.array_equal(np.asarray(sq), np.asarray(sq2))  # square unchanged
+    wide, cap3 = synthetic_sample(5, seed=1, size=(24, 64))
+    assert cap3 == cap and wide.size == (64, 24)
+
+
+def _native_model(**kw):
+    torch.manual_seed(0)
+    return aimv2.create_pretraining_model(
+        "aimv2-tiny-patch8-native",
+        vocab_size=50,
+        depth=2,
+        decoder_depth=2,
+        decoder_embed_dim=64,
+        decoder_num_heads=2,
+        decoder_mlp_hidden_dim=128,
+        **kw,
+    ).eval()
+
+
+@pytest.mark.parametrize("hw", [(16, 40), (40, 16)])
+def test_objective_does_not_leak_on_non_square_sincos_grids(hw):
+    """Perturbation and gradient checks of the native (sin-cos) model on wide and tall grids: the prediction of
+    patch k+1 (at position k) sees the prefix and patches <= k, never patch k+1 or later."""
+    model = _native_model()
+    H, W = hw
+    gw = W // P
+    N = (H // P) * gw
+    torch.manual_seed(1)
+    images = torch.randn(1, 3, H, W, requires_grad=True)
+    text = torch.randint(3, 50, (1, 5))
+    M = 3
+    pred = model(images, text, prefix_len=M).image_pred  # [1, N-1, P*P*3]
+    for k in range(N - 1):
+        (g,) = torch.autograd.grad(pred[0, k].sum(), images, retain_graph=True)
+        reach = patchify(g, P).abs().sum(-1)[0] > 0  # [N]
+        if k + 1 >= M:
+            assert torch.equal(reach, torch.tensor([i < M or i <= k for i in range(N)])), k
+    # perturbation: changing patch k+1 (row-major on the non-square grid) leaves predictions 0..k unchanged
+    base = pred.detach()
+    for j in sorted({j for j in (M, gw, gw + 1, 2 * gw, N - 1) if M <= j < N}):  # row starts included
+        x = images.detach().clone()
+        r, c = divmod(j, gw)
+        x[..., r * P : (r + 1) * P, c * P : (c + 1) * P] += 3.0
+        out = model(x, text, prefix_len=M).image_pred.detach()
+        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-5)
+        assert j == N - 1 or (out[:, j:] - base[:, j:]).abs().amax() > 1e-3  # later predictions do see it
+
+
+def test_grad_accum_on_a_native_batch_gives_the_global_mean_gradient():
+    """Micro-batches of a variable-size step are reweighted by their share of valid targets: the accumulated
+    gradient equals the gradient of the whole step's mean loss."""
+    import contextlib
+
+    from aimv2.train.data import Batch
+    from aimv2.train.loop import _StepConsts, _train_step
+    from aimv2.train.parallelize import DistInfo
+
+    model = _native_model().train()
+    torch.manual_seed(2)
+    B, H, W = 12, 16, 40
+    images = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8)
+    text = torch.randint(3, 50, (B, 6))
+    text[::3, 3:] = 0  # uneven caption lengths
+    prefix = torch.randint(1, (H // P) * (W // P), (B,))
+    batch = Batch(images, text, prefix, torch.arange(B), 0)
+    grads = []
+    for accum in (1, 3):
+        cfg = load_config(None, [f"train.grad_accum={accum}", "train.batch_size=12"])
+        model.zero_grad()
+        loss = _train_step(
+            model, batch, cfg, torch.device("cpu"), contextlib.nullcontext, DistInfo(), _StepConsts(P, 0, 0.4)
+        )
+        grads.append(([p.grad.clone() for p in model.parameters()], loss))
+    (g1, l1), (g3, l3) = grads
+    torch.testing.assert_close(l3, l1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g3, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+NATIVE_RUN = [
+    "model.encoder_overrides={depth: 2}",
+    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
+    "data.context_length=24",
+    "data.num_workers=0",
+    "data.native.min_patches=4",
+    "data.native.max_patches=16",
+    "data.native.tokens_per_batch=128",
+    "data.native.batch_multiple=4",
+    "train.steps=6",
+    "train.checkpoint_every=3",
+    "train.log_every=1",
+    "train.progress=false",
+    "log.tensorboard=false",
+    "optim.warmup_steps=2",
+]
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="tokens_per_batch"):
+        load_config(ROOT / "configs/native-tiny.yaml", ["data.native.tokens_per_batch=100"])
+    with pytest.raises(ConfigError, match="grad_accum"):
+        load_config(ROOT / "configs/native-tiny.yaml", ["train.grad_accum=3"])
+    from aimv2.train.sources import build_source
+
+    cfg = load_config(ROOT / "configs/native-tiny.yaml", ["model.encoder=aimv2-tiny-patch8-64"])
+    with pytest.raises(ConfigError, match="sin-cos"):
+        build_source(cfg, None)
+
+
+def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    from aimv2.train import loop
+
+    def run(out):
+        return loop.train(load_config(ROOT / "configs/native-tiny.yaml", [*NATIVE_RUN, f"out_dir={out}"]))
+
+    run(tmp_path / "ref")
+
+    class Killed(Exception):
+        pass
+
+    original = loop._checkpoint
+
+    def die_after_first(model, optimizer, out_dir, step, *a, **k):
+        original(model, optimizer, out_dir, step, *a, **k)
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr(loop, "_checkpoint", die_after_first)
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(loop, "_checkpoint", original)
+    run(tmp_path / "resumed")  # resumes from step 3
+
+    rows = [
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "resumed")
+    ]
+    assert [r["step"] for r in rows[1]] == list(range(1, 7))
+    for key in ("loss", "patches", "batch_size"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    assert len({r["patches"] for r in rows[0]}) > 1  # the grid varied
+    assert all(r["batch_size"] * r["patches"] <= 128 for r in rows[0])
+    assert rows[0][-1]["loss"] < rows[0][0]["loss"]
+    a, b = load_file(tmp_path / "ref/encoder.safetensors"), load_file(tmp_path / "resumed/encoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    enc = aimv2.create_model("aimv2-tiny-patch8-native", checkpoint=tmp_path / "ref/encoder.safetensors", depth=2)
+    assert enc(torch.randn(1, 3, 24, 56)).shape == (1, 21, 192)  # any grid
+    assert math.isfinite(rows[0][-1]["tokens_per_s"])
+
+
+def test_extract_native_keeps_aspect_groups_by_shape_and_matches_the_encoder(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from aimv2.cli import main
+    from aimv2.data.transforms import native_resize, normalize
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"a.png": (40, 90), "b.png": (90, 40), "c.png": (40, 88), "d.png": (64, 64)}  # (H, W)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "e.png").write_bytes(b"not an image")
+    out = tmp_path / "f.safetensors"
+    args = ["aimv2-tiny-patch8-native", str(folder), str(out), "--native", "--max-patches", "24"]
+    common = ["--set", "depth=2", "--workers", "0", "--no-progress"]
+    assert main(["extract", *args, *common]) == 0
+    assert "warning: 1 of 5 images could not be read" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        feats, offsets, grids = f.get_tensor("features"), f.get_tensor("offsets"), f.get_tensor("grids")
+        paths = json.loads(f.metadata()["paths"])
+    assert paths == ["a.png", "b.png", "c.png", "d.png"]  # folder order, not grouped order
+    torch.manual_seed(0)  # the command's random init is seeded with 0
+    enc = aimv2.create_model("aimv2-tiny-patch8-native", depth=2).eval()
+    for i, name in enumerate(paths):
+        h, w = sizes[name]
+        gh, gw = grids[i].tolist()
+        assert gh * gw <= 24 and abs(math.log((gh / gw) / (h / w))) < 0.45  # aspect kept within a patch
+        x, _ = native_resize(Image.open(folder / name), 24, P)
+        with torch.no_grad():
+            ref = enc(normalize(x[None]))[0]
+        torch.testing.assert_close(feats[offsets[i] : offsets[i + 1]], ref, rtol=1e-4, atol=1e-4)
+    assert grids[0].tolist() == grids[2].tolist() != grids[1].tolist()  # a and c share a batch shape
+    pooled = tmp_path / "p.npy"
+    assert main(["extract", *args[:2], str(pooled), "--native", "--max-patches", "24", "--pool", "mean", *common]) == 0
+    assert np.load(pooled).shape == (4, 192)
+    assert main(["extract", "aimv2-tiny-patch8-64", str(folder), str(tmp_path / "x.safetensors"), "--native"]) == 2
+
+
+def test_probe_native_on_folders_of_mixed_aspect_ratios(tmp_path, capsys):
+    from aimv2.cli import main
+    from aimv2.data.synthetic import probe_scene, render
+
+    for split, n in (("train", 18), ("val", 9)):
+        for i in range(n):
+            spec, label = probe_scene("colour", split, i)
+            hw = [(32, 64), (64, 32), (48, 48)][i % 3]
+            (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+            render(spec, hw).save(tmp_path / split / label / f"{i}.png")
+    base = ["probe", "aimv2-tiny-patch8-native", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val")]
+    common = ["--set", "depth=1", "--workers", "0", "--no-progress", "--native", "--max-patches", "16"]
+    assert main([*base, "--method", "knn", "--k", "3", *common]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["native"] is True and result["max_patches"] == 16 and 0 <= result["top1"] <= 100
+    assert "native, 3 grids" in out
+    assert main([*base, "--method", "attentive", *common]) == 2  # needs token masks: refused with a reason
+    assert "mean-pooled" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_native_training_matches_single_process(tmp_path):
+    """2-process DDP (gloo): both ranks take the same grid and half of each step's varying batch; the global-batch
+    losses and the weights match one process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    args = ["pretrain", str(ROOT / "configs/native-tiny.yaml"), *NATIVE_RUN, "train.steps=3"]
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
+    r = subprocess.run([*torchrun, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, multi)]
+    for s, m in zip(*rows, strict=True):
+        assert (m["patches"], m["batch_size"]) == (s["patches"], s["batch_size"])
+        for key in ("loss", "image_loss", "text_loss", "grad_norm"):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+    a, b = load_file(single / "encoder.safetensors"), load_file(multi / "encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
