@@ -244,3 +244,20 @@ def test_three_step_pretrain_run(tmp_path, name):
         assert math.isfinite(row["loss"]) and row["loss"] > 0
     enc = aimv2.create_model("aimv2-tiny-patch8-64", checkpoint=out / "encoder.safetensors", depth=2, img_size=32)
     assert enc(torch.randn(1, 3, 32, 32)).shape == (1, N, 192)
+
+
+@pytest.mark.slow
+def test_clip_two_processes_train_like_one(tmp_path):
+    """Under torchrun the embeddings are all-gathered: 2 ranks x 4 pairs train like 1 process x 8 pairs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    args = ["pretrain", str(ROOT / "configs/tiny-synthetic.yaml"), *BASE, *RUNS["clip"]]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
+    r = subprocess.run([*torchrun, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    for s, m in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
