@@ -261,3 +261,47 @@ def test_clip_two_processes_train_like_one(tmp_path):
     for s, m in zip(a, b, strict=True):
         for key in ("loss", "grad_norm"):
             assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+
+
+def test_ablate_grid_points_and_table9_preset():
+    from aimv2.commands.ablate import grid_points
+
+    points = grid_points(["alpha=0.2,0.6", "decoder.depth=1,2"])
+    assert [n for n, _ in points] == [
+        "alpha=0.2,depth=1",
+        "alpha=0.2,depth=2",
+        "alpha=0.6,depth=1",
+        "alpha=0.6,depth=2",
+    ]
+    assert points[1][1] == ["model.alpha=0.2", "model.decoder.depth=2"]
+    table9 = grid_points([], "table9")
+    assert [n for n, _ in table9] == [
+        "aimv1",
+        "cap-bidirectional",
+        "cap-prefix",
+        "aimv2-alpha0.2",
+        "aimv2-alpha0.4",
+        "aimv2-alpha0.6",
+        "clip",
+    ]
+    for _, overrides in table9:  # every preset point is a valid config
+        load_config(ROOT / "configs/tiny-synthetic.yaml", overrides)
+
+
+def test_ablate_tiny_grid_tabulates_and_resumes(tmp_path):
+    out = tmp_path / "ablate"
+    cmd = [sys.executable, "-m", "aimv2", "ablate", str(ROOT / "configs/tiny-synthetic.yaml")]
+    cmd += [o for o in BASE if "steps" not in o]  # overrides for every point: after CONFIG, before the options
+    cmd += ["--grid", "objective=aimv2,cap", "--seeds", "0", "--steps", "2", f"--out-dir={out}", "--probe-tasks=count"]
+    cmd += ["--probe-train=16", "--probe-val=8", "--probe-epochs=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = json.loads((out / "ablation.json").read_text())
+    assert list(table["points"]) == ["objective=aimv2", "objective=cap"]
+    for row in table["points"].values():
+        assert 0 <= row["count"]["mean"] <= 100 and row["count"]["std"] == 0.0 and row["seeds"] == [0]
+    assert (out / "ablation.png").stat().st_size > 0 and "objective=cap" in (out / "ablation.md").read_text()
+    assert (out / "objective=cap/seed0/encoder.safetensors").exists()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # finished: nothing is re-run
+    assert r.returncode == 0 and r.stderr.count("done already") == 2, r.stderr[-3000:]
