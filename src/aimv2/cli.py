@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("aimv2.commands.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
     "lit": ("aimv2.commands.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
     "zeroshot": ("aimv2.commands.zeroshot", "zero-shot classification of an image folder with a LiT model"),
+    "ablate": ("aimv2.commands.ablate", "grid of pretraining runs x seeds (objectives, alpha ...), probed, tabulated"),
     "demo": ("aimv2.commands.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 

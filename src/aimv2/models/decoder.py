@@ -76,18 +76,22 @@ class DecoderCache:
 
 
 class MultimodalDecoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, encoder_dim: int, patch_dim: int):
+    """``patch_dim=None``: no pixel head (a captioning decoder); ``text=False``: no BOS, token embedding, text
+    positions or text head (an image-only decoder). The baselines use these; AIMv2 has both."""
+
+    def __init__(self, cfg: DecoderConfig, encoder_dim: int, patch_dim: int | None, *, text: bool = True):
         super().__init__()
         self.cfg = cfg
         D = cfg.embed_dim
         self.image_proj = nn.Linear(encoder_dim, D, bias=True)
-        self.bos = nn.Parameter(torch.zeros(1, 1, D))
-        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
-        self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
+        if text:
+            self.bos = nn.Parameter(torch.zeros(1, 1, D))
+            self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+            self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth))
         self.norm = RMSNorm(D, cfg.norm_eps)
-        self.pixel_head = nn.Linear(D, patch_dim, bias=False)
-        self.text_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.pixel_head = nn.Linear(D, patch_dim, bias=False) if patch_dim is not None else None
+        self.text_head = nn.Linear(D, cfg.vocab_size, bias=False) if text else None
         self.grad_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -98,11 +102,12 @@ class MultimodalDecoder(nn.Module):
         init_trunk_linear_(self.blocks)
         nn.init.xavier_uniform_(self.image_proj.weight)
         nn.init.zeros_(self.image_proj.bias)
-        nn.init.normal_(self.bos, std=0.02)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.text_pos, std=0.02, a=-0.04, b=0.04)
+        if self.text_head is not None:
+            nn.init.normal_(self.bos, std=0.02)
+            nn.init.normal_(self.tok_embed.weight, std=0.02)
+            nn.init.trunc_normal_(self.text_pos, std=0.02, a=-0.04, b=0.04)
         scale = 1.0 / (1 + self.cfg.depth)
-        for head in (self.pixel_head, self.text_head):
+        for head in (h for h in (self.pixel_head, self.text_head) if h is not None):
             std = math.sqrt(scale / head.in_features)
             nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
         for m in self.modules():
@@ -124,22 +129,28 @@ class MultimodalDecoder(nn.Module):
         x = torch.cat([self.bos.expand(B, -1, -1), self.tok_embed(text_in)], dim=1)  # [B, 1 + T_in, D]
         return x + self.text_pos[:, : T_in + 1]
 
-    def forward(self, image_feats: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image_feats: torch.Tensor, text: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """image_feats [B, N, D_enc], text [B, T] (right-padded) ->
-        (pixel predictions [B, N - 1, p*p*3] for patches 1..N-1, text logits [B, T, V] for tokens 0..T-1)."""
+        (pixel predictions [B, N - 1, p*p*3] for patches 1..N-1, text logits [B, T, V] for tokens 0..T-1).
+        A part the decoder does not have (no pixel head; no text: pass ``text=None``) comes back as None."""
         B, N, _ = image_feats.shape
-        T = text.shape[1]
+        T = text.shape[1] if text is not None else 0
         img = self.image_proj(image_feats)  # [B, N, D]
-        txt = self.embed_text(text[:, :-1])  # [B, T, D]: BOS + tokens 0..T-2
-        x = torch.cat([img, txt], dim=1)  # [B, N + T, D]
+        if T:
+            txt = self.embed_text(text[:, :-1])  # [B, T, D]: BOS + tokens 0..T-2
+            x = torch.cat([img, txt], dim=1)  # [B, N + T, D]
+        else:
+            x = img  # [B, N, D]: image-only decoder
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, None, True, use_reentrant=False)
             else:
                 x = blk(x, is_causal=True)
         x = self.norm(x)
-        image_pred = self.pixel_head(x[:, : N - 1])  # [B, N - 1, p*p*3]
-        text_logits = self.text_head(x[:, N : N + T])  # [B, T, V]
+        image_pred = self.pixel_head(x[:, : N - 1]) if self.pixel_head is not None else None  # [B, N - 1, p*p*3]
+        text_logits = self.text_head(x[:, N : N + T]) if T else None  # [B, T, V]
         return image_pred, text_logits
 
     # ------------------------------------------------------------------ incremental decoding (captioning)

@@ -32,7 +32,9 @@ class PretrainOutput:
     text_loss: torch.Tensor  # scalar: cross-entropy averaged over non-pad tokens of the batch
     image_pred: torch.Tensor  # [B, N-1, p*p*3]; image_pred[:, k] predicts patch k+1
     text_logits: torch.Tensor  # [B, T, V]; text_logits[:, t] predicts text[:, t]
-    prefix_len: torch.Tensor  # [B] the prefix lengths used
+    prefix_len: torch.Tensor  # [B] the prefix lengths used (N: fully bidirectional)
+    # The baselines (models/baselines.py) return the same type: a loss part their objective does not have is a
+    # zero tensor (so metrics keep their keys) and a prediction it does not make is None.
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -56,6 +58,33 @@ def image_loss_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
     """bool [B, N-1]: True where image_pred[:, k] has a target, i.e. patch k+1 is not in the prefix."""
     k = torch.arange(num_patches - 1, device=prefix_len.device)
     return (k[None, :] + 1) >= prefix_len[:, None]
+
+
+def resolve_prefix_len(prefix_len: torch.Tensor | int | None, batch: int, num_patches: int, device) -> torch.Tensor:
+    """None -> one uniform draw per sample in {1, ..., N-1} from torch's RNG (the trainer passes its own draws);
+    an int -> the same length for every sample. Returns long [B] on ``device``."""
+    if prefix_len is None:
+        return torch.randint(1, num_patches, (batch,), device=device)
+    if isinstance(prefix_len, int):
+        return torch.full((batch,), prefix_len, dtype=torch.long, device=device)
+    return prefix_len.to(device)
+
+
+def image_regression_loss(
+    image_pred: torch.Tensor, images: torch.Tensor, prefix_len: torch.Tensor, patch_size: int
+) -> torch.Tensor:
+    """MSE of image_pred [B, N-1, P] (position k predicts patch k+1) against the normalized pixels, averaged over a
+    patch's values, then over the non-prefix target patches of the batch. Scalar float32."""
+    N = image_pred.shape[1] + 1
+    target = pixel_targets(images, patch_size)[:, 1:]  # [B, N-1, P]
+    per_patch = (image_pred.float() - target).pow(2).mean(dim=-1)  # [B, N-1]
+    valid = image_loss_mask(prefix_len, N)  # [B, N-1]
+    return (per_patch * valid).sum() / valid.sum().clamp(min=1)
+
+
+def caption_loss(text_logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token cross-entropy of text_logits [B, T, V] against text [B, T], averaged over non-pad tokens."""
+    return F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten(), ignore_index=pad_id, reduction="mean")
 
 
 class PrefixSampler:
@@ -106,25 +135,15 @@ class AIMv2Pretrainer(nn.Module):
     ) -> PretrainOutput:
         B, _, H, W = images.shape
         N = (H // self.patch_size) * (W // self.patch_size)
-        if prefix_len is None:  # one uniform draw per sample from torch's RNG (the trainer passes its own)
-            prefix_len = torch.randint(1, N, (B,), device=images.device)
-        elif isinstance(prefix_len, int):
-            prefix_len = torch.full((B,), prefix_len, dtype=torch.long, device=images.device)
-        prefix_len = prefix_len.to(images.device)
+        prefix_len = resolve_prefix_len(prefix_len, B, N, images.device)  # [B]
 
         feats = self.encoder(images, prefix_len=prefix_len)  # [B, N, D_enc]
         image_pred, text_logits = self.decoder(feats, text)  # [B, N-1, P], [B, T, V]
 
         # image: regress normalized patch k+1 from position k, only for non-prefix targets
-        target = pixel_targets(images, self.patch_size)[:, 1:]  # [B, N-1, P]
-        per_patch = (image_pred.float() - target).pow(2).mean(dim=-1)  # [B, N-1]
-        valid = image_loss_mask(prefix_len, N)  # [B, N-1]
-        image_loss = (per_patch * valid).sum() / valid.sum().clamp(min=1)
-
+        image_loss = image_regression_loss(image_pred, images, prefix_len, self.patch_size)
         # text: next-token cross-entropy over non-pad tokens
-        text_loss = F.cross_entropy(
-            text_logits.float().flatten(0, 1), text.flatten(), ignore_index=self.pad_id, reduction="mean"
-        )
+        text_loss = caption_loss(text_logits, text, self.pad_id)
         loss = text_loss + self.alpha * image_loss
         return PretrainOutput(loss, image_loss, text_loss, image_pred, text_logits, prefix_len)
 

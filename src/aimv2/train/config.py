@@ -17,7 +17,22 @@ import yaml
 
 
 @dataclass
+class ClipConfig:
+    """model.objective=clip: the contrastive baseline (models/baselines.py)."""
+
+    pool: str = "mean"  # mean | attention (AIMv2's attention-pool head) over the encoder's patch features
+    text_size: str = "auto"  # auto (the encoder's size if tiny|small, else base) | tiny | small | base
+    projection_dim: int | None = None  # None: the encoder width
+    init_temperature: float = 0.07  # learned; logit scale starts at ln(1 / init_temperature)
+
+
+@dataclass
 class ModelConfig:
+    # aimv2 | cap (captioning only) | aimv1 (image only) | clip (contrastive): the paper's baselines in this harness
+    objective: str = "aimv2"
+    encoder_attention: str = "auto"  # auto (bidirectional for clip, else prefix) | prefix | bidirectional (cap only)
+    separate_decoders: bool = False  # aimv2: one decoder for pixels and one for text instead of a shared one
+    clip: ClipConfig = field(default_factory=ClipConfig)
     encoder: str = "aimv2-tiny-patch8-64"  # aimv2-{size}-patch{p}-{res|native}
     encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 6}
     decoder: dict[str, Any] = field(default_factory=dict)  # embed_dim, depth, num_heads, mlp_hidden_dim
@@ -312,6 +327,33 @@ def validate(cfg: Config) -> None:
             f"optim.lr_mult values must be numbers >= 0, got {o.lr_mult!r}",
         ),
     ]
+    if isinstance(cfg, Config):
+        m = cfg.model
+        attention = {"aimv2": ("auto", "prefix"), "aimv1": ("auto", "prefix"), "clip": ("auto", "bidirectional")}
+        checks += [
+            (
+                m.objective in ("aimv2", "cap", "aimv1", "clip"),
+                f"model.objective must be aimv2, cap, aimv1 or clip, got {m.objective!r}",
+            ),
+            (
+                m.encoder_attention in attention.get(m.objective, ("auto", "prefix", "bidirectional")),
+                f"model.encoder_attention={m.encoder_attention!r} does not fit model.objective={m.objective!r} "
+                "(prefix: aimv2, aimv1, cap; bidirectional: cap, clip)",
+            ),
+            (
+                not m.separate_decoders or m.objective == "aimv2",
+                "model.separate_decoders applies to model.objective=aimv2 only",
+            ),
+            (m.clip.pool in ("mean", "attention"), f"model.clip.pool must be mean or attention, got {m.clip.pool!r}"),
+            (m.clip.init_temperature > 0, "model.clip.init_temperature must be > 0"),
+            # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
+            (m.objective != "clip" or t.grad_accum == 1, "model.objective=clip needs train.grad_accum=1"),
+            (m.objective != "clip" or not cfg.data.native.enabled, "model.objective=clip does not support data.native"),
+            (
+                m.objective == "aimv2" and not m.separate_decoders or not m.init_from or not m.init_decoder,
+                "model.init_from with a decoder needs objective=aimv2 (shared decoder): set model.init_decoder=false",
+            ),
+        ]
     if isinstance(cfg, LitConfig):
         checks += [
             (bool(cfg.lit.encoder), "lit.encoder is required: a pretraining run folder, a checkpoint or a model name"),

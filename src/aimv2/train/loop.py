@@ -60,6 +60,7 @@ class _StepConsts:
     patch_size: int
     pad_id: int
     alpha: float
+    contrastive: bool = False  # model.objective=clip: one loss over the whole (all-gathered) batch
 
 
 def train(cfg: Config) -> dict:
@@ -78,7 +79,7 @@ def train(cfg: Config) -> dict:
     if not info.is_main:
         source = build_source(cfg, out_dir, save=False, rank=info.rank, world_size=info.world_size)
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id)
+    model = build_model(cfg, source.tokenizer.vocab_size, source.tokenizer.pad_id, source.tokenizer.eos_id)
     origin = None  # where the weights came from (model.init_from); every checkpoint of the run keeps it
     if cfg.model.init_from and not ckpt.list_checkpoints(out_dir):  # resume wins: never re-apply init_from
         origin = init_from(model, cfg)
@@ -134,7 +135,7 @@ def train(cfg: Config) -> dict:
     peak = peak_flops(device, bf16=autocast is not contextlib.nullcontext)
     metrics = MetricsLogger(out_dir, cfg, start_step, enabled=info.is_main, total_steps=cfg.train.steps)
 
-    consts = _StepConsts(enc_cfg.patch_size, source.tokenizer.pad_id, model.alpha)
+    consts = _StepConsts(enc_cfg.patch_size, source.tokenizer.pad_id, model.alpha, cfg.model.objective == "clip")
     model.train()
     last: dict = {}
     t_last, samples_since, tokens_since, flops_since = time.perf_counter(), 0, 0, 0.0
@@ -250,6 +251,8 @@ def _train_step(step_model, batch: Batch, cfg: Config, device, autocast, info: D
     micro = B // accum
     if micro == 0:
         raise TrainingError(f"per-rank batch {B} is smaller than train.grad_accum={accum}; lower grad_accum")
+    if src.contrastive:
+        return _contrastive_step(step_model, images, text, autocast, info)
     p = src.patch_size
     num_patches = (H // p) * (W // p)
     # valid targets per micro-batch: [accum, 2] = (image patches k+1 >= M, non-pad tokens)
@@ -274,6 +277,20 @@ def _train_step(step_model, batch: Batch, cfg: Config, device, autocast, info: D
         parts = torch.stack([image_part, text_part]).detach().double() / (accum * info.world_size)
         total += torch.cat([(parts[1] + src.alpha * parts[0]).view(1), parts])
     return total.float()  # this rank's share; summed over ranks it is the global batch's [loss, image, text]
+
+
+def _contrastive_step(step_model, images, text, autocast, info: DistInfo) -> torch.Tensor:
+    """CLIP baseline: each rank scores its pairs against every rank's (all-gathered embeddings, as LiT); the mean of
+    the ranks' losses is the global batch's loss and DDP's gradient average makes it its gradient. Returns this
+    rank's share of [loss, image_loss = 0, text_loss = 0]."""
+    from .lit import lit_loss  # train/lit.py imports this module
+
+    with autocast():
+        out = step_model(images, text)
+    loss = lit_loss(out.image_embeds, out.text_embeds, out.logit_scale, info)
+    loss.backward()
+    zero = torch.zeros((), device=loss.device)
+    return torch.stack([loss.detach().float() / info.world_size, zero, zero])
 
 
 def _clip(model, max_norm: float) -> torch.Tensor:
@@ -360,6 +377,9 @@ def _check_same_config(cfg: Config, out_dir: Path) -> None:
         return
     old = yaml.safe_load(path.read_text())
     new = cfg.to_dict()
+    for section, defaults in type(cfg)().to_dict().items():  # keys added since that run was written: defaults
+        if isinstance(defaults, dict) and isinstance(old.get(section), dict):
+            old[section] = {**defaults, **old[section]}
     free = {
         ("train", "steps"),
         ("train", "progress"),

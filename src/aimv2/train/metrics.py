@@ -33,13 +33,27 @@ def _stack_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> float:
 
 def flops_per_sample(model, num_patches: int, text_len: int) -> float:
     """Training FLOPs of one image-text pair: 3x the forward (forward + backward), matmuls and attention."""
-    e, d = model.encoder.cfg, model.decoder.cfg
+    e = model.encoder.cfg
     fwd = _stack_flops(num_patches, e.embed_dim, e.mlp_hidden_dim, e.depth)
     fwd += 2 * num_patches * e.patch_dim * e.embed_dim  # patch embed
-    seq = num_patches + text_len
-    fwd += 2 * num_patches * e.embed_dim * d.embed_dim  # image projection
-    fwd += _stack_flops(seq, d.embed_dim, d.mlp_hidden_dim, d.depth)
-    fwd += 2 * num_patches * d.embed_dim * e.patch_dim + 2 * text_len * d.embed_dim * d.vocab_size  # heads
+    if hasattr(model, "decoder"):  # AIMv2: one decoder over image + text
+        d = model.decoder.cfg
+        seq = num_patches + text_len
+        fwd += 2 * num_patches * e.embed_dim * d.embed_dim  # image projection
+        fwd += _stack_flops(seq, d.embed_dim, d.mlp_hidden_dim, d.depth)
+        fwd += 2 * num_patches * d.embed_dim * e.patch_dim + 2 * text_len * d.embed_dim * d.vocab_size  # heads
+    for name, seq in (("pixel_decoder", num_patches), ("text_decoder", num_patches + text_len)):  # baselines
+        dec = getattr(model, name, None)
+        if dec is not None:
+            d = dec.cfg
+            fwd += 2 * num_patches * e.embed_dim * d.embed_dim  # image projection
+            fwd += _stack_flops(seq, d.embed_dim, d.mlp_hidden_dim, d.depth)
+            fwd += 2 * num_patches * d.embed_dim * e.patch_dim if name == "pixel_decoder" else 0
+            fwd += 2 * text_len * d.embed_dim * d.vocab_size if name == "text_decoder" else 0
+    text = getattr(model, "text", None)  # CLIP baseline: the text tower (head and projections neglected)
+    if text is not None:
+        t = text.cfg
+        fwd += _stack_flops(text_len, t.embed_dim, t.mlp_hidden_dim, t.depth)
     return 3 * fwd
 
 

@@ -1,0 +1,197 @@
+"""`aimv2 ablate`: a grid of pretraining runs x seeds, each probed, summarized as mean +- std over seeds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import statistics
+from pathlib import Path
+
+from .demo import _aimv2, _probe
+
+HELP = "grid of pretraining runs x seeds (objectives, alpha, decoder size ...), probed and tabulated"
+DESCRIPTION = """Ablations in one command, in the same harness (encoder, data, optimizer) for every point:
+
+  1. every grid point x seed is `aimv2 pretrain CONFIG OVERRIDES seed=K out_dir=OUT/POINT/seedK`
+     (an interrupted run resumes; a finished point x seed with a result is skipped)
+  2. `aimv2 probe --method attentive` of each run's encoder on built-in probe splits (synthetic scenes:
+     count, colour, shape), the same splits for every run
+  3. OUT/ablation.md and OUT/ablation.json (top-1 mean +- std over seeds, final losses), OUT/ablation.png
+
+--grid KEY=V1,V2 adds an axis (the points are the product of the axes; a KEY without a dot is under model.,
+values are YAML). --preset table9 is the paper's Table 9 shape: aimv1, cap (bidirectional), cap (prefix),
+aimv2 with alpha 0.2/0.4/0.6, clip; --grid axes multiply it.
+
+examples:
+  aimv2 ablate configs/tiny-synthetic.yaml --preset table9 --seeds 0,1 --steps 300
+  aimv2 ablate configs/tiny-synthetic.yaml --grid alpha=0.2,0.4,0.6 --grid decoder.depth=1,2 --seeds 0,1,2
+  aimv2 ablate configs/tiny-synthetic.yaml train.batch_size=32 --grid objective=aimv2,cap   (overrides before options)
+"""
+
+PRESETS: dict[str, list[tuple[str, list[str]]]] = {
+    # the paper's Table 9 (objectives) plus its alpha sweep, all on the config's encoder
+    "table9": [
+        ("aimv1", ["model.objective=aimv1"]),
+        ("cap-bidirectional", ["model.objective=cap", "model.encoder_attention=bidirectional"]),
+        ("cap-prefix", ["model.objective=cap", "model.encoder_attention=prefix"]),
+        ("aimv2-alpha0.2", ["model.alpha=0.2"]),
+        ("aimv2-alpha0.4", ["model.alpha=0.4"]),
+        ("aimv2-alpha0.6", ["model.alpha=0.6"]),
+        ("clip", ["model.objective=clip"]),
+    ],
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", metavar="CONFIG", help="the pretraining config every point starts from")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="an axis of the grid (repeat)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named grid points (table9: the paper's Table 9)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds per point (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="override train.steps of every run")
+    p.add_argument("--out-dir", default="runs/ablate", help="where the runs and tables go (default: %(default)s)")
+    p.add_argument("--probe-tasks", default="count,colour,shape", help="comma-separated (default: %(default)s)")
+    p.add_argument("--probe-train", type=int, default=1000, help="probe training images (default: %(default)s)")
+    p.add_argument("--probe-val", type=int, default=500, help="probe validation images (default: %(default)s)")
+    p.add_argument("--probe-epochs", type=int, help="attentive probe epochs (default: the probe's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every point")
+
+
+TOP_LEVEL = ("model", "data", "optim", "train", "log", "seed", "out_dir")
+
+
+def _key(key: str) -> str:
+    """A key that does not start with a section of the config is under ``model.`` (alpha, decoder.depth ...)."""
+    return key if key.split(".")[0] in TOP_LEVEL else f"model.{key}"
+
+
+def grid_points(grids: list[str], preset: str | None = None) -> list[tuple[str, list[str]]]:
+    """[(point name, config overrides)]: the preset's points (or one empty point) x the product of the axes."""
+    axes = []
+    for g in grids:
+        if "=" not in g:
+            raise ValueError(f"--grid {g!r} is not KEY=V1,V2")
+        key, values = g.split("=", 1)
+        short = key.split(".")[-1]
+        axes.append([(f"{short}={v}", f"{_key(key)}={v}") for v in values.split(",") if v != ""])
+    points = []
+    bases = PRESETS[preset] if preset else [("", [])]
+    for (base_name, base), combo in itertools.product(bases, itertools.product(*axes)):
+        name = ",".join([base_name] * bool(base_name) + [n for n, _ in combo]) or "base"
+        name = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", name)
+        points.append((name, [*base, *(o for _, o in combo)]))
+    names = [n for n, _ in points]
+    if len(set(names)) != len(names):
+        raise ValueError(f"grid points with the same name: {names}")
+    return points
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: dict[str, list[dict]], tasks: list[str]) -> dict[str, dict]:
+    """{point: {task: {mean, std, values}, loss: {...}, seeds: [...]}} from per-seed results."""
+    table = {}
+    for name, runs in results.items():
+        row = {"seeds": [r["seed"] for r in runs]}
+        for key in [*tasks, "loss"]:
+            values = [r["top1"][key] if key in tasks else r["loss"] for r in runs]
+            mean, std = _mean_std(values)
+            row[key] = {"mean": mean, "std": std, "values": values}
+        table[name] = row
+    return table
+
+
+def to_markdown(table: dict[str, dict], tasks: list[str]) -> str:
+    head = ["point", *[f"{t} top-1 (%)" for t in tasks], "final loss", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, row in table.items():
+        cells = [name, *[f"{row[t]['mean']:.1f} ± {row[t]['std']:.1f}" for t in tasks]]
+        cells += [f"{row['loss']['mean']:.4f} ± {row['loss']['std']:.4f}", str(len(row["seeds"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, dict], tasks: list[str], png: Path) -> None:
+    """Grouped bars: per task, one bar per point (mean top-1), error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(tasks) * max(1, len(names)) / 2, 3.4))
+    for i, name in enumerate(names):
+        xs = [t + (i - (len(names) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, [table[name][t]["mean"] for t in tasks], width, yerr=[table[name][t]["std"] for t in tasks])
+        ax.containers[-1].set_label(name)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("attentive probe top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    from ..data.synthetic import write_probe_splits
+    from ..models.registry import model_config
+    from ..train.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("aimv2.ablate")
+    try:
+        points = grid_points(args.grid, args.preset)
+        seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    except ValueError as e:
+        log.error("error: %s", e)
+        return 2
+    tasks = [t for t in args.probe_tasks.split(",") if t]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    results: dict[str, list[dict]] = {}
+    for (name, overrides), seed in itertools.product(points, seeds):
+        run_dir = out / name / f"seed{seed}"
+        these = [*common, *overrides, f"seed={seed}", f"out_dir={run_dir}"]
+        try:
+            cfg = load_config(args.config, these)  # checked here, before any run starts
+        except ConfigError as e:
+            log.error("error: point %s: %s", name, e)
+            return 2
+        done = run_dir / "ablate.json"
+        if done.exists() and json.loads(done.read_text()).get("overrides") == these:
+            log.info("%s seed %d: done already", name, seed)
+            results.setdefault(name, []).append(json.loads(done.read_text()))
+            continue
+        log.info("%s seed %d: aimv2 pretrain %s", name, seed, " ".join(these))
+        _aimv2("pretrain", args.config, *these, "train.progress=false")  # resumes an interrupted run
+        size = max(model_config(cfg.model.encoder, **cfg.model.encoder_overrides).image_hw)
+        top1 = {}
+        for task in tasks:
+            split = out / f"probe-{task}-{size}px"
+            if not (split / "val").is_dir():  # the same splits for every run (seed 1000, as the demo)
+                write_probe_splits(
+                    split, task=task, n_train=args.probe_train, n_val=args.probe_val, size=size, seed=1000
+                )
+            extra = ["--workers=1"] + ([f"--epochs={args.probe_epochs}"] if args.probe_epochs else [])
+            top1[task] = _probe(str(run_dir), split, extra)["top1"]
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        result = {"point": name, "seed": seed, "overrides": these, "top1": top1, "loss": rows[-1]["loss"]}
+        done.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("%s seed %d: %s", name, seed, top1)
+        results.setdefault(name, []).append(result)
+
+    table = summarize(results, tasks)
+    md = to_markdown(table, tasks)
+    (out / "ablation.md").write_text(md)
+    (out / "ablation.json").write_text(json.dumps({"tasks": tasks, "points": table}, indent=2) + "\n")
+    plot(table, tasks, out / "ablation.png")
+    print(md)
+    print(f"table: {out / 'ablation.md'}, {out / 'ablation.json'}; plot: {out / 'ablation.png'}")
+    return 0
