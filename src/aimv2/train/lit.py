@@ -28,7 +28,7 @@ from ..models.lit import LiT, LiTConfig, contrastive_loss, text_config
 from . import checkpointing as ckpt
 from .config import LitConfig
 from .data import ShardStepBatches, StepBatches, make_loader
-from .loop import TrainingError, _autocast, _check_same_config, _clip, _device, _saved_positions
+from .loop import NonFiniteGuard, _autocast, _check_same_config, _clip, _device, _saved_positions
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, init_distributed, parallelize
@@ -145,6 +145,7 @@ def train_lit(cfg: LitConfig) -> dict:
         show={"loss": "loss", "acc": "acc", "logit_scale": "scale"},
     )
 
+    guard = NonFiniteGuard(bad_in_row, skipped, cfg.train.max_bad_steps, out_dir / ckpt.CKPT_DIR, info.is_main, metrics)
     model.train()
     model.encoder.eval()  # frozen: inference behaviour, whatever the towers do
     last: dict = {}
@@ -167,22 +168,8 @@ def train_lit(cfg: LitConfig) -> dict:
         if info.distributed:
             dist.all_reduce(stats)
         grad_norm = _clip(model, cfg.optim.grad_clip)
-        if torch.isfinite(stats).all() and torch.isfinite(grad_norm):
-            optimizer.step()
-            bad_in_row = 0
-        else:
-            skipped += 1
-            bad_in_row += 1
-            if info.is_main:
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
-        optimizer.zero_grad(set_to_none=True)
-        if bad_in_row >= cfg.train.max_bad_steps:
-            metrics.close()
-            raise TrainingError(
-                f"{bad_in_row} consecutive steps had a non-finite loss or gradient (last at step {step}); stopping. "
-                f"The last good checkpoint in {out_dir / ckpt.CKPT_DIR} is intact: lower optim.lr or use "
-                "train.precision=fp32, then re-run the same command to resume."
-            )
+        finite = bool(torch.isfinite(stats).all() and torch.isfinite(grad_norm))
+        guard.step(optimizer, finite, step, "lower optim.lr or use train.precision=fp32")
         samples_since += cfg.train.batch_size
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
@@ -195,13 +182,13 @@ def train_lit(cfg: LitConfig) -> dict:
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "samples_per_s": samples_since / dt,
-                "skipped_steps": skipped,
+                "skipped_steps": guard.skipped,
             }
             metrics.log(last)
             t_last, samples_since = time.perf_counter(), 0
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info, positions, meta)
+            _checkpoint(model, optimizer, out_dir, done, guard.bad_in_row, guard.skipped, cfg, info, positions, meta)
     metrics.close()
     if info.distributed:
         dist.barrier()

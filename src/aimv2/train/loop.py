@@ -35,6 +35,33 @@ class TrainingError(RuntimeError):
     pass
 
 
+class NonFiniteGuard:
+    """Takes the optimizer step only when the loss and the gradient norm are finite; skipped steps are counted,
+    and after ``max_bad`` in a row the run stops with the last checkpoint intact (a bad step never touches it)."""
+
+    def __init__(self, bad_in_row: int, skipped: int, max_bad: int, ckpt_dir: Path, is_main: bool, metrics):
+        self.bad_in_row, self.skipped, self.max_bad = bad_in_row, skipped, max_bad
+        self.ckpt_dir, self.is_main, self.metrics = ckpt_dir, is_main, metrics
+
+    def step(self, optimizer, finite: bool, step: int, hint: str) -> None:
+        if finite:
+            optimizer.step()
+            self.bad_in_row = 0
+        else:
+            self.skipped += 1
+            self.bad_in_row += 1
+            if self.is_main:
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, self.bad_in_row)
+        optimizer.zero_grad(set_to_none=True)
+        if self.bad_in_row >= self.max_bad:
+            self.metrics.close()
+            raise TrainingError(
+                f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"stopping. The last good checkpoint in {self.ckpt_dir} is intact: {hint}, then re-run the same "
+                "command to resume."
+            )
+
+
 def _device(cfg: Config, info: DistInfo) -> torch.device:
     want = cfg.train.device
     if want == "auto":
@@ -134,6 +161,7 @@ def train(cfg: Config) -> dict:
     autocast = _autocast(cfg, device)
     peak = peak_flops(device, bf16=autocast is not contextlib.nullcontext)
     metrics = MetricsLogger(out_dir, cfg, start_step, enabled=info.is_main, total_steps=cfg.train.steps)
+    guard = NonFiniteGuard(bad_in_row, skipped, cfg.train.max_bad_steps, out_dir / ckpt.CKPT_DIR, info.is_main, metrics)
 
     consts = _StepConsts(enc_cfg.patch_size, source.tokenizer.pad_id, model.alpha, cfg.model.objective == "clip")
     model.train()
@@ -156,23 +184,8 @@ def train(cfg: Config) -> dict:
         elif step == cfg.train.freeze_encoder_steps > 0 and info.is_main:
             log.info("encoder unfrozen after %d steps of decoder warm-up", step)
         grad_norm = _clip(model, cfg.optim.grad_clip)
-        finite = torch.isfinite(losses).all() and torch.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            bad_in_row = 0
-        else:
-            skipped += 1
-            bad_in_row += 1
-            if info.is_main:
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
-        optimizer.zero_grad(set_to_none=True)
-        if bad_in_row >= cfg.train.max_bad_steps:
-            metrics.close()
-            raise TrainingError(
-                f"{bad_in_row} consecutive steps had a non-finite loss or gradient (last at step {step}); stopping. "
-                f"The last good checkpoint in {out_dir / ckpt.CKPT_DIR} is intact: lower optim.lr, raise "
-                f"optim.warmup_steps or use train.precision=fp32, then re-run the same command to resume."
-            )
+        finite = bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm))
+        guard.step(optimizer, finite, step, "lower optim.lr, raise optim.warmup_steps or use train.precision=fp32")
         global_batch = len(batch.text) * info.world_size  # varies per step with data.native
         n_patches = (batch.images.shape[-2] // consts.patch_size) * (batch.images.shape[-1] // consts.patch_size)
         samples_since += global_batch
@@ -193,7 +206,7 @@ def train(cfg: Config) -> dict:
                 "samples_per_s": sps,
                 "tokens_per_s": tokens_since / dt,
                 "mfu": (flops_since / dt / info.world_size / peak) if peak else None,
-                "skipped_steps": skipped,
+                "skipped_steps": guard.skipped,
                 **({"encoder_frozen": frozen} if cfg.train.freeze_encoder_steps else {}),
                 **_mix_fractions(mix, source, info, device),
             }
@@ -206,7 +219,7 @@ def train(cfg: Config) -> dict:
                 mix.zero_()
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(model, optimizer, out_dir, done, bad_in_row, skipped, cfg, info, positions, origin)
+            _checkpoint(model, optimizer, out_dir, done, guard.bad_in_row, guard.skipped, cfg, info, positions, origin)
     metrics.close()
     if info.distributed:
         dist.barrier()
