@@ -241,7 +241,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a ``.safetensors`` file, a transformers ``save_pretrained`` folder (single or sharded) or a
     training run folder (``encoder.safetensors``); detect its layout and convert it to ours."""
     path = Path(path)
-    files, hf_config = _checkpoint_files(path)
+    files, hf_config = checkpoint_files(path)
     raw: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for f in files:
@@ -267,17 +267,22 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(sd, layout, str(path), config, name)
 
 
-def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None]:
-    """The safetensors files that hold the checkpoint at ``path``, and its config.json if any."""
+def checkpoint_files(
+    path: Path, run_file: str = "encoder.safetensors", what: str = "run folder"
+) -> tuple[list[Path], dict | None]:
+    """The safetensors files that hold the checkpoint at ``path``, and its config.json if any.
+
+    ``path`` is a file, a folder of ours holding ``run_file``, or a transformers folder (``model.safetensors`` or a
+    sharded index). Pickles are refused by name, never opened."""
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_file():
         _refuse_pickle(path)
         if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: expected a .safetensors file, a transformers folder or a run folder")
+            raise CheckpointError(f"{path}: expected a .safetensors file, a transformers folder or a {what}")
         return [path], None
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
-    for name in ("encoder.safetensors", "model.safetensors"):
+    for name in (run_file, "model.safetensors"):
         if (path / name).is_file():
             return [path / name], config
     index = path / "model.safetensors.index.json"
@@ -288,8 +293,7 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None]:
     if pickled:
         _refuse_pickle(pickled[0])
     raise CheckpointError(
-        f"{path}: no encoder.safetensors (run folder), model.safetensors or model.safetensors.index.json "
-        "(transformers folder) in it"
+        f"{path}: no {run_file} ({what}), model.safetensors or model.safetensors.index.json (transformers folder) in it"
     )
 
 

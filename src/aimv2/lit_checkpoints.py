@@ -32,13 +32,12 @@ from safetensors.torch import load_file, save_file
 from .checkpoints import (
     APPLE_KEYS,
     HF_KEYS,
-    PICKLE_SUFFIXES,
     Checkpoint,
     CheckpointError,
     Rename,
     _config_from_hf,
-    _refuse_pickle,
     check_state_dict,
+    checkpoint_files,
     from_aimv2,
     hf_config,
     resolve_config,
@@ -125,27 +124,6 @@ class LiTCheckpoint:
     metadata: dict[str, str]
 
 
-def _files(path: Path) -> tuple[list[Path], dict | None]:
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.is_file():
-        _refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: expected a .safetensors file, a LiT run folder or a transformers folder")
-        return [path], None
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
-    for name in (LIT_FILE, "model.safetensors"):
-        if (path / name).is_file():
-            return [path / name], config
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))], config
-    pickled = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES]
-    if pickled:
-        _refuse_pickle(pickled[0])
-    raise CheckpointError(f"{path}: no {LIT_FILE} (LiT run folder) or model.safetensors (transformers folder) in it")
-
-
 def _text_from_shapes(sd: dict[str, torch.Tensor], source: str) -> TextConfig:
     V, D = sd["text.token_embed.weight"].shape
     T = sd["text.pos_embed"].shape[0]
@@ -181,7 +159,7 @@ def read_lit(path: str | os.PathLike, config: LiTConfig | None = None) -> LiTChe
     """A LiT checkpoint in any layout (file, LiT run folder, transformers folder), renamed to ours, with its config:
     ``config`` when given, else our metadata, a config.json, or the shapes of Apple's official LiT."""
     path = Path(path)
-    files, hf = _files(path)
+    files, hf = checkpoint_files(path, LIT_FILE, "LiT run folder")
     raw: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for f in files:
