@@ -28,7 +28,7 @@ from ..models.lit import LiT, LiTConfig, contrastive_loss, text_config
 from . import checkpointing as ckpt
 from .config import LitConfig
 from .data import ShardStepBatches, StepBatches, make_loader
-from .loop import NonFiniteGuard, _autocast, _check_same_config, _clip, _device, _saved_positions
+from .loop import NonFiniteGuard, _autocast, _check_same_config, _clip, _device, _saved_positions, save_run_state
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, init_distributed, parallelize
@@ -188,30 +188,26 @@ def train_lit(cfg: LitConfig) -> dict:
             t_last, samples_since = time.perf_counter(), 0
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(model, optimizer, out_dir, done, guard.bad_in_row, guard.skipped, cfg, info, positions, meta)
+            save_run_state(
+                model,
+                optimizer,
+                out_dir,
+                done,
+                guard,
+                cfg.train.keep_last,
+                info,
+                positions,
+                export=lambda sd: _export(model, sd, out_dir / LIT_FILE, meta),
+            )
     metrics.close()
     if info.distributed:
         dist.barrier()
     return last
 
 
-def _checkpoint(model: LiT, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg, info, positions, meta) -> None:
-    model_sd, optim_sd = ckpt.gather_state(model, optimizer)
-    per_rank = [(ckpt.rng_state(), positions)]
-    if info.distributed:
-        per_rank = [None] * info.world_size
-        dist.all_gather_object(per_rank, (ckpt.rng_state(), positions))
-    if info.is_main:
-        extra = {
-            "bad_in_row": bad_in_row,
-            "skipped_steps": skipped,
-            "rng": [r for r, _ in per_rank],
-            "data_position": [p for _, p in per_rank],
-        }
-        ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, extra, cfg.train.keep_last)
-        with torch.device("meta"):
-            export = LiT(dataclasses.replace(model.cfg))
-        export.load_state_dict(model_sd, strict=True, assign=True)
-        save_lit(export, out_dir / LIT_FILE, metadata=meta)  # atomic
-    if info.distributed:
-        dist.barrier()
+def _export(model: LiT, model_sd: dict, path: Path, meta: dict) -> None:
+    """lit.safetensors from the gathered state dict (a meta-device model: no second copy of the weights)."""
+    with torch.device("meta"):
+        export = LiT(dataclasses.replace(model.cfg))
+    export.load_state_dict(model_sd, strict=True, assign=True)
+    save_lit(export, path, metadata=meta)  # atomic

@@ -219,7 +219,19 @@ def train(cfg: Config) -> dict:
                 mix.zero_()
         metrics.advance(done, last)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(model, optimizer, out_dir, done, guard.bad_in_row, guard.skipped, cfg, info, positions, origin)
+            save_run_state(
+                model,
+                optimizer,
+                out_dir,
+                done,
+                guard,
+                cfg.train.keep_last,
+                info,
+                positions,
+                # model.init_from's record (path, kind, layout, step, decoder, pos_embed) or None
+                extra={"init_from": origin},
+                export=lambda sd: _write_encoder(sd, model.encoder.cfg, model.encoder.name, out_dir),
+            )
     metrics.close()
     if info.distributed:
         dist.barrier()
@@ -317,24 +329,36 @@ def _clip(model, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def _checkpoint(
-    model, optimizer, out_dir: Path, step, bad_in_row, skipped, cfg: Config, info, positions: dict, origin=None
-):
+def save_run_state(
+    model,
+    optimizer,
+    out_dir: Path,
+    step: int,
+    guard: NonFiniteGuard,
+    keep_last: int,
+    info,
+    positions: dict,
+    extra: dict | None = None,
+    export=None,
+) -> None:
+    """A resumable checkpoint (all ranks take part): weights, optimizer, skip counters, every rank's RNG and data
+    position, plus ``extra`` fields; then rank 0 calls ``export(model_sd)`` to write the run's weights file."""
     model_sd, optim_sd = ckpt.gather_state(model, optimizer)
     per_rank = [(ckpt.rng_state(), positions)]
     if info.distributed:
         per_rank = [None] * info.world_size
         dist.all_gather_object(per_rank, (ckpt.rng_state(), positions))
     if info.is_main:
-        extra = {
-            "bad_in_row": bad_in_row,
-            "skipped_steps": skipped,
+        state = {
+            "bad_in_row": guard.bad_in_row,
+            "skipped_steps": guard.skipped,
             "rng": [r for r, _ in per_rank],
             "data_position": [p for _, p in per_rank],  # per rank: {worker: raw samples passed} (shards)
-            "init_from": origin,  # model.init_from's record (path, kind, layout, step, decoder, pos_embed) or None
+            **(extra or {}),
         }
-        ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, extra, cfg.train.keep_last)
-        _write_encoder(model_sd, model.encoder.cfg, model.encoder.name, out_dir)
+        ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, state, keep_last)
+        if export is not None:
+            export(model_sd)
     if info.distributed:
         dist.barrier()
 
