@@ -242,15 +242,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     training run folder (``encoder.safetensors``); detect its layout and convert it to ours."""
     path = Path(path)
     files, hf_config = checkpoint_files(path)
-    raw: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as sf:
-                metadata = metadata or dict(sf.metadata() or {})
-            raw.update(load_file(f))
-        except Exception as e:  # safetensors raises its own error type for a corrupt header
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+    raw, metadata = read_safetensors(files)
     layout = detect_layout(raw)
     sd = to_aimv2(_encoder_part(raw, layout, str(path)), layout)
     learned = "pos_embed" in sd
@@ -295,6 +287,20 @@ def checkpoint_files(
     raise CheckpointError(
         f"{path}: no {run_file} ({what}), model.safetensors or model.safetensors.index.json (transformers folder) in it"
     )
+
+
+def read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of ``files`` (the shards of one checkpoint) and the first file's metadata."""
+    raw: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as sf:
+                metadata = metadata or dict(sf.metadata() or {})
+            raw.update(load_file(f))
+        except Exception as e:  # safetensors raises its own error type for a corrupt header
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+    return raw, metadata
 
 
 def _refuse_pickle(path: Path) -> None:

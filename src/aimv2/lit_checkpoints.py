@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .checkpoints import (
     APPLE_KEYS,
@@ -40,6 +39,7 @@ from .checkpoints import (
     checkpoint_files,
     from_aimv2,
     hf_config,
+    read_safetensors,
     resolve_config,
     to_aimv2,
 )
@@ -160,15 +160,7 @@ def read_lit(path: str | os.PathLike, config: LiTConfig | None = None) -> LiTChe
     ``config`` when given, else our metadata, a config.json, or the shapes of Apple's official LiT."""
     path = Path(path)
     files, hf = checkpoint_files(path, LIT_FILE, "LiT run folder")
-    raw: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as sf:
-                metadata = metadata or dict(sf.metadata() or {})
-            raw.update(load_file(f))
-        except Exception as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+    raw, metadata = read_safetensors(files)
     layout = detect_lit_layout(raw)
     sd = lit_to_aimv2(raw, layout)
     if config is not None:
