@@ -256,17 +256,17 @@ def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch):
     class Killed(Exception):
         pass
 
-    original = loop._checkpoint
+    original = loop.save_run_state
 
     def die_after_first(model, optimizer, out_dir, step, *a, **k):
         original(model, optimizer, out_dir, step, *a, **k)
         if step == 3:
             raise Killed
 
-    monkeypatch.setattr(loop, "_checkpoint", die_after_first)
+    monkeypatch.setattr(loop, "save_run_state", die_after_first)
     with pytest.raises(Killed):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(loop, "_checkpoint", original)
+    monkeypatch.setattr(loop, "save_run_state", original)
     run(tmp_path / "resumed")  # resumes from step 3
 
     rows = [
