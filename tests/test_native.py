@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import aimv2
+from aimv2.data.transforms import native_max_side
 from aimv2.models.pretrain import patchify
 from aimv2.train.config import ConfigError, load_config
 from aimv2.train.native import NativeSchedule, fit_grid
@@ -40,6 +41,7 @@ def test_area_distribution_budget_and_grids_at_paper_scale():
         assert s.batch_size % 8 == 0 and s.batch_size * N <= 262144  # the token budget ...
         assert s.batch_size * N > 262144 - 8 * N  # ... filled to within one batch quantum
         assert 0.5 * (1 - 1 / min(s.grid)) <= s.grid[0] / s.grid[1] <= 2 / (1 - 1 / min(s.grid))  # aspect in [1/2, 2]
+        assert max(s.grid) * 14 <= native_max_side(4096, 2.0, 14)  # what NativeDecode may reduce JPEGs to
     # starts are the running sum of batch sizes, also across the draw blocks
     assert all(b.start == a.start + a.batch_size for a, b in zip(shapes, shapes[1:], strict=False))
     # a fresh schedule (a resumed run) gives the same shape at any step; another seed gives others
@@ -215,6 +217,80 @@ def test_grad_accum_on_a_native_batch_gives_the_global_mean_gradient():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def _native_tar(path: Path, sizes: list[tuple[int, int]]) -> None:
+    """A webdataset shard of JPEGs of the given (H, W) sizes: a colour gradient, so any crop or scaling shows."""
+    import io
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for i, (h, w) in enumerate(sizes):
+            yy, xx = np.mgrid[0:h, 0:w]
+            rgb = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, (37 * i) % 256)], -1).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": f"image {i}"})
+
+
+def _shard_stream(url, rank, world, *, start_step=0, skip=None):
+    from aimv2.data.shards import ShardSamples
+    from aimv2.data.transforms import NativeDecode, native_max_side
+    from aimv2.train.data import ShardStepBatches
+
+    sched = NativeSchedule(seed=3, min_patches=4, max_patches=16, tokens_per_batch=128, batch_multiple=4)
+    reader = ShardSamples(url, rank=rank, world_size=world, with_position=True, skip=skip,
+                          transform=NativeDecode(native_max_side(16, 2.0, P)))  # fmt: skip
+    return sched, ShardStepBatches(
+        [("shards", reader, 1.0)],
+        global_batch=8,
+        rank=rank,
+        world_size=world,
+        start_step=start_step,
+        steps=5,
+        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
+        seed=0,
+        patch_size=P,
+        native=sched,
+    )
+
+
+def test_native_batches_from_shards_follow_the_schedule_keep_aspect_and_resume(tmp_path):
+    """Shards at native resolution: each step has the schedule's grid and batch on every rank, each image is its
+    decoded file brought to the step's grid by native_fit (aspect kept, overhang cropped), and a stream resumed
+    from a batch's saved position continues exactly."""
+    from aimv2.data.transforms import native_fit
+
+    sizes = [(40, 80), (80, 40), (64, 64), (48, 96), (56, 40)] * 40  # 200 images, several aspect ratios
+    _native_tar(tmp_path / "a.tar", sizes)
+    sched, stream = _shard_stream(tmp_path / "a.tar", 0, 1)
+    batches = list(stream)
+    assert len({tuple(b.images.shape[-2:]) for b in batches}) > 1  # the grid changes across steps
+    files = [Image.open(io_bytes).convert("RGB") for io_bytes in _jpegs(tmp_path / "a.tar")]
+    for b in batches:
+        shape = sched(b.step)
+        hw = (shape.grid[0] * P, shape.grid[1] * P)
+        assert b.images.shape == (shape.batch_size, 3, *hw) and len(b.text) == shape.batch_size
+        for img, pos in zip(b.images, b.indices.tolist(), strict=True):  # positions count from 1 in file order
+            assert torch.equal(img, native_fit(files[pos - 1], hw))  # small files: decoded at full scale
+    _native_tar(tmp_path / "b.tar", sizes)  # two shards: one per rank
+    halves = [list(_shard_stream([tmp_path / "a.tar", tmp_path / "b.tar"], r, 2)[1]) for r in range(2)]
+    for b0, b1, b in zip(*halves, batches, strict=True):
+        assert b0.images.shape == b1.images.shape and 2 * len(b0.images) == len(b.images)  # lockstep
+    resumed = list(_shard_stream(tmp_path / "a.tar", 0, 1, start_step=3, skip={0: batches[2].position["shards"]})[1])
+    assert [b.step for b in resumed] == [3, 4]
+    for a, b in zip(resumed, batches[3:], strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
+
+
+def _jpegs(tar: Path) -> list:
+    import io
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        members = sorted((m for m in t.getmembers() if m.name.endswith(".jpg")), key=lambda m: m.name)
+        return [io.BytesIO(t.extractfile(m).read()) for m in members]
+
+
 NATIVE_RUN = [
     "model.encoder_overrides={depth: 2}",
     "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
@@ -245,11 +321,19 @@ def test_config_errors_name_the_problem():
         build_source(cfg, None)
 
 
-def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["synthetic", "shards"])
+def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, source):
     from aimv2.train import loop
 
+    data = []
+    if source == "shards":  # the same run reading webdataset shards: the resumed streams continue exactly
+        from aimv2.data.shard_writer import write_synthetic_shards
+
+        write_synthetic_shards(tmp_path / "shards", 240, shard_size=60, size=48)
+        data = ["data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.shuffle_buffer=16"]
+
     def run(out):
-        return loop.train(load_config(ROOT / "configs/native-tiny.yaml", [*NATIVE_RUN, f"out_dir={out}"]))
+        return loop.train(load_config(ROOT / "configs/native-tiny.yaml", [*NATIVE_RUN, *data, f"out_dir={out}"]))
 
     run(tmp_path / "ref")
 
@@ -368,3 +452,25 @@ def test_two_process_native_training_matches_single_process(tmp_path):
     a, b = load_file(single / "encoder.safetensors"), load_file(multi / "encoder.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_native_decode_reduces_big_jpegs_only_as_far_as_the_largest_step_allows():
+    import io
+
+    from aimv2.data.transforms import NativeDecode, native_fit, native_max_side
+
+    yy, xx = np.mgrid[0:512, 0:1024]
+    rgb = np.stack([xx * 255 // 1024, yy * 255 // 512, (xx + yy) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    side = native_max_side(64, 2.0, P)  # 12 patches of 8 px: no step of max_patches=64, aspect <= 2 is taller or wider
+    assert side == 96
+    decoded = NativeDecode(side)(Image.open(io.BytesIO(buf.getvalue())))
+    assert decoded.size == (256, 128)  # 1/4 scale: 128 >= 96, and 1/8 (64) would be too small
+    full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    for hw in [(96, 48), (48, 96), (64, 64)]:
+        a, b = native_fit(decoded, hw).float(), native_fit(full, hw).float()
+        assert (a - b).abs().mean() < 3  # the reduced decode only skips work
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    assert NativeDecode(side)(Image.open(png)).size == (1024, 512)  # no reduced decode outside JPEG

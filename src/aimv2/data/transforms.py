@@ -268,6 +268,40 @@ def native_resize(
     return out, info  # uint8 [3, H, W]
 
 
+class NativeDecode:
+    """Decode for native-resolution training from shards: lazily opened PIL image -> RGB PIL image, a JPEG decoded
+    at 1/2, 1/4 or 1/8 scale when both sides still cover ``min_side`` pixels.
+
+    Why not a tensor: the reader decodes before the step's grid is drawn, so the image stays a PIL image until the
+    batch knows its (H, W) and :func:`native_fit` brings it there. ``min_side`` is the longest side any step can
+    ask for (:func:`native_max_side`), so the reduced decode never makes :func:`native_fit` upsample an image that
+    was large enough; it only skips work a 4096-pixel photo would otherwise cost at a 16x16-patch step.
+    """
+
+    accepts_undecoded = True
+
+    def __init__(self, min_side: int):
+        self.min_side = int(min_side)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.format == "JPEG":
+            W, H = img.size
+            s = next((s for s in (8, 4, 2) if min(W, H) / s >= self.min_side), 1)
+            if s > 1:
+                img.draft("RGB", (W // s, H // s))  # as in TrainTransform: PIL picks exactly 1/s
+        img.load()  # decode now, inside the reader's fault accounting (the reader closes the file after this)
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return f"NativeDecode(min_side={self.min_side})"
+
+
+def native_max_side(max_patches: int, max_aspect: float, patch_size: int) -> int:
+    """The longest side in pixels of any native step's grid (:func:`aimv2.train.native.fit_grid` keeps
+    gh, gw <= round(sqrt(area * aspect)) with area <= max_patches, aspect <= max_aspect)."""
+    return (round(math.sqrt(max_patches * max_aspect)) + 1) * patch_size
+
+
 def native_fit(img: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
     """Bring an image to exactly ``hw = (H, W)`` pixels keeping its aspect ratio: scale it to cover the box
     (bicubic, antialiased), then center-crop the side that overhangs. PIL image -> uint8 [3, H, W].

@@ -384,11 +384,6 @@ def validate(cfg: Config) -> None:
                 f"data.native.batch_multiple = {nat.max_patches * nat.batch_multiple}: a step at the largest area "
                 f"would have no images; raise tokens_per_batch or lower max_patches",
             ),
-            (
-                cfg.data.source != "shards",
-                "data.native is not supported with data.source=shards yet (the shard reader transforms images "
-                "before the step's grid is known); use synthetic, folder or hf",
-            ),
         ]
     for ok, msg in checks:
         if not ok:

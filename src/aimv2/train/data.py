@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..data.transforms import native_fit
 from ..models.pretrain import PrefixSampler
 from .native import NativeSchedule
 
@@ -149,12 +151,14 @@ class ShardStepBatches(_StepStream):
     source's stream; the trainer saves the last positions of each worker in its checkpoints, and the sources'
     ``skip`` continues every stream exactly after them (same number of workers). Prefix lengths are keyed by
     (seed, rank, worker, step); augmentation happens in the reader, keyed by stream position.
+
+    Native resolution: the step's grid and batch come from (seed, step) as for indexable data; the readers hand
+    over decoded PIL images (:class:`~aimv2.data.transforms.NativeDecode`), and each is brought to the step's
+    (H, W) here, keeping its aspect ratio (:func:`~aimv2.data.transforms.native_fit`), once the grid is known.
     """
 
     def __init__(self, sources: list[tuple[str, object, float]], **common):
         super().__init__(**common)
-        if self.native is not None:
-            raise ValueError("native-resolution training does not read shards yet")
         self.names = [name for name, _, _ in sources]
         self.streams = [samples for _, samples, _ in sources]
         weights = np.array([w for _, _, w in sources], dtype=np.float64)
@@ -165,14 +169,23 @@ class ShardStepBatches(_StepStream):
         streams = [s.samples(w, W) for s in self.streams]
         position = {name: s.skip.get(w, 0) for name, s in zip(self.names, self.streams, strict=True)}
         for step in self._worker_steps(w, W):
+            local, fit = self.local_batch, None
+            if self.native is not None:  # the same grid and global batch on every rank: (seed, step) only
+                shape = self.native(step)
+                local, hw = (
+                    shape.batch_size // self.world_size,
+                    (shape.grid[0] * self.patch_size, shape.grid[1] * self.patch_size),
+                )
+                fit = partial(native_fit, hw=hw)
             picks = np.random.default_rng([self.seed, 5, self.rank, w, step]).choice(
-                len(streams), size=self.local_batch, p=self.weights
+                len(streams), size=local, p=self.weights
             )  # [B] source of each sample
             images, captions, positions = [], [], []
             for k in picks:
                 image, caption, _, (_, _, pos) = next(streams[k])
                 position[self.names[k]] = pos
-                images.append(image)  # uint8 [3, H, W], augmented in the reader (seeded by its stream position)
+                # uint8 [3, H, W] augmented in the reader (seeded by its stream position), or native: PIL -> step's grid
+                images.append(image if fit is None else fit(image))
                 captions.append(caption)
                 positions.append(pos)
             images = torch.stack(images)  # uint8 [B, 3, H, W]

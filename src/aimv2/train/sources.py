@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.tokenizer import Tokenizer, default_synthetic_tokenizer
-from ..data.transforms import TrainTransform, eval_transform, train_transform
+from ..data.transforms import NativeDecode, TrainTransform, eval_transform, native_max_side, train_transform
 from .checkpointing import atomic_write
 from .config import Config, ConfigError
 
@@ -187,6 +187,9 @@ def build_source(
         entries = cfg.data.mixture or [{"name": "shards", "shards": cfg.data.shards}]
         # decoding inside the reader lets JPEGs decode at reduced scale when the crop allows (TrainTransform)
         shard_transform = TrainTransform(img_size) if cfg.data.augment else transform
+        if cfg.data.native.enabled:  # the step's grid is drawn later: decode only, fit in the batch (data.py)
+            nat = cfg.data.native
+            shard_transform = NativeDecode(native_max_side(nat.max_patches, nat.max_aspect, enc.patch_size))
         sources = [_shard_source(cfg, e, i, rank, world_size, shard_transform) for i, e in enumerate(entries)]
         names = [name for name, _, _ in sources]
         if len(set(names)) != len(names):
