@@ -150,3 +150,52 @@ def test_train_bpe_is_deterministic():
 def test_encode_rejects_non_strings(tok):
     with pytest.raises(TypeError):
         tok.encode(["ok", None])
+
+
+def _clip_like_json() -> str:
+    """A tokenizer.json shaped like CLIP's: start and end tokens in the post-processor template, no pad token."""
+    from tokenizers import models, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(["!", "a", "photo", "of", "cat", "dog", "<|startoftext|>", "<|endoftext|>"])}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="!"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 6), ("<|endoftext|>", 7)],
+    )
+    return tk.to_str()
+
+
+def test_a_start_token_in_the_files_template_is_kept(tmp_path):
+    text = _clip_like_json()
+    with pytest.raises(ValueError, match="pad"):  # CLIP's file names no pad token: say which to use
+        Tokenizer.from_str(text)
+    tok = Tokenizer.from_str(text, pad_token="<|endoftext|>", context_length=8)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (6, 7, 7)
+    assert tok.encode("a photo of a dog")[0].tolist() == [6, 1, 2, 3, 1, 5, 7, 7]
+    # the same ids as plain tokenizers with its own template, padded
+    plain = tokenizers.Tokenizer.from_str(text).encode("a photo of a dog").ids
+    assert tok.encode("a photo of a dog")[0].tolist()[: len(plain)] == plain
+    assert tok.encode("a photo of a cat dog cat")[0].tolist() == [6, 1, 2, 3, 1, 4, 5, 4]  # cut: no eos
+    assert tok.decode(tok.encode("a photo of a dog")[0]) == "a photo of a dog"
+    tok.save(tmp_path / "t.json")  # the start token survives a save
+    again = Tokenizer.from_file(tmp_path / "t.json")
+    assert again.bos_id == 6 and torch.equal(again.encode("a cat"), tok.encode("a cat"))
+    assert Tokenizer.from_str(text, pad_token="!", bos_token="<|endoftext|>").bos_id == 7  # arguments override
+    assert default_synthetic_tokenizer().bos_id is None  # ours: the decoder has its own start
+
+
+def test_zeroshot_reads_a_clip_like_tokenizer_without_a_pad_token(tmp_path):
+    from types import SimpleNamespace
+
+    from aimv2.commands.zeroshot import _tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(_clip_like_json())
+    model = SimpleNamespace(cfg=SimpleNamespace(text=SimpleNamespace(context_length=6, eos_id=7)))
+    args = SimpleNamespace(tokenizer=str(tmp_path / "tokenizer.json"))
+    tok = _tokenizer(args, model, tmp_path)
+    assert tok.encode("a cat")[0].tolist() == [6, 1, 4, 7, 7, 7]
+    model.cfg.text.eos_id = 5  # a model pooling at another id is refused
+    with pytest.raises(SystemExit, match="eos id 5"):
+        _tokenizer(args, model, tmp_path)

@@ -50,7 +50,20 @@ def _tokenizer(args, model, source: Path):
             path = folder / "tokenizer.json"
     if path is None:
         raise SystemExit(f"error: no tokenizer.json next to {source}; pass --tokenizer FILE")
-    tok = Tokenizer.from_file(path, context_length=model.cfg.text.context_length)
+    length = model.cfg.text.context_length
+    try:
+        tok = Tokenizer.from_file(path, context_length=length)
+    except ValueError as e:
+        if "pad" not in str(e):
+            raise
+        # a file that names no pad token (CLIP's): pad with the eos token, since the text tower pools at the first
+        # eos and, being causal, never reads what follows it
+        from tokenizers import Tokenizer as HFTokenizer
+
+        eos = HFTokenizer.from_file(str(path)).id_to_token(model.cfg.text.eos_id)
+        if eos is None:
+            raise
+        tok = Tokenizer.from_file(path, context_length=length, pad_token=eos)
     if tok.eos_id != model.cfg.text.eos_id:
         raise SystemExit(
             f"error: {path} ends captions with id {tok.eos_id} but the model pools at eos id {model.cfg.text.eos_id}"

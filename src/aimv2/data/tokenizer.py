@@ -3,7 +3,9 @@
 The decoder predicts every caption token and then an end-of-sequence token, so a caption becomes
 ``[t_1 .. t_n, <eos>, <pad> ...]`` of exactly ``context_length`` ids. Captions longer than the context are cut to
 ``context_length`` tokens and get **no** ``<eos>``: the model is not taught that a sentence ends where it was
-truncated. Padding is ``pad_id`` on the right, which the objective masks out of the loss.
+truncated. Padding is ``pad_id`` on the right, which the objective masks out of the loss. Tokenizers whose file
+puts a start token before the text (CLIP's ``<|startoftext|>``, which Apple's LiT text tower was trained with)
+keep it: ``[<bos>, t_1 .. t_n, <eos>, <pad> ...]``; ours have none.
 
 A run saves its tokenizer as one ``tokenizer.json`` that plain ``tokenizers`` reads too: our settings live in the
 file's own fields (the context length and pad id in ``padding``, the eos token in the ``post_processor`` template),
@@ -32,11 +34,17 @@ class Tokenizer:
     """Batch encoding to ``LongTensor[B, context_length]`` (see the module docstring) and decoding back."""
 
     def __init__(
-        self, tokenizer: HFTokenizer, *, context_length: int = DEFAULT_CONTEXT_LENGTH, pad_id: int = 0, eos_id: int = 1
+        self,
+        tokenizer: HFTokenizer,
+        *,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        pad_id: int = 0,
+        eos_id: int = 1,
+        bos_id: int | None = None,
     ):
-        if context_length < 1:
-            raise ValueError(f"context_length must be positive, got {context_length}")
-        self.context_length, self._pad_id, self._eos_id = context_length, pad_id, eos_id
+        if context_length < 1 + (bos_id is not None):
+            raise ValueError(f"context_length must leave room for a token, got {context_length}")
+        self.context_length, self._pad_id, self._eos_id, self._bos_id = context_length, pad_id, eos_id, bos_id
         # A private copy with padding and truncation off: we pad, truncate and append <eos> ourselves.
         self._tk = HFTokenizer.from_str(tokenizer.to_str())
         self._tk.no_padding()
@@ -59,6 +67,11 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def bos_id(self) -> int | None:
+        """The start token put before every text, or None (ours: the decoder has its own start embedding)."""
+        return self._bos_id
+
+    @property
     def hf_tokenizer(self) -> HFTokenizer:
         """The underlying ``tokenizers.Tokenizer`` (no padding, truncation or special tokens added)."""
         return self._tk
@@ -66,7 +79,8 @@ class Tokenizer:
     # --- encoding ---
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """``LongTensor[B, context_length]``: the tokens of each text, then ``eos_id`` if it fits, then ``pad_id``."""
+        """``LongTensor[B, context_length]``: ``bos_id`` if any, the tokens of each text, then ``eos_id`` if it fits,
+        then ``pad_id``."""
         if isinstance(texts, str):
             texts = [texts]
         if not all(isinstance(t, str) for t in texts):
@@ -74,7 +88,7 @@ class Tokenizer:
         length = self.context_length
         out = np.full((len(texts), length), self._pad_id, dtype=np.int64)
         for row, enc in zip(out, self._tk.encode_batch_fast(list(texts), add_special_tokens=False), strict=True):
-            ids = enc.ids
+            ids = enc.ids if self._bos_id is None else [self._bos_id, *enc.ids]
             if len(ids) < length:
                 row[: len(ids)] = ids
                 row[len(ids)] = self._eos_id
@@ -85,10 +99,12 @@ class Tokenizer:
     __call__ = encode
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """The text of one id sequence, up to (not including) the first eos or pad."""
+        """The text of one id sequence without its start token, up to (not including) the first eos or pad."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor | np.ndarray) else list(ids)
         if ids and isinstance(ids[0], list):
             raise ValueError("decode takes one sequence; use decode_batch for a batch")
+        if ids and self._bos_id is not None and ids[0] == self._bos_id:
+            ids = ids[1:]
         for k, t in enumerate(ids):
             if t in (self._eos_id, self._pad_id):
                 ids = ids[:k]
@@ -107,8 +123,12 @@ class Tokenizer:
         pad = self._tk.id_to_token(self._pad_id)
         eos = self._tk.id_to_token(self._eos_id)
         tk.enable_padding(pad_id=self._pad_id, pad_token=pad, length=self.context_length)
+        specials, bos = [(eos, self._eos_id)], ""
+        if self._bos_id is not None:
+            bos = self._tk.id_to_token(self._bos_id) + " "
+            specials.append((bos.strip(), self._bos_id))
         tk.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, self._eos_id)]
+            single=f"{bos}$A {eos}", pair=f"{bos}$A {eos} $B:1 {eos}:1", special_tokens=specials
         )
         return tk.to_str()
 
@@ -125,9 +145,11 @@ class Tokenizer:
         context_length: int | None = None,
         pad_token: str | None = None,
         eos_token: str | None = None,
+        bos_token: str | None = None,
     ) -> Tokenizer:
         """Read a ``tokenizer.json`` text. Settings come from the file (see :meth:`to_str`); arguments override them,
-        and files we did not write fall back to 77 tokens and the tokens named ``<pad>`` and ``<eos>``."""
+        and files we did not write fall back to 77 tokens and the tokens named ``<pad>`` and ``<eos>``. The start
+        and end tokens are read from a post-processor template ``[<bos>] $A <eos>`` (CLIP's files have one)."""
         tk = HFTokenizer.from_str(text)
         spec = json.loads(text)
         padding = spec.get("padding") or {}
@@ -148,8 +170,10 @@ class Tokenizer:
             return i
 
         pad_id = token_id(pad_token, padding.get("pad_id") if padding else None, "pad")
-        eos_id = token_id(eos_token, _template_eos(spec.get("post_processor")), "eos")
-        return cls(tk, context_length=context_length, pad_id=pad_id, eos_id=eos_id)
+        bos_fallback, eos_fallback = _template_specials(spec.get("post_processor"))
+        eos_id = token_id(eos_token, eos_fallback, "eos")
+        bos_id = token_id(bos_token, None, "bos") if bos_token is not None else bos_fallback
+        return cls(tk, context_length=context_length, pad_id=pad_id, eos_id=eos_id, bos_id=bos_id)
 
     @classmethod
     def from_sentencepiece(
@@ -192,19 +216,26 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length}, pad_id={self.pad_id}, "
-            f"eos_id={self.eos_id})"
+            f"eos_id={self.eos_id}{'' if self.bos_id is None else f', bos_id={self.bos_id}'})"
         )
 
 
-def _template_eos(post: dict | None) -> int | None:
-    """The id of the special token a TemplateProcessing appends after ``$A``, if that is its shape."""
+def _template_specials(post: dict | None) -> tuple[int | None, int | None]:
+    """(start id, end id) of a TemplateProcessing shaped ``[<bos>] $A <eos>``; None for what it does not have."""
     if not post or post.get("type") != "TemplateProcessing":
-        return None
+        return None, None
     single = post.get("single") or []
-    if len(single) < 2 or "Sequence" not in single[-2] or "SpecialToken" not in single[-1]:
-        return None
-    ids = post.get("special_tokens", {}).get(single[-1]["SpecialToken"]["id"], {}).get("ids") or []
-    return ids[0] if len(ids) == 1 else None
+
+    def special_id(item: dict) -> int | None:
+        if "SpecialToken" not in item:
+            return None
+        ids = post.get("special_tokens", {}).get(item["SpecialToken"]["id"], {}).get("ids") or []
+        return ids[0] if len(ids) == 1 else None
+
+    at = next((i for i, item in enumerate(single) if "Sequence" in item), None)
+    if at is None or at > 1 or at + 2 != len(single):
+        return None, None
+    return (special_id(single[0]) if at == 1 else None), special_id(single[-1])
 
 
 def train_bpe(
