@@ -83,6 +83,13 @@ class _StepStream(IterableDataset):
     def _worker_steps(self, worker: int, num_workers: int) -> range:
         return range(self.start_step + worker, self.steps, num_workers)
 
+    def _native_step(self, step: int) -> tuple[int, int, tuple[int, int]]:
+        """(global index of the step's first sample, this rank's batch size, (H, W) pixels) of a native step: the
+        same grid and global batch on every rank and worker, drawn from (seed, step) only."""
+        shape = self.native(step)
+        p = self.patch_size
+        return shape.start, shape.batch_size // self.world_size, (shape.grid[0] * p, shape.grid[1] * p)
+
     def _num_patches(self, images: torch.Tensor) -> int:
         H, W = images.shape[-2:]
         return (H // self.patch_size) * (W // self.patch_size)
@@ -126,15 +133,13 @@ class StepBatches(_StepStream):
         return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
 
     def _native_batch(self, step: int) -> Batch:
-        shape = self.native(step)  # the same on every rank and worker: (seed, step) only
-        local = shape.batch_size // self.world_size
-        first = shape.start + self.rank * local
+        start, local, hw = self._native_step(step)
+        first = start + self.rank * local
         indices = torch.arange(first, first + local)  # [B_s / ranks] global sample indices
-        hw = (shape.grid[0] * self.patch_size, shape.grid[1] * self.patch_size)
         fn = self.native_fn
         images, captions = zip(*(fn(self._dataset_index(int(i)), int(i), hw) for i in indices), strict=True)
         images = torch.stack(images)  # [B, 3, gh*p, gw*p] uint8
-        prefix_len = self.prefix.per_sample(indices, shape.num_patches)  # [B]
+        prefix_len = self.prefix.per_sample(indices, self._num_patches(images))  # [B]
         return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
 
     def __iter__(self):
@@ -170,12 +175,8 @@ class ShardStepBatches(_StepStream):
         position = {name: s.skip.get(w, 0) for name, s in zip(self.names, self.streams, strict=True)}
         for step in self._worker_steps(w, W):
             local, fit = self.local_batch, None
-            if self.native is not None:  # the same grid and global batch on every rank: (seed, step) only
-                shape = self.native(step)
-                local, hw = (
-                    shape.batch_size // self.world_size,
-                    (shape.grid[0] * self.patch_size, shape.grid[1] * self.patch_size),
-                )
+            if self.native is not None:
+                _, local, hw = self._native_step(step)
                 fit = partial(native_fit, hw=hw)
             picks = np.random.default_rng([self.seed, 5, self.rank, w, step]).choice(
                 len(streams), size=local, p=self.weights
