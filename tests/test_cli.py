@@ -41,6 +41,19 @@ def test_unknown_command_and_no_command(capsys):
     assert main([]) == 0
 
 
+def test_options_may_come_between_overrides(monkeypatch, capsys):
+    import aimv2.commands.data as data_cmd
+    import aimv2.commands.pretrain as pretrain
+
+    seen = []
+    monkeypatch.setattr(pretrain, "run", lambda args: seen.append(args))
+    assert main(["pretrain", "c.yaml", "a=1", "--quiet", "b=2"]) == 0
+    assert seen[0].config == "c.yaml" and seen[0].overrides == ["a=1", "b=2"] and seen[0].quiet
+    monkeypatch.setattr(data_cmd, "run", lambda args: seen.append(args))  # sub-actions still parse as before
+    assert main(["data", "inspect", "x.tar", "--limit", "3"]) == 0
+    assert seen[1].sources == ["x.tar"] and seen[1].limit == 3
+
+
 def test_python_m_entry_point():
     r = subprocess.run(
         [sys.executable, "-m", "aimv2", "--version"],

@@ -35,7 +35,7 @@ EPILOG = """examples:
 run `aimv2 COMMAND --help` for the options of each command."""
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, subparsers: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aimv2",
         description="AIMv2: multimodal autoregressive pre-training of vision encoders.",
@@ -59,14 +59,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        if subparsers is not None:
+            subparsers[name] = p
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=command if command in COMMANDS else "")
-    args = parser.parse_args(argv)
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    parser = build_parser(only=command if command in COMMANDS else "", subparsers=subparsers)
+    try:  # options may come between positionals: `aimv2 ablate CONFIG a=1 --seeds 2 b=2` keeps both overrides
+        if not argv or argv[0] not in subparsers:
+            raise TypeError
+        args = subparsers[argv[0]].parse_intermixed_args(argv[1:])
+    except TypeError:  # no command yet, or one with sub-actions (`aimv2 data inspect`), which it cannot mix
+        args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if not argv else 2

@@ -27,7 +27,7 @@ aimv2 with alpha 0.2/0.4/0.6, clip; --grid axes multiply it.
 examples:
   aimv2 ablate configs/tiny-synthetic.yaml --preset table9 --seeds 0,1 --steps 300
   aimv2 ablate configs/tiny-synthetic.yaml --grid alpha=0.2,0.4,0.6 --grid decoder.depth=1,2 --seeds 0,1,2
-  aimv2 ablate configs/tiny-synthetic.yaml train.batch_size=32 --grid objective=aimv2,cap   (overrides before options)
+  aimv2 ablate configs/tiny-synthetic.yaml --grid objective=aimv2,cap train.batch_size=32
 """
 
 PRESETS: dict[str, list[tuple[str, list[str]]]] = {
