@@ -290,6 +290,36 @@ def test_pretrain_on_a_weighted_mixture_of_synth_shards_and_resume(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_skipped_shard_samples_are_counted_in_metrics(tmp_path):
+    """Corrupt images and missing captions in shards are skipped, and the counts by kind reach metrics.jsonl
+    (summed over the DataLoader workers), so a run's data problems are visible without reading worker logs."""
+    import io
+
+    import webdataset as wds
+
+    from aimv2.data.synthetic import synthetic_sample
+
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "00000.tar")) as sink:
+        for i in range(30):
+            image, caption = synthetic_sample(i, 0, 32)
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            sample = {"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": caption}
+            if i % 10 == 3:
+                sample["png"] = b"not an image"
+            if i % 10 == 7:
+                del sample["txt"]
+            sink.write(sample)
+    steps = ["train.steps=2", "data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.augment=false"]
+    r = subprocess.run(_cmd(tmp_path / "run", *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = _metrics(tmp_path / "run")[-1]
+    assert row["data_skipped/bad_image"] >= 1 and row["data_skipped/no_caption"] >= 1
+    assert row["data_skipped"] == row["data_skipped/bad_image"] + row["data_skipped/no_caption"]
+    assert "data_skipped/no_image" not in row  # kinds that did not happen are left out
+
+
 def test_pretrain_on_a_captioned_image_folder(tmp_path):
     """Images with sidecar captions (one unreadable file, counted and replaced) train through data.source=folder."""
     from aimv2.data.synthetic import synthetic_sample

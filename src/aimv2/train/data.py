@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..data.faults import FAULT_KINDS
 from ..data.transforms import native_fit
 from ..models.pretrain import PrefixSampler
 from .native import NativeSchedule
@@ -37,6 +38,8 @@ class Batch:
     worker: int = 0  # the DataLoader worker that produced the batch
     position: dict | None = None  # shards: {source: raw samples that worker's stream had passed after this batch}
     source_counts: torch.Tensor | None = None  # shards: long [S] samples of the batch from each source
+    # shards: long [len(FAULT_KINDS)] samples this worker's readers skipped so far (this process), by kind
+    skipped: torch.Tensor | None = None
 
     def pin_memory(self):
         self.images, self.text = self.images.pin_memory(), self.text.pin_memory()
@@ -200,6 +203,7 @@ class ShardStepBatches(_StepStream):
                 worker=w,
                 position=dict(position),
                 source_counts=torch.from_numpy(np.bincount(picks, minlength=len(streams))),
+                skipped=torch.tensor([sum(s.faults.counts.get(k, 0) for s in self.streams) for k in FAULT_KINDS]),
             )
 
 

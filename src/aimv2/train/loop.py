@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..data.faults import FAULT_KINDS
 from ..data.transforms import normalize
 from . import checkpointing as ckpt
 from .config import Config
@@ -153,6 +154,7 @@ def train(cfg: Config) -> dict:
         stream = StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
     positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)
     mix = None  # shards: samples per source since the last log line
+    data_skipped: dict[int, torch.Tensor] = {}  # shards: {worker: samples skipped by kind since this process started}
     if source.shards is not None:
         workers = range(max(1, cfg.data.num_workers))
         positions = {w: {name: s.skip.get(w, 0) for name, s, _ in source.shards} for w in workers}
@@ -172,6 +174,7 @@ def train(cfg: Config) -> dict:
         if mix is not None:
             positions[batch.worker] = batch.position
             mix += batch.source_counts
+            data_skipped[batch.worker] = batch.skipped
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(optimizer, lr)
         losses = _train_step(step_model, batch, cfg, device, autocast, info, consts)
@@ -209,6 +212,7 @@ def train(cfg: Config) -> dict:
                 "skipped_steps": guard.skipped,
                 **({"encoder_frozen": frozen} if cfg.train.freeze_encoder_steps else {}),
                 **_mix_fractions(mix, source, info, device),
+                **_skipped_samples(data_skipped, info, device),
             }
             if cfg.data.native.enabled:
                 last["patches"] = n_patches  # this step's grid, gh * gw
@@ -372,6 +376,19 @@ def _mix_fractions(mix: torch.Tensor | None, source, info: DistInfo, device: tor
         dist.all_reduce(counts)
     total = max(1, int(counts.sum()))
     return {f"mix/{name}": int(c) / total for (name, _, _), c in zip(source.shards, counts, strict=True)}
+
+
+def _skipped_samples(skipped: dict[int, torch.Tensor], info: DistInfo, device: torch.device) -> dict:
+    """{"data_skipped": n, "data_skipped/KIND": n, ...}: samples the shard readers of all ranks and workers skipped
+    (corrupt images, missing captions, ...) since this process started; the kinds with none are left out."""
+    if not skipped:
+        return {}
+    counts = torch.stack(list(skipped.values())).sum(0).to(device)  # [kinds]
+    if info.distributed:
+        dist.all_reduce(counts)
+    out = {"data_skipped": int(counts.sum())}
+    out.update({f"data_skipped/{k}": int(n) for k, n in zip(FAULT_KINDS, counts.tolist(), strict=True) if n})
+    return out
 
 
 def _saved_positions(state: dict, info: DistInfo, num_workers: int) -> dict:
