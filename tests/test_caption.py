@@ -266,7 +266,7 @@ def test_caption_command_errors_clearly(run_dir, tmp_path, capsys):
     for argv, message in cases:
         assert main(["caption", *argv]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(RunError, match="no decoder weights"):
+    with pytest.raises(RunError, match="no caption decoder weights"):
         ckpt = run_dir / "checkpoints"
         bad = tmp_path / "enc-only-run"
         (bad / "checkpoints").mkdir(parents=True)
@@ -276,3 +276,29 @@ def test_caption_command_errors_clearly(run_dir, tmp_path, capsys):
         state["model"] = {k: v for k, v in state["model"].items() if k.startswith("encoder.")}
         torch.save(state, bad / "checkpoints" / "step_00000002.pt")
         load_pretraining_run(bad)
+
+
+@pytest.mark.parametrize("objective", ["cap", "aimv2-separate", "aimv1"])
+def test_baseline_runs_caption_with_their_caption_decoder(objective, tmp_path, capsys):
+    """A captioning baseline (and AIMv2 with separate decoders) captions with its text decoder, the same as
+    greedy decoding by hand; AIMv1 has none and says so."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from aimv2.eval.captioning import Captioner
+
+    extra = ["model.separate_decoders=true"] if objective == "aimv2-separate" else [f"model.objective={objective}"]
+    out = tmp_path / "run"
+    assert main(["pretrain", "configs/tiny-synthetic.yaml", *BASE, *extra, f"out_dir={out}"]) == 0
+    img = tmp_path / "a.png"
+    synthetic_sample(0, size=32)[0].save(img)
+    capsys.readouterr()
+    if objective == "aimv1":
+        assert main(["caption", str(out), str(img)]) == 2
+        assert "objective=aimv1: no caption decoder" in capsys.readouterr().err
+        return
+    assert main(["caption", str(out), str(img), "--max-len", "4"]) == 0
+    text = capsys.readouterr().out.split("\t")[1].strip()
+    cap = Captioner.from_run(out)
+    x = pil_to_tensor(Image.open(img).convert("RGB"))[None]  # uint8 [1, 3, 32, 32]: the command's resize is a no-op
+    ids = greedy_decode(cap.model.text_decoder, cap.encode(x), eos_id=cap.tokenizer.eos_id, pad_id=0, max_len=4)
+    assert text == cap.tokenizer.decode(ids.tokens[0]).strip()

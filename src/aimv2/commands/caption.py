@@ -116,7 +116,7 @@ def run(args) -> int:
         captioner = Captioner.from_run(args.run, device=device, prefix=prefix, seed=args.seed)
     except (RunError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
-    max_len_cap = captioner.model.decoder.cfg.max_text_len
+    max_len_cap = captioner.decoder.cfg.max_text_len
     if args.max_len is not None and not 1 <= args.max_len <= max_len_cap:
         return _fail(f"--max-len must be in [1, {max_len_cap}] (the run's context length), got {args.max_len}")
 

@@ -272,6 +272,10 @@ class Captioner:
         seed: int = 0,
     ):
         self.model, self.tokenizer, self.mean_std = model.eval(), tokenizer, mean_std
+        # AIMv2's one decoder, or the caption decoder of a baseline (cap, or AIMv2 with separate decoders)
+        self.decoder: MultimodalDecoder | None = getattr(model, "decoder", None) or getattr(model, "text_decoder", None)
+        if self.decoder is None:
+            raise ValueError(f"{type(model).__name__} has no caption decoder (AIMv1 and CLIP models cannot caption)")
         self.prefix = parse_prefix(prefix)
         self._gen = torch.Generator().manual_seed(seed)  # "random" prefixes: reproducible for the same inputs
 
@@ -313,7 +317,7 @@ class Captioner:
     ) -> list[Caption]:
         """Captions of uint8 images [B, 3, H, W]: greedy for ``beam=1``, beam search otherwise."""
         feats = self.encode(images)
-        tk, dec = self.tokenizer, self.model.decoder
+        tk, dec = self.tokenizer, self.decoder
         common = dict(eos_id=tk.eos_id, pad_id=tk.pad_id, max_len=max_len, use_cache=use_cache)
         if beam == 1 and not length_penalty:
             out = greedy_decode(dec, feats, **common)

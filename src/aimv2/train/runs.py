@@ -59,7 +59,8 @@ class RunError(ValueError):
 
 @dataclass
 class PretrainedRun:
-    model: AIMv2Pretrainer  # encoder + decoder with the latest checkpoint's weights, eval mode
+    # encoder + decoder(s) with the latest checkpoint's weights, eval mode: AIMv2 or a baseline (cap, separate)
+    model: AIMv2Pretrainer
     tokenizer: Tokenizer
     config: Config  # the run's resolved training config
     step: int  # training step of the checkpoint
@@ -101,8 +102,9 @@ def load_pretraining_run(run_dir: str | Path, *, device: str | torch.device = "c
     except Exception as e:
         raise RunError(f"{path} cannot be read as a training checkpoint: {type(e).__name__}: {e}") from e
     sd = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(sd, dict) or not any(k.startswith("decoder.") for k in sd):
-        raise RunError(f"{path} holds no decoder weights (keys 'decoder.*'), so it cannot caption")
+    if not isinstance(sd, dict) or not any(k.startswith(("decoder.", "text_decoder.")) for k in sd):
+        kind = f" (model.objective={cfg.model.objective}: no caption decoder)" if cfg.model.objective != "aimv2" else ""
+        raise RunError(f"{path} holds no caption decoder weights{kind}, so it cannot caption")
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.pad_id)
     try:
         model.load_state_dict(sd, strict=True)
