@@ -16,30 +16,35 @@ highest point, even when the block frees them again before it ends.
   Where ``clear_refs`` cannot be written (not Linux, a restricted container) the result is None, never a number
   that would include everything the process ever held.
 
-Why the first measurement on CPU changes glibc's malloc: RSS only measures working memory if freed memory leaves
-the process. By default glibc serves allocations under its mmap threshold from the heap, and raises that
-threshold to the size of each mmap-ed block that is freed (up to 32 MiB). After a few steps nearly every tensor
-therefore lives in the heap, and freed heap memory mostly stays resident for reuse: a block would then reuse
-pages it did not pay for and report a peak near zero, or more depending on what ran before it. So each CPU block
-first returns the free heap pages to the kernel (``malloc_trim(0)``): reusing them costs the block new resident
-pages again. And the first block sets ``M_MMAP_THRESHOLD`` explicitly (64 KiB), which both lowers it and turns
-the adjustment off, so from then on every allocation of 64 KiB or more that the heap cannot serve is its own
-mapping, returned to the kernel when freed, and RSS follows the live tensors within the block too.
+Why a measuring process changes glibc's malloc: RSS only measures working memory if freed memory leaves the
+process. By default glibc serves allocations under its mmap threshold from the heap, and raises that threshold to
+the size of each mmap-ed block that is freed (up to 32 MiB). After a few steps nearly every tensor therefore lives
+in the heap, and freed heap memory mostly stays resident for reuse: a block would then reuse pages it did not pay
+for and report a peak near zero, or more depending on what ran before it. ``release_freed_memory()`` sets
+``M_MMAP_THRESHOLD`` explicitly (64 KiB), which both lowers it and turns the adjustment off, so every allocation
+of 64 KiB or more is its own mapping, returned to the kernel when freed, and RSS follows the live tensors. Called
+first thing in a process, it makes the CPU numbers exact: a training step of the demo model measured 706 MiB, the
+same as the profiler's count of its tensor allocations (705 MiB). Called late, the heap's free chunks (returned
+with ``malloc_trim`` at each block, but still reused) fragment, and the same step read 753-903 MiB.
 
-Measure in steps that are not timed, after the timed ones. Returning memory is not free: every page of a new
-tensor then costs a page fault and zeroing. With the setting applied at import, the data pipeline ran 25-30%
-slower on the 2-core benchmark machine, and more for the plain pipeline, which allocates more (ratio 1.33x
-instead of 1.2x). That is why the setting waits for the first measurement instead of applying at import, and why
-the benchmarks measure memory in a separate pass. On other platforms, or another C library, these calls are
-skipped silently.
+Why the benchmarks measure memory in a separate process (``measure_in_fresh_process``): returning memory is not
+free. Every page of a new tensor then costs a page fault and zeroing, and with the setting the data pipeline ran
+25-30% slower on the 2-core benchmark machine, and more for the plain pipeline, which allocates more (its ratio
+moved from 1.22x to 1.34x); another fixed setting moved it too (1.12-1.16x with glibc's 32 MiB maximum). So
+the timed process keeps glibc's default behaviour untouched, and a fresh interpreter running the same script with
+``--memory-only`` applies the setting at its start and measures. On other platforms, or another C library, the
+malloc calls are skipped silently.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import platform
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,7 +60,8 @@ MALLOC_TUNED = False  # True once glibc accepted the 64 KiB mmap threshold
 
 
 def release_freed_memory() -> None:
-    """Linux with glibc: return free heap pages to the kernel, and on the first call fix the mmap threshold."""
+    """Linux with glibc: on the first call fix the mmap threshold (call it first thing in a measuring process),
+    on every call return the free heap pages to the kernel. Every CPU ``PeakMemory`` block calls it too."""
     global _LIBC, MALLOC_TUNED
     if _LIBC is None:
         if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
@@ -133,3 +139,17 @@ def max_mib(values: list[float | None]) -> float | None:
 
 def fmt_mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} MiB"
+
+
+def measure_in_fresh_process(script: str, argv: list[str]) -> dict | None:
+    """``peak_memory_mib`` from ``python script *argv --memory-only --out TMP``, run in a new interpreter (its
+    output streamed); None, with the reason printed, when that run fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, script, *argv, "--memory-only", "--out", str(out)]
+        print("peak memory, measured in a fresh process:", flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc != 0 or not out.exists():
+            print(f"  peak memory not measured: the --memory-only run exited with status {rc}", flush=True)
+            return None
+        return json.loads(out.read_text()).get("peak_memory_mib")

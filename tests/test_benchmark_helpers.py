@@ -80,3 +80,25 @@ def test_freed_heap_memory_is_not_reused_silently(probe):
 
 def test_unmeasurable_is_none_not_a_wrong_number(probe):
     assert probe["no_clear_refs"] is None
+
+
+MEMORY_ONLY = """
+import argparse, json
+ap = argparse.ArgumentParser()
+ap.add_argument("--memory-only", action="store_true")
+ap.add_argument("--out")
+a = ap.parse_args()
+assert a.memory_only
+open(a.out, "w").write(json.dumps({"peak_memory_mib": {"x": 1.5}}))
+"""
+
+
+def test_measure_in_fresh_process_reads_the_memory_only_run(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import peak_memory
+
+    script = tmp_path / "s.py"
+    script.write_text(MEMORY_ONLY)
+    assert peak_memory.measure_in_fresh_process(str(script), []) == {"x": 1.5}
+    script.write_text("import sys; sys.exit(2)")
+    assert peak_memory.measure_in_fresh_process(str(script), []) is None
