@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,57 @@ def test_freed_heap_memory_is_not_reused_silently(probe):
 
 def test_unmeasurable_is_none_not_a_wrong_number(probe):
     assert probe["no_clear_refs"] is None
+
+
+# ------------------------------------------------------------------------------------------ run_all.py
+GOOD = """
+import argparse, json
+ap = argparse.ArgumentParser()
+ap.add_argument("--out")
+a = ap.parse_args()
+data = {"ratios": {"ours/plain img/s (median)": 1.25}, "peak_memory_mib": {"ours": 12.0, "plain": None}}
+open(a.out, "w").write(json.dumps(data))
+"""
+NO_RATIOS = GOOD.replace('data = {"ratios"', 'data = {"other"')
+FAILING = "import sys; print('boom'); sys.exit(3)"
+
+
+@pytest.fixture()
+def run_all(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run_all
+
+    return run_all
+
+
+def test_suite_reports_ratios_memory_and_failures_and_exits_nonzero(run_all, tmp_path, capsys):
+    scripts = {}
+    for name, code in (("good", GOOD), ("failing", FAILING), ("noratios", NO_RATIOS)):
+        scripts[name] = tmp_path / f"{name}.py"
+        scripts[name].write_text(code)
+    benches = [run_all.Benchmark(n, str(p), n, devices=()) for n, p in scripts.items()]
+    rc = run_all.main(["--out-dir", str(tmp_path / "out")], benchmarks=benches)
+    out = capsys.readouterr().out
+    assert rc == 1  # one failed, and the ones after it still ran
+    assert re.search(r"ours/plain img/s \(median\) +1\.25x", out)
+    assert "peak memory ours" in out and "12 MiB" in out and "peak memory plain" in out
+    assert "FAILED: exit status 3" in out
+    assert "(no ratios recorded)" in out
+    assert "total wall time" in out
+    suite = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert suite["benchmarks"]["good"]["ratios"] == {"ours/plain img/s (median)": 1.25}
+    assert suite["benchmarks"]["failing"]["exit_status"] == 3
+    if hasattr(__import__("os"), "wait4"):
+        assert suite["benchmarks"]["good"]["process_peak_rss_mib"] > 1
+
+
+def test_suite_only_selects_and_rejects_unknown_names(run_all, tmp_path, capsys):
+    (tmp_path / "good.py").write_text(GOOD)
+    benches = [run_all.Benchmark("good", str(tmp_path / "good.py"), "g", devices=()), run_all.Benchmark("x", "x", "x")]
+    assert run_all.main(["--out-dir", str(tmp_path), "--only", "good"], benchmarks=benches) == 0
+    assert "good" in json.loads((tmp_path / "suite.json").read_text())["benchmarks"]
+    with pytest.raises(SystemExit, match="unknown"):
+        run_all.main(["--only", "nope"], benchmarks=benches)
 
 
 MEMORY_ONLY = """
