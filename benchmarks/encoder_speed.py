@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     info = machine_info(device)
     print(
-        f"{args.model}, batch {args.batch_size}, {args.reps} rounds, on {info['cpu_model']} "
+        f"{args.model}, batch {args.batch_size}, "
+        + ("peak memory only" if args.memory_only else f"{args.reps} rounds")
+        + f", on {info['cpu_model']} "
         f"({info['nproc']} cores, {info['torch_threads']} torch threads), torch {info['torch']}"
         + (f", {info['gpu']}" if "gpu" in info else ""),
         flush=True,

@@ -210,6 +210,10 @@ def machine() -> dict:
     return info
 
 
+def load(avg) -> str:
+    return "n/a" if avg is None else ", ".join(f"{x:.2f}" for x in avg)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = Non
     info = machine()
     print(
         f"benchmark suite on {args.device}: {', '.join(b.name for b in chosen)}; {info['cpu_model']}, "
-        f"{info['nproc']} cores, load average {info['loadavg_at_start']}; results in {rel(out_dir)}",
+        f"{info['nproc']} cores, load average {load(info['loadavg_at_start'])}; results in {rel(out_dir)}",
         flush=True,
     )
     t0 = time.perf_counter()
@@ -275,6 +279,8 @@ def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = Non
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = os.getloadavg()
     print_summary(results, total)
+    start, end = load(info["loadavg_at_start"]), load(info.get("loadavg_at_end"))
+    print(f"load average (1, 5, 15 min) at start {start}, at end {end}")
     suite = {"device": args.device, "machine": info, "total_wall_s": total, "benchmarks": results}
     (out_dir / "suite.json").write_text(json.dumps(suite, indent=2) + "\n")
     print(f"wrote {rel(out_dir / 'suite.json')}")
