@@ -147,11 +147,16 @@ def shown(cmd: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ summary
 def fmt_value(key: str, value) -> str:
+    """Ratios with two decimals and an x, MiB with none (one below 10), other numbers with three digits."""
     if value is None:
         return "n/a"
-    if isinstance(value, (int, float)):
-        return f"{value:.0f} MiB" if key == "peak_memory_mib" else f"{value:.3g}" + ("x" if key == "ratios" else "")
-    return str(value)
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if key == "ratios":
+        return f"{value:.2f}x"
+    if key == "peak_memory_mib":
+        return f"{value:.1f} MiB" if value < 10 else f"{value:.0f} MiB"
+    return f"{value:.3g}"
 
 
 def summary_rows(name: str, entry: dict) -> list[tuple[str, str, str]]:
