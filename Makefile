@@ -25,10 +25,12 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Speed benchmarks on this machine; each prints ratios against baselines measured in the same run.
+# The benchmark suite on this machine (CPU: about 6-8 minutes on 2 cores): encoder inference vs timm and
+# transformers, training steps vs a plain baseline (samples/s, MFU), data pipeline vs torchvision, native vs fixed
+# resolution, peak memory of each; prints one table of every ratio. JSON in benchmarks/results/suite_cpu/.
+# Options: make bench BENCH_ARGS="--only train,data" (see python benchmarks/run_all.py --help).
 bench: $(STAMP)
-	$(PY) benchmarks/train_speed.py
-	$(PY) benchmarks/encoder_speed.py --reps 3
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -9,7 +9,10 @@ Both produce uint8 [3, size, size] tensors, one thread (``torch.set_num_threads(
 with the same per-image seeds, hence the same crop boxes and flips. Repetitions alternate between the two in one
 process so load from other jobs hits both alike; each repetition loops over the shards ``--loops`` times. The
 script also reports how far our images are from the plain ones (mean absolute difference, in uint8 levels), so
-the speed is not bought with quality.
+the speed is not bought with quality, and each pipeline's peak memory: the most one pass over the shards needed
+above what the process held before it (decode buffers, intermediate images), measured after the timing in a fresh
+process running this script with ``--memory-only``, because the measurement needs a malloc setting that would slow
+the timed passes (see ``peak_memory.py``).
 
     python benchmarks/data_speed.py [--shards ../shared/data/cc12m-train-0000.tar] [--out results.json]
 """
@@ -22,11 +25,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
@@ -88,6 +93,14 @@ def timed(images) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
+def peak_mib(pipeline, urls: list[str], size: int) -> float | None:
+    """Peak memory in MiB of one pass of ``pipeline`` over the shards, after a warmup pass (None: not measurable)."""
+    timed(pipeline(urls, size, 1))
+    with PeakMemory("cpu") as mem:
+        timed(pipeline(urls, size, 1))
+    return mem.mib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", default=str(REPO.parent / "shared" / "data" / "cc12m-train-0000.tar"))
@@ -95,9 +108,18 @@ def main() -> None:
     ap.add_argument("--loops", type=int, default=4, help="passes over the shards per repetition")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--memory-only", action="store_true", help="only measure each pipeline's peak memory")
     args = ap.parse_args()
     torch.set_num_threads(1)
     urls = expand_urls(args.shards)
+    if args.memory_only:
+        release_freed_memory()  # before the pipelines allocate, so that RSS follows the live buffers
+        peak = {"ours": peak_mib(our_images, urls, args.size), "plain": peak_mib(plain_images, urls, args.size)}
+        print("peak memory: " + ", ".join(f"{k} {fmt_mib(v)}" for k, v in peak.items()), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"peak_memory_mib": peak}) + "\n")
+        return
 
     # same seeds -> same crops: how far are our images from the plain pipeline's (uint8 levels, mean |diff|)?
     diffs = [
@@ -117,6 +139,12 @@ def main() -> None:
             n, dt = timed(fn(urls, args.size, args.loops))
             rates[name].append(n / dt)
     paired = statistics.median(o / p for o, p in zip(rates["ours"], rates["plain"], strict=True))
+    measured = measure_in_fresh_process(__file__, sys.argv[1:]) or {}
+    peak = {k: measured.get(k) for k in ("ours", "plain")}
+    ratio_median = statistics.median(rates["ours"]) / statistics.median(rates["plain"])
+    ratios = {"ours/plain img/s (median)": ratio_median, "ours/plain img/s (paired)": paired}
+    if peak["ours"] and peak["plain"] is not None:
+        ratios["plain/ours peak memory"] = peak["plain"] / peak["ours"]
     result = {
         "shards": [os.path.basename(u) for u in urls],
         "images_per_rep": n,
@@ -127,8 +155,10 @@ def main() -> None:
         "plain_img_s": rates["plain"],
         "ours_median_img_s": statistics.median(rates["ours"]),
         "plain_median_img_s": statistics.median(rates["plain"]),
-        "ratio_median": statistics.median(rates["ours"]) / statistics.median(rates["plain"]),
+        "ratio_median": ratio_median,
         "ratio_paired": paired,
+        "ratios": ratios,
+        "peak_memory_mib": peak,
         "mean_abs_diff_uint8": statistics.mean(diffs),
         "draft_scales": {str(k): drafted.count(k) for k in sorted(set(drafted))},
         "max_mean_abs_diff_uint8": max(diffs),
@@ -146,9 +176,11 @@ def main() -> None:
         f"ours {result['ours_median_img_s']:.1f} img/s, plain {result['plain_median_img_s']:.1f} img/s per thread: "
         f"ratio {result['ratio_median']:.2f}x (paired {paired:.2f}x); mean |ours - plain| "
         f"{result['mean_abs_diff_uint8']:.2f}/255 (worst image {result['max_mean_abs_diff_uint8']:.2f}); "
-        f"decode scales 1/k: {result['draft_scales']}"
+        f"decode scales 1/k: {result['draft_scales']}; peak memory ours {fmt_mib(peak['ours'])}, "
+        f"plain {fmt_mib(peak['plain'])}"
     )
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -22,9 +22,15 @@ How to read it: the table gives the median img/s per model and precision, with t
 brackets, then the ratios ``ours/timm`` and ``ours/hf`` (above 1: ours is faster) three ways: of the medians,
 paired (median over rounds of the two models' time ratio within a round) and of the best rounds. On a shared
 machine absolute numbers drift from run to run and a single slow round can move a median; the ratios,
-measured interleaved, are the meaningful part, and when the three disagree the load was uneven. ``--out``
-writes all of it, with every single timing and the machine (CPU model, core count, library versions), to a
-JSON file.
+measured interleaved, are the meaningful part, and when the three disagree the load was uneven.
+
+Peak memory: the most one forward needed above what was held before it (activations and temporaries, not the
+weights), per model and precision, measured after the timing in a fresh process running this script with
+``--memory-only`` (one warmup and one measured forward each), because on CPU the measurement needs a malloc
+setting that would slow the timed forwards (see ``peak_memory.py``).
+
+``--out`` writes all of it, with every single timing and the machine (CPU model, core count, library versions),
+to a JSON file; its ``ratios`` and ``peak_memory_mib`` are what ``run_all.py`` summarizes.
 
     python benchmarks/encoder_speed.py --reps 5 --out benchmarks/results/encoder_speed_cpu.json
 """
@@ -45,11 +51,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.checkpoints import export_hf, save_encoder
 from aimv2.models.registry import build_encoder, model_size, parse_model_name
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+LABELS = {"hf": "transformers"}  # how ratio names spell a model
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -183,15 +191,36 @@ def run_precision(
     return times
 
 
-def summarize(times: dict[str, dict[str, list[float]]], batch: int) -> dict:
+@torch.inference_mode()
+def measure_memory(
+    models: dict[str, Forward], x: torch.Tensor, precisions: list[str], device: torch.device
+) -> dict[str, float | None]:
+    """Peak MiB above the weights of one forward per model and precision, after a warmup forward (the first
+    forward also pages in transformers' memory-mapped weights); keys ``"<model> <precision>"``, None: unknown."""
+    mems: dict[str, float | None] = {}
+    for p in precisions:
+        with precision_context(p, device):
+            for k, fn in models.items():
+                fn(x)
+                with PeakMemory(device) as m:
+                    fn(x)
+                mems[f"{k} {p}"] = m.mib
+                print(f"  [{p}] peak memory {k}: {fmt_mib(m.mib)}", flush=True)
+    return mems
+
+
+def summarize(times: dict[str, dict[str, list[float]]], mems: dict[str, float | None], batch: int) -> dict:
     """img/s per model (median and best round) and ratios against ours, three ways:
 
     - ``median``: ratio of the median img/s (what the brief table shows);
     - ``paired``: median over rounds of (their time / our time) in the same round, robust to load drifts that
       last longer than a round;
     - ``best``: ratio of the fastest rounds, the least disturbed estimate on a busy machine.
+
+    ``ratios_by_precision`` holds all three; the flat ``ratios`` (the suite's summary) the median and paired ones
+    and, per precision, their peak memory over ours (above 1: ours needs less).
     """
-    out: dict = {"throughput": {}, "ratios": {}}
+    out: dict = {"throughput": {}, "ratios_by_precision": {}, "ratios": {}, "peak_memory_mib": mems}
     for prec, per_model in times.items():
         out["throughput"][prec] = {
             k: {
@@ -204,7 +233,7 @@ def summarize(times: dict[str, dict[str, list[float]]], batch: int) -> dict:
         pairs = [("ours", k) for k in ("timm", "hf") if k in per_model]
         if "ours+compile" in per_model:
             pairs.append(("ours+compile", "ours"))
-        out["ratios"][prec] = {
+        out["ratios_by_precision"][prec] = {
             f"{a}/{b}": {
                 "median": statistics.median(per_model[b]) / statistics.median(per_model[a]),
                 "paired": statistics.median(tb / ta for ta, tb in zip(per_model[a], per_model[b], strict=True)),
@@ -212,6 +241,16 @@ def summarize(times: dict[str, dict[str, list[float]]], batch: int) -> dict:
             }
             for a, b in pairs
         }
+        for a, b in pairs:
+            r = out["ratios_by_precision"][prec][f"{a}/{b}"]
+            name = f"{LABELS.get(a, a)}/{LABELS.get(b, b)} {prec} img/s"
+            out["ratios"][f"{name} (median)"] = r["median"]
+            out["ratios"][f"{name} (paired)"] = r["paired"]
+        ours = mems.get(f"ours {prec}")
+        for k in ("timm", "hf"):
+            mib = mems.get(f"{k} {prec}")
+            if ours and mib is not None:
+                out["ratios"][f"{LABELS.get(k, k)}/ours {prec} peak memory"] = mib / ours
     return out
 
 
@@ -228,8 +267,11 @@ def print_table(summary: dict, batch: int) -> None:
         print(f"{k:<14}" + "".join(f"{c:>26}" for c in cells))
     print("\nratios (above 1: the first is faster): median img/s, paired per-round, best round")
     for p in precs:
-        for name, r in summary["ratios"][p].items():
+        for name, r in summary["ratios_by_precision"][p].items():
             print(f"{p:<6}{name:<20} median {r['median']:.3f}   paired {r['paired']:.3f}   best {r['best']:.3f}")
+    print("\npeak memory of one forward above the weights")
+    for name, mib in summary["peak_memory_mib"].items():
+        print(f"  {name:<20} {fmt_mib(mib)}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -242,7 +284,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of ours (compiles in the warmup)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    ap.add_argument("--memory-only", action="store_true", help="only measure each model's peak memory (no timing)")
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if args.memory_only:
+        release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for p in precisions:
         precision_context(p, torch.device("cpu"))  # validate before the slow part
@@ -250,7 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     info = machine_info(device)
     print(
-        f"{args.model}, batch {args.batch_size}, {args.reps} rounds, on {info['cpu_model']} "
+        f"{args.model}, batch {args.batch_size}, "
+        + ("peak memory only" if args.memory_only else f"{args.reps} rounds")
+        + f", on {info['cpu_model']} "
         f"({info['nproc']} cores, {info['torch_threads']} torch threads), torch {info['torch']}"
         + (f", {info['gpu']}" if "gpu" in info else ""),
         flush=True,
@@ -264,19 +312,28 @@ def main(argv: list[str] | None = None) -> dict:
     img = parse_model_name(args.model).image_hw
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, *img, generator=gen).to(device)
+    if args.memory_only:
+        mems = measure_memory(models, x, precisions, device)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"peak_memory_mib": mems}, indent=2) + "\n")
+        return {"peak_memory_mib": mems}
     diffs = check_outputs({k: v for k, v in models.items() if k != "ours+compile"}, x)
     print("  fp32 max |output - ours|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()), flush=True)
 
     times = {p: run_precision(models, x, p, args.reps, args.warmup, device) for p in precisions}
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = os.getloadavg()  # 1, 5, 15 min: well above the core count means shared cores
-    summary = summarize(times, args.batch_size)
+    del models  # the memory run builds its own; free these first
+    measured = measure_in_fresh_process(__file__, argv) or {}
+    mems = {f"{k} {p}": measured.get(f"{k} {p}") for p in precisions for k in times[precisions[0]]}
+    summary = summarize(times, mems, args.batch_size)
     print_table(summary, args.batch_size)
 
     result = {
-        "command": " ".join(["python", "benchmarks/encoder_speed.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "benchmarks/encoder_speed.py", *argv]),
         "model": args.model,
-        "timm_model": timm_name(args.model) if "timm" in models else None,
+        "timm_model": timm_name(args.model) if "timm" in times[precisions[0]] else None,
         "batch_size": args.batch_size,
         "reps": args.reps,
         "warmup": args.warmup,

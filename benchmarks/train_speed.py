@@ -1,13 +1,25 @@
-"""Training-step throughput and MFU of the AIMv2 objective (encoder + decoder, forward + backward + AdamW).
+"""Training-step throughput, MFU and peak memory of the AIMv2 objective, ours against a straightforward baseline.
 
-What it measures: samples/s of full optimizer steps on a fixed model and batch, for each precision asked,
-interleaved (one step of each precision in turn) so that load on a shared machine affects all alike.
+What it measures: samples/s of full optimizer steps (forward, backward, gradient clipping, AdamW) on a fixed model
+and batch, for each precision asked (``fp32``; ``bf16`` is autocast over fp32 weights), of
 
-MFU = achieved FLOP/s / peak FLOP/s, with the model FLOPs counted as in training (3x the forward matmuls
-and attention, ``aimv2.train.metrics.flops_per_sample``). The peak is the datasheet's dense peak on known
-GPUs; on a CPU, where no datasheet number applies, it is the best large-matmul FLOP/s measured in this run
-for the same dtype ("MFU vs measured matmul peak"), so the ratio says how close the step is to what the
-machine's matmul kernels can do.
+- ``ours``: ``aimv2.models.create_pretraining_model`` and ``aimv2.train.optim.build_optimizer``, as the trainer runs;
+- ``baseline``: the same architecture, weights and loss computed the plain way (``baseline_model.py``: attention as
+  ``softmax(q k^T / sqrt(d) + mask) v`` with a materialized additive mask, RMSNorm and cross-entropy written out,
+  AdamW's per-parameter loop), so the ratio says what our way of computing buys.
+
+Before timing, both compute the loss and gradients of the same batch; the script prints the largest differences
+and stops if they exceed the tolerance, so the two are known to compute the same function. The timed steps
+interleave every (model, precision) variant in a rotating order, so load from other jobs hits all alike.
+
+MFU = achieved FLOP/s / peak FLOP/s, with the model FLOPs counted as in training (3x the forward matmuls and
+attention, ``aimv2.train.metrics.flops_per_sample``), the same count for both models. The peak is the datasheet's
+dense peak on known GPUs; on a CPU, where no datasheet number applies, it is the best large-matmul FLOP/s measured
+in this run for the same dtype ("MFU vs measured matmul peak"), so the ratio says how close the step is to what
+the machine's matmul kernels can do. Peak memory is the most a step needed above what was held before it
+(activations, gradients, temporaries; not weights or optimizer state), measured after the timing in a fresh
+process running this script with ``--memory-only`` (one warmup and one measured step per variant), because on CPU
+the measurement needs a malloc setting that would slow the timed steps (see ``peak_memory.py``).
 
     python benchmarks/train_speed.py                        # tiny-synthetic model, batch 64, fp32 and bf16, CPU
     python benchmarks/train_speed.py --encoder aimv2-large-patch14-224 --batch-size 32 --device cuda \\
@@ -20,15 +32,21 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from baseline_model import plain_copy, plain_optimizer
+from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.models import create_pretraining_model
 from aimv2.train.config import OptimConfig
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
+
+# |baseline - ours| allowed before timing, relative to max(1, |loss|) and to the largest gradient entry
+TOLERANCE = {"fp32": {"loss": 1e-5, "grad": 1e-4}, "bf16": {"loss": 5e-3, "grad": 5e-2}}
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -49,6 +67,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def check_same_function(models: dict, batch: tuple, precisions: list[str], device: torch.device) -> dict:
+    """Loss and gradients of every model on one batch against ours: max |difference| per precision (no step)."""
+    report = {}
+    for prec in precisions:
+        losses, grads = {}, {}
+        for name, (model, _opt, loss_fn) in models.items():
+            with _autocast(device, prec):
+                loss = loss_fn(*batch)
+            loss.backward()
+            losses[name] = loss.item()
+            grads[name] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+        g_max = max(g.abs().max().item() for g in grads["ours"].values())
+        for name in models:
+            if name == "ours":
+                continue
+            d_loss = abs(losses[name] - losses["ours"])
+            d_grad = max((grads[name][n] - g).abs().max().item() for n, g in grads["ours"].items())
+            report[f"{name} {prec}"] = dict(loss=losses["ours"], max_abs_diff_loss=d_loss, max_abs_diff_grad=d_grad)
+            print(
+                f"  {prec} {name} vs ours: loss {losses['ours']:.6f}, max |diff| loss {d_loss:.2e}, "
+                f"gradients {d_grad:.2e} (largest gradient {g_max:.2e})",
+                flush=True,
+            )
+            tol = TOLERANCE.get(prec, TOLERANCE["bf16"])
+            if d_loss > tol["loss"] * max(1.0, abs(losses["ours"])) or d_grad > tol["grad"] * g_max:
+                raise SystemExit(f"{name} does not compute the same function as ours in {prec} (tolerance {tol})")
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="aimv2-tiny-patch8-64")
@@ -58,12 +110,17 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=521, help="vocabulary size (default: the built-in tokenizer's)")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per precision")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (model x precision)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--no-baseline", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (as train.compile=true)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block of both (as train.compile=true)")
     p.add_argument("--out", type=Path, help="write the results as JSON")
+    p.add_argument("--memory-only", action="store_true", help="only measure each variant's peak memory (no timing)")
     args = p.parse_args()
+    if args.memory_only:
+        release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
 
     device = torch.device(args.device)
     overrides: dict = {}
@@ -80,56 +137,80 @@ def main() -> None:
     model = create_pretraining_model(
         args.encoder, vocab_size=args.vocab, decoder_max_text_len=args.text_len, **overrides
     ).to(device)
+    models = {"ours": (model, build_optimizer(model, OptimConfig()), lambda x, t, m: model(x, t, prefix_len=m).loss)}
+    if not args.no_baseline:
+        base = plain_copy(model)  # before compile: the same weights, names unchanged
+        models["baseline"] = (base, plain_optimizer(base, OptimConfig()), base)
     if args.compile:
         from aimv2.train.parallelize import apply_compile
 
-        apply_compile(model)
-    opt = build_optimizer(model, OptimConfig())
+        for m_, _, _ in models.values():
+            apply_compile(m_)
     enc = model.encoder.cfg
     n_patches = enc.grid_size[0] * enc.grid_size[1]
     B = args.batch_size
     images = torch.randn(B, 3, *enc.image_hw, device=device)
     text = torch.randint(3, args.vocab, (B, args.text_len), device=device)
+    text[: B // 2, -args.text_len // 4 :] = 0  # half the captions end in padding, as short captions do
     prefix = torch.randint(1, n_patches, (B,), device=device)
+    batch = (images, text, prefix)
     flops = flops_per_sample(model, n_patches, args.text_len)
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
 
-    def step(precision: str) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(images, text, prefix_len=prefix)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        return time.perf_counter() - t0
+    variants = [(name, prec) for prec in precisions for name in models]
+    if args.memory_only:
+        return write_memory(args.out, {f"{n} {p_}": step_memory(models, (n, p_), batch, device) for n, p_ in variants})
 
-    precisions = args.precisions.split(",")
-    for prec in precisions:  # warmup (and compilation)
-        step(prec), step(prec)
-    times: dict[str, list[float]] = {p_: [] for p_ in precisions}
-    for _ in range(args.steps):
-        for prec in precisions:
-            times[prec].append(step(prec))
+    print(f"{args.encoder} {overrides or '(paper decoder)'} batch {B}, device {device}", flush=True)
+    check = check_same_function(models, batch, precisions, device) if len(models) > 1 else {}
 
-    results = {}
+    for v in variants:  # warmup (optimizer state, compilation)
+        for _ in range(args.warmup):
+            train_step(models, v, batch, device)
+    times: dict = {v: [] for v in variants}
+    for r in range(args.steps):
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # rotate: no variant always first
+            times[v].append(train_step(models, v, batch, device))
+        print(f"  step {r + 1}/{args.steps}: " + "  ".join(f"{n} {p_} {times[(n, p_)][-1]:.3f}s" for n, p_ in variants))
+
+    measured = measure_in_fresh_process(__file__, sys.argv[1:]) or {}
+    mems = {v: measured.get(f"{v[0]} {v[1]}") for v in variants}
+    peaks = {}
     for prec in precisions:
-        dt = statistics.median(times[prec])
-        sps = B / dt
         peak = peak_flops(device, bf16=prec == "bf16")
-        peak_kind = "datasheet"
-        if peak is None:
-            peak = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32)
-            peak_kind = "measured matmul"
-        results[prec] = {
+        peaks[prec] = (peak, "datasheet") if peak else (matmul_peak(device, _dtype(prec)), "measured matmul")
+    results: dict = {name: {} for name in models}
+    for name, prec in variants:
+        dt = statistics.median(times[(name, prec)])
+        sps = B / dt
+        peak, kind = peaks[prec]
+        results[name][prec] = {
             "step_s": dt,
+            "step_s_all": times[(name, prec)],
             "samples_per_s": sps,
             "tflops": sps * flops / 1e12,
             "peak_tflops": peak / 1e12,
-            "peak_kind": peak_kind,
+            "peak_kind": kind,
             "mfu": sps * flops / peak,
+            "peak_memory_mib": mems[(name, prec)],
         }
+    ratios, headline = {}, {}
+    for prec in precisions:
+        o = results["ours"][prec]
+        headline[f"ours {prec} samples/s"] = o["samples_per_s"]
+        headline[f"ours {prec} MFU % ({o['peak_kind']} peak)"] = 100 * o["mfu"]
+        if "baseline" in results:
+            b = results["baseline"][prec]
+            headline[f"baseline {prec} MFU % ({b['peak_kind']} peak)"] = 100 * b["mfu"]
+            ratios[f"ours/baseline {prec} samples/s"] = o["samples_per_s"] / b["samples_per_s"]
+            paired = [tb / to for to, tb in zip(o["step_s_all"], b["step_s_all"], strict=True)]
+            ratios[f"ours/baseline {prec} samples/s, paired"] = statistics.median(paired)
+            if o["peak_memory_mib"] and b["peak_memory_mib"] is not None:
+                ratios[f"baseline/ours {prec} peak memory"] = b["peak_memory_mib"] / o["peak_memory_mib"]
+    if len(precisions) == 2:
+        a, b_ = precisions
+        ratios[f"ours {b_}/{a} samples/s"] = results["ours"][b_]["samples_per_s"] / results["ours"][a]["samples_per_s"]
+
     info = {
         "encoder": args.encoder,
         "overrides": overrides,
@@ -137,31 +218,77 @@ def main() -> None:
         "text_len": args.text_len,
         "vocab": args.vocab,
         "compile": args.compile,
+        "steps": args.steps,
+        "warmup": args.warmup,
         "gflops_per_sample": flops / 1e9,
         "params_m": sum(p_.numel() for p_ in model.parameters()) / 1e6,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        "same_function_check": check,
         "results": results,
+        "ratios": ratios,
+        "peak_memory_mib": {f"{n} {p_}": results[n][p_]["peak_memory_mib"] for n, p_ in variants},
+        "headline": headline,
     }
     print(
         f"{args.encoder} {overrides or '(paper decoder)'} batch {B}, {info['params_m']:.1f}M params, "
         f"{info['gflops_per_sample']:.2f} GFLOP/sample (train), device {info['device']}, {info['threads']} threads"
     )
-    print(f"{'precision':>9} | {'step s':>7} | {'samples/s':>9} | {'TFLOP/s':>7} | {'peak':>7} | {'MFU':>6}")
-    for prec, r in results.items():
+    head = f"{'model':>8} {'precision':>9} | {'step s':>7} | {'samples/s':>9} | {'TFLOP/s':>7} | {'peak':>7} |"
+    print(f"{head} {'MFU':>6}")
+    for name, prec in variants:
+        r = results[name][prec]
         print(
-            f"{prec:>9} | {r['step_s']:7.3f} | {r['samples_per_s']:9.1f} | {r['tflops']:7.3f} | "
-            f"{r['peak_tflops']:7.3f} | {100 * r['mfu']:5.1f}%  ({r['peak_kind']} peak)"
+            f"{name:>8} {prec:>9} | {r['step_s']:7.3f} | {r['samples_per_s']:9.1f} | {r['tflops']:7.3f} | "
+            f"{r['peak_tflops']:7.3f} | {100 * r['mfu']:5.1f}%  ({r['peak_kind']} peak), "
+            f"peak memory {fmt_mib(r['peak_memory_mib'])}"
         )
-    if len(precisions) == 2:
-        a, b = precisions
-        print(f"{b}/{a} throughput ratio: {results[b]['samples_per_s'] / results[a]['samples_per_s']:.2f}x")
+    print("ratios (above 1: ours is faster / needs less):")
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(info, indent=2) + "\n")
         print(f"wrote {args.out}")
+
+
+def train_step(models: dict, variant: tuple[str, str], batch: tuple, device: torch.device) -> float:
+    """One full optimizer step of ``variant`` (model name, precision); returns its seconds."""
+    name, precision = variant
+    model, opt, loss_fn = models[name]
+    _sync(device)
+    t0 = time.perf_counter()
+    with _autocast(device, precision):
+        loss = loss_fn(*batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def step_memory(models: dict, variant: tuple[str, str], batch: tuple, device: torch.device) -> float | None:
+    """Peak MiB of one step of ``variant`` after a warmup step (which creates the optimizer state)."""
+    train_step(models, variant, batch, device)
+    with PeakMemory(device) as m:
+        train_step(models, variant, batch, device)
+    print(f"  peak memory {variant[0]} {variant[1]}: {fmt_mib(m.mib)}", flush=True)
+    return m.mib
+
+
+def write_memory(out: Path | None, mems: dict) -> None:
+    """The ``--memory-only`` result: ``{"peak_memory_mib": {variant: MiB}}``."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"peak_memory_mib": mems}, indent=2) + "\n")
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 if __name__ == "__main__":
