@@ -18,6 +18,10 @@ captions for the decoder, and one at a large area pays attention quadratic in it
   native FLOPs per image token, printed), which is what the image tokens/s ratio would be at equal FLOP/s.
 - ``all tokens/s`` counts captions too (the trainer's ``tokens_per_s``).
 
+Peak memory (the most a step needed above what was held before it: activations, gradients, temporaries) is measured
+after the timing, in a fresh process running this script with ``--memory-only`` (see ``peak_memory.py``): for
+native, the largest over the timed steps' shapes.
+
 ``--compile`` compiles each block as ``train.compile=true`` does (native: symbolic shapes, one graph for every
 (B, N); fixed: static) and reports how many graphs dynamo compiled for each mode.
 
@@ -31,10 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import PeakMemory, fmt_mib, max_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.data.transforms import normalize
 from aimv2.models import create_pretraining_model
@@ -83,7 +89,10 @@ def main() -> None:
         help="--compile: compile the native model with static shapes too (to count the recompiles it would cost)",
     )
     p.add_argument("--out", type=Path)
+    p.add_argument("--memory-only", action="store_true", help="only measure each mode's peak memory per step")
     args = p.parse_args()
+    if args.memory_only:
+        release_freed_memory()  # before anything allocates, so that RSS follows the live tensors
 
     device = torch.device(args.device)
     w, d, h, m = (int(x) for x in args.decoder.split(","))
@@ -139,6 +148,22 @@ def main() -> None:
             B * flops_per_sample(model, gh * gw, args.text_len),
         )
 
+    if args.memory_only:
+        peak = {}
+        for mode in ("fixed", "native"):
+            step(mode, 10_000)  # the optimizer state exists before the measured steps, as in training
+            measured = []
+            for i in range(args.steps if mode == "native" else 2):
+                with PeakMemory(device) as mem:
+                    step(mode, i)
+                measured.append(mem.mib)
+            peak[mode] = max_mib(measured)
+        print("peak memory per step: " + ", ".join(f"{k} {fmt_mib(v)}" for k, v in peak.items()), flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"peak_memory_mib": peak}) + "\n")
+        return
+
     graphs, warm_graphs = {}, {}
     for mode in ("fixed", "native"):
         before = _graph_count()
@@ -174,6 +199,8 @@ def main() -> None:
     ratio_flops = results["native"]["model_tflops"] / results["fixed"]["model_tflops"]
     work = results["fixed"]["flops_per_image_token"] / results["native"]["flops_per_image_token"]
     paper_work = paper_scale_work_ratio()
+    measured = measure_in_fresh_process(__file__, sys.argv[1:]) or {}
+    peak = {mode: measured.get(mode) for mode in ("fixed", "native")}
     info = {
         "encoder": args.encoder,
         "overrides": overrides,
@@ -202,7 +229,11 @@ def main() -> None:
             "fixed/native work per image token": work,
             "fixed/native work per image token, AIMv2-L at the paper's geometry (counted)": paper_work,
             "native/fixed all tokens/s": ratio_all,
+            **(
+                {"fixed/native peak memory": peak["fixed"] / peak["native"]} if peak["fixed"] and peak["native"] else {}
+            ),
         },
+        "peak_memory_mib": peak,
     }
     print(
         f"{args.encoder} {overrides}; budget {args.tokens_per_batch} image tokens/step; fixed {fixed_grid} x "
@@ -224,6 +255,7 @@ def main() -> None:
         f"{ratio_img:.2f}x = {ratio_flops:.2f} x {work:.2f}, the second factor being the recipe's extra work per image "
         f"token (fixed/native FLOPs per image token: what equal FLOP/s would give); all tokens/s {ratio_all:.2f}x"
     )
+    print(f"peak memory per step: fixed {fmt_mib(peak['fixed'])}, native {fmt_mib(peak['native'])} (largest shape)")
     print(
         f"for scale: AIMv2-L with the paper's decoder at the paper's geometry (fixed 256 patches, native 128-4096, "
         f"77-token captions) has fixed/native FLOPs per image token {paper_work:.2f} (counted, not timed)"
