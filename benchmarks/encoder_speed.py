@@ -51,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.checkpoints import export_hf, save_encoder
@@ -61,16 +62,6 @@ LABELS = {"hf": "transformers"}  # how ratio names spell a model
 
 
 # ------------------------------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
