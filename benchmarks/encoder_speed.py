@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,8 +48,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import machine
 import torch
-from machine import cpu_model
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.checkpoints import export_hf, save_encoder
@@ -63,24 +61,14 @@ LABELS = {"hf": "transformers"}  # how ratio names spell a model
 
 # ------------------------------------------------------------------------------------------ machine
 def machine_info(device: torch.device) -> dict:
-    info = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "device": str(device),
-    }
-    for mod in ("timm", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
+    info = machine.machine_info(("timm", "transformers"))
+    info.update(
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        mkldnn=torch.backends.mkldnn.is_available(),
+        device=str(device),
+    )
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import os
 import platform
 from pathlib import Path
 
@@ -15,3 +18,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "transformers", "pillow")) -> dict:
+    """Date, platform, CPU, cores, load average and the installed versions of ``packages`` (None if absent)."""
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    for pkg in packages:
+        try:
+            info[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            info[pkg] = None
+    return info

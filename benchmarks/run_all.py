@@ -29,18 +29,15 @@ summary with the machine (CPU, core count, load average at start and end), libra
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import cpu_model
+from machine import machine_info
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -200,23 +197,6 @@ def print_summary(results: dict[str, dict], total_s: float) -> None:
     print(f"; FAILED: {', '.join(failed)}" if failed else "")
 
 
-def machine() -> dict:
-    info = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    for pkg in ("torch", "torchvision", "timm", "transformers", "pillow"):
-        try:
-            info[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            info[pkg] = None
-    return info
-
-
 def load(avg) -> str:
     return "n/a" if avg is None else ", ".join(f"{x:.2f}" for x in avg)
 
@@ -264,7 +244,7 @@ def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = Non
         return 0
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine()
+    info = machine_info()
     print(
         f"benchmark suite on {args.device}: {', '.join(b.name for b in chosen)}; {info['cpu_model']}, "
         f"{info['nproc']} cores, load average {load(info['loadavg_at_start'])}; results in {rel(out_dir)}",
