@@ -199,3 +199,19 @@ def test_zeroshot_reads_a_clip_like_tokenizer_without_a_pad_token(tmp_path):
     model.cfg.text.eos_id = 5  # a model pooling at another id is refused
     with pytest.raises(SystemExit, match="eos id 5"):
         _tokenizer(args, model, tmp_path)
+
+
+def test_a_config_names_the_pad_token_of_a_file_without_one(tmp_path):
+    from pathlib import Path
+
+    from aimv2.train.config import ConfigError, load_config
+    from aimv2.train.sources import build_source
+
+    (tmp_path / "clip.json").write_text(_clip_like_json())
+    root = Path(__file__).resolve().parents[1]
+    base = ["data.context_length=8", f"data.tokenizer={tmp_path / 'clip.json'}"]
+    with pytest.raises(ConfigError, match="data.pad_token"):
+        build_source(load_config(root / "configs/tiny-synthetic.yaml", base), None)
+    cfg = load_config(root / "configs/tiny-synthetic.yaml", [*base, "data.pad_token=<|endoftext|>"])
+    tok = build_source(cfg, None).tokenizer
+    assert tok.encode("a dog")[0].tolist() == [6, 1, 5, 7, 7, 7, 7, 7]

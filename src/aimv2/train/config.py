@@ -82,6 +82,9 @@ class DataConfig:
     mean_std: str = "imagenet"  # "imagenet" or "clip"
     context_length: int = 77  # tokens per caption, EOS included, right-padded
     tokenizer: str | None = None  # tokenizer.json or SentencePiece .model; None: the built-in synthetic-caption one
+    # the padding token's name, for a tokenizer.json that names none (CLIP's): e.g. '<|endoftext|>' for LiT, whose
+    # text tower pools at the first end token and never reads past it
+    pad_token: str | None = None
     synthetic_length: int | None = None  # None: an endless stream of distinct scenes
     native: NativeConfig = field(default_factory=NativeConfig)  # native-resolution training (off by default)
 

@@ -108,7 +108,11 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
         if path.suffix == ".model":  # SentencePiece (e.g. SigLIP's, the paper's tokenizer)
             tok = Tokenizer.from_sentencepiece(path, context_length=cfg.data.context_length)
         else:
-            tok = Tokenizer.from_file(path, context_length=cfg.data.context_length)
+            try:
+                tok = Tokenizer.from_file(path, context_length=cfg.data.context_length, pad_token=cfg.data.pad_token)
+            except ValueError as e:
+                fix = " (set data.pad_token to the token to pad with)" if "pad" in str(e) else ""
+                raise ConfigError(f"data.tokenizer={path}: {e}{fix}") from e
     elif saved is not None and saved.exists():
         tok = Tokenizer.from_file(saved, context_length=cfg.data.context_length)
     else:
