@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
 
 
 def _tokenizer(args, model, source: Path):
-    from ..data.tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer, UnknownSpecialToken
 
     path = Path(args.tokenizer) if args.tokenizer else None
     if path is None:
@@ -53,8 +53,8 @@ def _tokenizer(args, model, source: Path):
     length = model.cfg.text.context_length
     try:
         tok = Tokenizer.from_file(path, context_length=length)
-    except ValueError as e:
-        if "pad" not in str(e):
+    except UnknownSpecialToken as e:
+        if e.what != "pad":
             raise
         # a file that names no pad token (CLIP's): pad with the eos token, since the text tower pools at the first
         # eos and, being causal, never reads what follows it

@@ -30,6 +30,14 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 in tokenizers we tra
 DEFAULT_CONTEXT_LENGTH = 77
 
 
+class UnknownSpecialToken(ValueError):
+    """A tokenizer file does not say which token is its pad (or eos, bos) token; ``what`` names which."""
+
+    def __init__(self, what: str):
+        super().__init__(f"cannot tell the {what} token of this tokenizer; pass {what}_token=")
+        self.what = what
+
+
 class Tokenizer:
     """Batch encoding to ``LongTensor[B, context_length]`` (see the module docstring) and decoding back."""
 
@@ -166,7 +174,7 @@ class Tokenizer:
                 return fallback_id
             i = tk.token_to_id(f"<{what}>")
             if i is None:
-                raise ValueError(f"cannot tell the {what} token of this tokenizer; pass {what}_token=")
+                raise UnknownSpecialToken(what)
             return i
 
         pad_id = token_id(pad_token, padding.get("pad_id") if padding else None, "pad")

@@ -273,9 +273,10 @@ class Captioner:
     ):
         self.model, self.tokenizer, self.mean_std = model.eval(), tokenizer, mean_std
         # AIMv2's one decoder, or the caption decoder of a baseline (cap, or AIMv2 with separate decoders)
-        self.decoder: MultimodalDecoder | None = getattr(model, "decoder", None) or getattr(model, "text_decoder", None)
-        if self.decoder is None:
+        decoder = getattr(model, "decoder", None) or getattr(model, "text_decoder", None)
+        if decoder is None:
             raise ValueError(f"{type(model).__name__} has no caption decoder (AIMv1 and CLIP models cannot caption)")
+        self.decoder: MultimodalDecoder = decoder
         self.prefix = parse_prefix(prefix)
         self._gen = torch.Generator().manual_seed(seed)  # "random" prefixes: reproducible for the same inputs
 

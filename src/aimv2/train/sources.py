@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.tokenizer import Tokenizer, default_synthetic_tokenizer
+from ..data.tokenizer import Tokenizer, UnknownSpecialToken, default_synthetic_tokenizer
 from ..data.transforms import NativeDecode, TrainTransform, eval_transform, native_max_side, train_transform
 from .checkpointing import atomic_write
 from .config import Config, ConfigError
@@ -111,7 +111,8 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
             try:
                 tok = Tokenizer.from_file(path, context_length=cfg.data.context_length, pad_token=cfg.data.pad_token)
             except ValueError as e:
-                fix = " (set data.pad_token to the token to pad with)" if "pad" in str(e) else ""
+                pad = isinstance(e, UnknownSpecialToken) and e.what == "pad"
+                fix = " (set data.pad_token to the token to pad with)" if pad else ""
                 raise ConfigError(f"data.tokenizer={path}: {e}{fix}") from e
     elif saved is not None and saved.exists():
         tok = Tokenizer.from_file(saved, context_length=cfg.data.context_length)
