@@ -132,6 +132,12 @@ def train_transform(
     return v2.Compose(steps)
 
 
+def jpeg_draft_scale(hw: tuple[int, int], min_hw: tuple[int, int]) -> int:
+    """The largest JPEG decode reduction (8, 4 or 2) that keeps ``hw`` pixels at least ``min_hw``; else 1."""
+    (h, w), (min_h, min_w) = hw, min_hw
+    return next((s for s in (8, 4, 2) if h / s >= min_h and w / s >= min_w), 1)
+
+
 class TrainTransform:
     """:func:`train_transform` for an image that PIL has opened but not decoded yet (``Image.open`` without
     ``load``), decoding JPEGs at reduced scale when that cannot cost quality. PIL image -> uint8 [3, H, W].
@@ -174,8 +180,7 @@ class TrainTransform:
     def draft_scale(self, crop_hw: tuple[int, int]) -> int:
         """The largest JPEG decode reduction (1, 2, 4 or 8) keeping an ``crop_hw`` crop >= the output size; 1 when
         the crop is already smaller than the output (a small image: the resize upsamples at full scale)."""
-        (h, w), (out_h, out_w) = crop_hw, self.size
-        return next((s for s in (8, 4, 2) if h / s >= out_h and w / s >= out_w), 1)
+        return jpeg_draft_scale(crop_hw, self.size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if not self.draft or img.format != "JPEG":
@@ -286,7 +291,7 @@ class NativeDecode:
     def __call__(self, img: Image.Image) -> Image.Image:
         if img.format == "JPEG":
             W, H = img.size
-            s = next((s for s in (8, 4, 2) if min(W, H) / s >= self.min_side), 1)
+            s = jpeg_draft_scale((H, W), (self.min_side, self.min_side))
             if s > 1:
                 img.draft("RGB", (W // s, H // s))  # as in TrainTransform: PIL picks exactly 1/s
         img.load()  # decode now, inside the reader's fault accounting (the reader closes the file after this)
