@@ -24,8 +24,8 @@ import math
 import torch
 from torch import nn
 
+from aimv2.config import OptimConfig
 from aimv2.models.pretrain import AIMv2Pretrainer
-from aimv2.train.config import OptimConfig
 from aimv2.train.optim import param_groups
 
 

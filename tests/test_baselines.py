@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import aimv2
+from aimv2.config import ConfigError, load_config
 from aimv2.models.baselines import CLIPBaseline, GenerativeBaseline, create_baseline_model
 from aimv2.models.pretrain import AIMv2Pretrainer
-from aimv2.train.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 P, V, EOS = 8, 50, 1

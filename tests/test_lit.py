@@ -403,7 +403,7 @@ def test_two_process_all_gather_matches_one_process(tmp_path, tiny_encoder):
 
 
 def test_lit_config_checks():
-    from aimv2.train.config import ConfigError, LitConfig, load_config
+    from aimv2.config import ConfigError, LitConfig, load_config
 
     cfg = load_config(ROOT / "configs" / "lit-tiny.yaml", ["lit.encoder=runs/x", "lit.text.depth=2"], cls=LitConfig)
     assert cfg.lit.text == {"depth": 2} and cfg.data.source == "synthetic"

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import aimv2
+from aimv2.config import ConfigError, load_config
 from aimv2.data.transforms import native_max_side
 from aimv2.models.pretrain import patchify
-from aimv2.train.config import ConfigError, load_config
 from aimv2.train.native import NativeSchedule, fit_grid
 
 ROOT = Path(__file__).resolve().parents[1]

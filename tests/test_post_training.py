@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import aimv2
 from aimv2.checkpoints import convert_checkpoint, read_checkpoint
 from aimv2.cli import main
+from aimv2.config import ConfigError, load_config
 from aimv2.models.encoder import resize_pos_embed, sincos_pos_embed_2d
 from aimv2.train import checkpointing as ckpt
-from aimv2.train.config import ConfigError, load_config
 from aimv2.train.init_from import InitFromError, init_from
 from aimv2.train.loop import build_model, train
 from aimv2.train.optim import build_optimizer, param_groups, set_lr
@@ -227,7 +227,7 @@ def test_lr_mult_scales_group_lrs_and_keeps_decay_rules():
     mult = {"encoder": 0.1, "encoder.blocks.1": 0.5, "decoder.text_pos": 2.0}
     plain = {id(p): g["weight_decay"] for g in param_groups(model, 1e-4, 1e-3) for p in g["params"]}
     apply_activation_checkpointing(model)  # wrapper names in parameter names do not change the matching
-    from aimv2.train.config import OptimConfig
+    from aimv2.config import OptimConfig
 
     opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=1e-4, lr_mult=mult))
     set_lr(opt, 4e-4)

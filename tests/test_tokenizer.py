@@ -204,7 +204,7 @@ def test_zeroshot_reads_a_clip_like_tokenizer_without_a_pad_token(tmp_path):
 def test_a_config_names_the_pad_token_of_a_file_without_one(tmp_path):
     from pathlib import Path
 
-    from aimv2.train.config import ConfigError, load_config
+    from aimv2.config import ConfigError, load_config
     from aimv2.train.sources import build_source
 
     (tmp_path / "clip.json").write_text(_clip_like_json())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aimv2
-from aimv2.train.config import ConfigError, load_config
+from aimv2.config import ConfigError, load_config
 from aimv2.train.optim import build_optimizer, lr_at, param_groups
 
 
@@ -60,7 +60,7 @@ def test_param_groups_no_decay_on_biases_norms_positions_bos():
 
 def test_fully_decoupled_weight_decay():
     """With zero gradients the update is p <- p * (1 - wd * lr_t / lr_peak), whatever lr_t is."""
-    from aimv2.train.config import OptimConfig
+    from aimv2.config import OptimConfig
 
     lin = torch.nn.Linear(4, 4, bias=False)
     cfg = OptimConfig(lr=1e-3, weight_decay=0.1)
@@ -75,7 +75,7 @@ def test_fully_decoupled_weight_decay():
 
 
 def test_warmup_then_cosine():
-    from aimv2.train.config import OptimConfig
+    from aimv2.config import OptimConfig
 
     cfg = OptimConfig(lr=1e-3, init_lr=1e-6, min_lr=1e-5, warmup_steps=10)
     assert lr_at(0, 110, cfg) == pytest.approx(1e-6)

@@ -152,8 +152,8 @@ def test_two_process_training_matches_single_process(tmp_path, parallel):
 
 
 def test_nan_losses_skip_steps_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):
+    from aimv2.config import load_config
     from aimv2.models import pretrain
-    from aimv2.train.config import load_config
     from aimv2.train.loop import TrainingError, train
 
     out = tmp_path / "nan"

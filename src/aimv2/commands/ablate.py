@@ -139,9 +139,9 @@ def plot(table: dict[str, dict], tasks: list[str], png: Path) -> None:
 
 
 def run(args) -> int:
+    from ..config import ConfigError, load_config
     from ..data.synthetic import write_probe_splits
     from ..models.registry import model_config
-    from ..train.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("aimv2.ablate")

@@ -153,8 +153,8 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 
 
 def run(args) -> int:
+    from ..config import ConfigError, load_config
     from ..data.synthetic import write_probe_splits
-    from ..train.config import ConfigError, load_config
     from ..train.loop import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..checkpoints import CheckpointError
-    from ..train.config import ConfigError, LitConfig, load_config
+    from ..config import ConfigError, LitConfig, load_config
     from ..train.lit import train_lit
     from ..train.loop import TrainingError
 

@@ -8,7 +8,7 @@ import os
 HELP = "pretrain an encoder with the AIMv2 objective from a YAML config"
 DESCRIPTION = """Pretrain a vision encoder with the AIMv2 objective (next-patch regression + captioning).
 
-A run is one YAML file plus dotted overrides; every key has a default (see src/aimv2/train/config.py).
+A run is one YAML file plus dotted overrides; every key has a default (see src/aimv2/config.py).
 Outputs in out_dir:
   config.yaml          the resolved config
   metrics.jsonl        one JSON object per logged step (loss, image_loss, text_loss, lr, grad_norm,
@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..train.config import ConfigError, load_config
+    from ..config import ConfigError, load_config
     from ..train.loop import TrainingError, train
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import Checkpoint, CheckpointError, build_from_checkpoint, check_state_dict, read_checkpoint
+from ..config import Config, ConfigError, load_config
 from ..models.pretrain import AIMv2Pretrainer
 from ..models.registry import model_config
 from . import checkpointing as ckpt
-from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("aimv2.train")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..config import Config
 from ..data.faults import FAULT_KINDS
 from ..data.transforms import normalize
 from . import checkpointing as ckpt
-from .config import Config
 from .data import Batch, ShardStepBatches, StepBatches, make_loader
 from .init_from import init_from
 from .metrics import MetricsLogger, flops_per_sample, peak_flops

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 # Parameters that never decay, besides every 1-D tensor (biases, norm scales).
 NO_DECAY_NAMES = ("pos_embed", "text_pos", "bos", "cls_token", "logit_scale")

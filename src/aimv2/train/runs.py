@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import Config, ConfigError, load_config
 from ..data.tokenizer import Tokenizer
 from ..models.baselines import create_baseline_model
 from ..models.pretrain import AIMv2Pretrainer, create_pretraining_model
 from . import checkpointing as ckpt
-from .config import Config, ConfigError, load_config
 
 
 def build_model(cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1) -> AIMv2Pretrainer | nn.Module:

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import Config, ConfigError
 from ..data.tokenizer import Tokenizer, UnknownSpecialToken, default_synthetic_tokenizer
 from ..data.transforms import NativeDecode, TrainTransform, eval_transform, native_max_side, train_transform
 from .checkpointing import atomic_write
-from .config import Config, ConfigError
 
 
 @dataclass
