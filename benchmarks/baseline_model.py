@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from aimv2.config import OptimConfig
-from aimv2.models.pretrain import AIMv2Pretrainer
+from aimv2.objectives.aimv2 import AIMv2Pretrainer
 from aimv2.train.optim import param_groups
 
 

@@ -44,7 +44,7 @@ from peak_memory import PeakMemory, fmt_mib, max_mib, measure_in_fresh_process, 
 
 from aimv2.config import OptimConfig
 from aimv2.data.transforms import normalize
-from aimv2.models import create_pretraining_model
+from aimv2.objectives import create_pretraining_model
 from aimv2.train.metrics import flops_per_sample
 from aimv2.train.native import NativeSchedule
 from aimv2.train.optim import build_optimizer

@@ -41,7 +41,7 @@ from baseline_model import plain_copy, plain_optimizer
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
-from aimv2.models import create_pretraining_model
+from aimv2.objectives import create_pretraining_model
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
 

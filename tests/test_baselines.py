@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import aimv2
 from aimv2.config import ConfigError, load_config
-from aimv2.models.baselines import CLIPBaseline, GenerativeBaseline, create_baseline_model
-from aimv2.models.pretrain import AIMv2Pretrainer
+from aimv2.objectives import CLIPBaseline, GenerativeBaseline, create_baseline_model
+from aimv2.objectives.aimv2 import AIMv2Pretrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 P, V, EOS = 8, 50, 1
@@ -69,29 +68,42 @@ def _perturb_from(images, first_patch):
 def test_shapes_finite_loss_and_every_parameter_gets_a_gradient(name):
     model = _model(name).train()
     images, text = _batch()
-    out = model(images, text, prefix_len=torch.tensor([3, 9, 15]))
-    for part in ("loss", "image_loss", "text_loss"):
-        assert getattr(out, part).ndim == 0 and torch.isfinite(getattr(out, part)), part
     objective = VARIANTS[name][0]
+    prefix = torch.tensor([3, 9, 15])
+    inputs = {"images": images, "text": text, "prefix_len": prefix}
+    out = model(*[inputs[k] for k in model.input_names])
+    means = out.terms.means()
+    for part in ("image_loss", "text_loss"):  # every pretraining objective reports both (0 where it has none)
+        assert means[part].ndim == 0 and torch.isfinite(means[part]), part
+    # the counts the trainer all-reduces before the forward are the counts the forward reports
+    counts = model.loss_counts(*[inputs[k] for k in model.input_names])
+    assert {k: float(v) for k, v in counts.items()} == {k: float(v) for k, v in out.terms.counts.items()}
+    if objective == "clip":
+        assert float(counts["contrastive_loss"]) == 3 and float(counts["image_loss"]) == 0
+    else:
+        assert float(counts["text_loss"]) == (float((text != 0).sum()) if objective != "aimv1" else 0.0)
+        image_targets = float((N - prefix).sum()) if objective == "aimv1" or name == "separate" else 0.0
+        assert float(counts["image_loss"]) == image_targets
     pixels = objective == "aimv1" or name == "separate"
     words = objective == "cap" or name == "separate"
-    assert (out.image_pred is not None) == pixels and (out.text_logits is not None) == words
+    if objective != "clip":
+        assert (out.image_pred is not None) == pixels and (out.text_logits is not None) == words
     if pixels:
-        assert out.image_pred.shape == (3, N - 1, P * P * 3) and out.image_loss > 0
+        assert out.image_pred.shape == (3, N - 1, P * P * 3) and means["image_loss"] > 0
     else:
-        assert out.image_loss.item() == 0.0  # a loss part the objective does not have: zero, so metrics keep keys
+        assert means["image_loss"].item() == 0.0  # a loss part the objective does not have: zero, so metrics keep keys
     if words:
-        assert out.text_logits.shape == (3, 7, V) and out.text_loss > 0
+        assert out.text_logits.shape == (3, 7, V) and means["text_loss"] > 0
     else:
-        assert out.text_loss.item() == 0.0
+        assert means["text_loss"].item() == 0.0
     if objective == "clip":
         assert out.image_embeds.shape == out.text_embeds.shape == (3, 192)
         torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
     else:
         torch.testing.assert_close(out.loss, out.text_loss + model.alpha * out.image_loss)
-    bidirectional = objective == "clip" or name == "cap-bidirectional"
-    assert out.prefix_len.tolist() == ([N] * 3 if bidirectional else [3, 9, 15])
-    out.loss.backward()
+        torch.testing.assert_close(out.loss, out.terms.loss())
+        assert out.prefix_len.tolist() == ([N] * 3 if name == "cap-bidirectional" else [3, 9, 15])
+    out.terms.loss().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing
 
@@ -111,18 +123,32 @@ def test_caption_logits_ignore_current_and_later_tokens(name):
             assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().amax() > 1e-4  # later logits do read token t
 
 
+def _features_seen_by_the_decoder(model, images, text, prefix_len):
+    """The encoder features as the objective's own forward computes them (a hook on its encoder), so the test
+    exercises how the baseline wires prefix_len into the encoder, not a call made by the test."""
+    seen = []
+    handle = model.encoder.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
+    inputs = {"images": images, "text": text, "prefix_len": prefix_len}
+    try:
+        model(*[inputs[k] for k in model.input_names])
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def test_captioning_with_prefix_attention_keeps_prefix_features_blind_to_the_rest():
     model = _model("cap-prefix")
-    images, _ = _batch()
+    images, text = _batch()
     M = 6
     prefix = torch.full((3,), M)
-    base = model.encoder(images, prefix_len=prefix)
-    out = model.encoder(_perturb_from(images, M), prefix_len=prefix)
+    base = _features_seen_by_the_decoder(model, images, text, prefix)
+    out = _features_seen_by_the_decoder(model, _perturb_from(images, M), text, prefix)
     torch.testing.assert_close(out[:, :M], base[:, :M], rtol=0, atol=1e-5)
     assert (out[:, M:] - base[:, M:]).abs().amax() > 1e-3
-    # the bidirectional variant: every feature sees every patch
+    # the bidirectional variant ignores the prefix it is given: every feature sees every patch
     bi = _model("cap-bidirectional")
-    a, b = bi.encoder(images), bi.encoder(_perturb_from(images, N - 1))
+    a = _features_seen_by_the_decoder(bi, images, text, prefix)
+    b = _features_seen_by_the_decoder(bi, _perturb_from(images, N - 1), text, prefix)
     assert ((a[:, 0] - b[:, 0]).abs().amax(-1) > 1e-4).all()
 
 
@@ -156,30 +182,47 @@ def _naive_clip_loss(img, txt, scale):
 
 
 @pytest.mark.parametrize("name", ["clip-mean", "clip-attention"])
-def test_clip_loss_matches_naive_loops_and_sharded_batches(name):
+def test_clip_towers_and_loss_match_naive_loops_and_sharded_batches(name):
     model: CLIPBaseline = _model(name)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(20.0))
     images, text = _batch(B=4)
-    out = model(images, text)
-    feats = model.encoder(images)  # [B, N, D]: bidirectional
-    pooled = feats.mean(1) if model.head is None else model.head(feats)
-    img = F.normalize(model.image_proj(pooled), dim=-1)
-    eos = [row.tolist().index(EOS) for row in text]  # pooled at the first EOS of the causal text tower
-    states = model.text.forward_tokens(text)
-    txt = F.normalize(model.text_proj(torch.stack([states[b, e] for b, e in enumerate(eos)])), dim=-1)
-    torch.testing.assert_close(out.image_embeds, img, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.text_embeds, txt, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        out = model(images, text)
     assert out.logit_scale.item() == pytest.approx(20.0)
-    assert out.loss.item() == pytest.approx(_naive_clip_loss(img, txt, 20.0), rel=1e-5)
-    # what the trainer does under 2 ranks: each scores its rows against the gathered batch; the mean is the loss
-    from aimv2.models.lit import contrastive_loss
+    assert out.terms.loss().item() == pytest.approx(_naive_clip_loss(out.image_embeds, out.text_embeds, 20.0), rel=1e-5)
+    # the image tower is bidirectional: the first patch's feature (and so the embedding) sees the last patch
+    a = _features_seen_by_the_decoder(model, images, text, None)
+    b = _features_seen_by_the_decoder(model, _perturb_from(images, N - 1), text, None)
+    assert ((a[:, 0] - b[:, 0]).abs().amax(-1) > 1e-4).all()
+    # the text tower pools at the first EOS: tokens after it change nothing, a token before it does
+    after, before = text.clone(), text.clone()
+    after[0, 4:] = torch.randint(3, V, (text.shape[1] - 4,))  # row 0's first EOS is at 3
+    before[0, 1] = (text[0, 1] + 1) % V
+    torch.testing.assert_close(model(images, after).text_embeds, out.text_embeds, rtol=0, atol=1e-6)
+    assert (model(images, before).text_embeds[0] - out.text_embeds[0]).abs().amax() > 1e-4
+    # two ranks, as the trainer runs them: each scores its rows against the gathered batch through the objective's
+    # gather hook; the sums over the ranks divided by the global count are the one-process loss
+    sums = []
+    for rank, rows in enumerate((slice(0, 2), slice(2, 4))):
+        img, txt = out.image_embeds[rows], out.text_embeds[rows]
+
+        def gather(x, img=img, rank=rank):  # what the all-gather returns on this rank: the whole batch, its offset
+            return (out.image_embeds if torch.equal(x, img) else out.text_embeds), 2 * rank
+
+        model.gather_rows = gather
+        terms = model.loss_terms(img, txt, out.logit_scale)
+        assert float(terms.counts["contrastive_loss"]) == 2
+        sums.append(terms.sums["contrastive_loss"])
+    model.gather_rows = None
+    assert float(sum(sums) / 4) == pytest.approx(out.terms.loss().item(), rel=1e-6)
+    from aimv2.objectives.lit import contrastive_loss
 
     halves = [
         contrastive_loss(out.image_embeds[s], out.text_embeds[s], out.logit_scale, out.image_embeds, out.text_embeds, o)
         for s, o in ((slice(0, 2), 0), (slice(2, 4), 2))
     ]
-    assert float(sum(halves) / 2) == pytest.approx(out.loss.item(), rel=1e-6)
+    assert float(sum(halves) / 2) == pytest.approx(out.terms.loss().item(), rel=1e-6)
 
 
 def _config(tmp_path, *overrides):
@@ -188,7 +231,7 @@ def _config(tmp_path, *overrides):
 
 
 def test_config_selects_the_model_and_rejects_mismatches(tmp_path):
-    from aimv2.train.runs import build_model
+    from aimv2.objectives import build_model
 
     kw = dict(vocab_size=V, pad_id=0, eos_id=EOS)
     small = ["model.encoder_overrides={depth: 1, img_size: 32}", "model.decoder={depth: 1}"]

@@ -155,13 +155,18 @@ def test_forward_features_blocks():
         model.forward_features(x, blocks=[4])
 
 
-def test_grad_checkpointing_same_gradients():
+def test_activation_checkpointing_same_gradients():
+    """The one activation-checkpointing mechanism (applied from outside, as the trainer does) changes no
+    gradient, and really wraps every block."""
+    from aimv2.train.parallelize import apply_activation_checkpointing
+
     model = _tiny(depth=2).train()
     x = torch.randn(2, 3, 64, 64)
     model(x, prefix_len=3).square().mean().backward()
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.set_grad_checkpointing(True)
+    apply_activation_checkpointing(model)
+    assert all(type(b).__name__ == "CheckpointWrapper" for b in model.blocks)
     model(x, prefix_len=3).square().mean().backward()
     for p, g in zip(model.parameters(), ref, strict=True):
         torch.testing.assert_close(p.grad, g)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from aimv2.lit_checkpoints import export_hf_lit, load_lit, read_lit, save_lit
 from aimv2.models.encoder import EncoderConfig
-from aimv2.models.lit import LiT, LiTConfig, TextConfig, contrastive_loss
+from aimv2.models.text import TextConfig
+from aimv2.objectives.lit import LiT, LiTConfig, contrastive_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import aimv2
 from aimv2.config import ConfigError, load_config
 from aimv2.data.transforms import native_max_side
-from aimv2.models.pretrain import patchify
+from aimv2.objectives.aimv2 import patchify
 from aimv2.train.native import NativeSchedule, fit_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,34 +187,39 @@ def test_objective_does_not_leak_on_non_square_sincos_grids(hw):
 
 
 def test_grad_accum_on_a_native_batch_gives_the_global_mean_gradient():
-    """Micro-batches of a variable-size step are reweighted by their share of valid targets: the accumulated
-    gradient equals the gradient of the whole step's mean loss."""
+    """Micro-batches of a variable-size step, each divided by the whole step's valid counts, accumulate exactly the
+    gradient of the plain model's mean loss over the whole step (``model(...).loss.backward()``)."""
     import contextlib
 
-    from aimv2.train.data import Batch
-    from aimv2.train.loop import _StepConsts, _train_step
-    from aimv2.train.parallelize import DistInfo
+    from aimv2.data.transforms import normalize
+    from aimv2.train.distributed import DistInfo
+    from aimv2.train.trainer import train_step
 
     model = _native_model().train()
     torch.manual_seed(2)
     B, H, W = 12, 16, 40
-    images = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8)
+    images = normalize(torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), "imagenet", torch.device("cpu"))
     text = torch.randint(3, 50, (B, 6))
-    text[::3, 3:] = 0  # uneven caption lengths
-    prefix = torch.randint(1, (H // P) * (W // P), (B,))
-    batch = Batch(images, text, prefix, torch.arange(B), 0)
-    grads = []
-    for accum in (1, 3):
-        cfg = load_config(None, [f"train.grad_accum={accum}", "train.batch_size=12"])
-        model.zero_grad()
-        loss = _train_step(
-            model, batch, cfg, torch.device("cpu"), contextlib.nullcontext, DistInfo(), _StepConsts(P, 0, 0.4)
-        )
-        grads.append(([p.grad.clone() for p in model.parameters()], loss))
-    (g1, l1), (g3, l3) = grads
-    torch.testing.assert_close(l3, l1, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g1, g3, strict=True):
+    text[::3, 3:] = 0  # uneven caption lengths: micro-batches hold different numbers of valid tokens
+    prefix = torch.randint(1, (H // P) * (W // P), (B,))  # and different numbers of valid patches
+
+    out = model(images, text, prefix_len=prefix)
+    out.loss.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    inputs = {"images": images, "text": text, "prefix_len": prefix}
+    values = train_step(model, model, inputs, 3, DistInfo(), contextlib.nullcontext)
+    torch.testing.assert_close(values["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values["image_loss"], out.image_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values["text_loss"], out.text_loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(reference, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    # a per-micro-batch mean (the naive accumulation) is measurably different here, so the test can fail
+    model.zero_grad()
+    for sl in (slice(0, 4), slice(4, 8), slice(8, 12)):
+        (model(images[sl], text[sl], prefix_len=prefix[sl]).loss / 3).backward()
+    naive = [p.grad.clone() for p in model.parameters()]
+    assert max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)) for a, b in zip(reference, naive)) > 1e-3
 
 
 def _native_tar(path: Path, sizes: list[tuple[int, int]]) -> None:
@@ -323,7 +328,7 @@ def test_config_errors_name_the_problem():
 
 @pytest.mark.parametrize("source", ["synthetic", "shards"])
 def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, source):
-    from aimv2.train import loop
+    from aimv2.train import train, trainer
 
     data = []
     if source == "shards":  # the same run reading webdataset shards: the resumed streams continue exactly
@@ -333,24 +338,24 @@ def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, sour
         data = ["data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.shuffle_buffer=16"]
 
     def run(out):
-        return loop.train(load_config(ROOT / "configs/native-tiny.yaml", [*NATIVE_RUN, *data, f"out_dir={out}"]))
+        return train(load_config(ROOT / "configs/native-tiny.yaml", [*NATIVE_RUN, *data, f"out_dir={out}"]))
 
     run(tmp_path / "ref")
 
     class Killed(Exception):
         pass
 
-    original = loop.save_run_state
+    original = trainer.save_run_state
 
     def die_after_first(model, optimizer, out_dir, step, *a, **k):
         original(model, optimizer, out_dir, step, *a, **k)
         if step == 3:
             raise Killed
 
-    monkeypatch.setattr(loop, "save_run_state", die_after_first)
+    monkeypatch.setattr(trainer, "save_run_state", die_after_first)
     with pytest.raises(Killed):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(loop, "save_run_state", original)
+    monkeypatch.setattr(trainer, "save_run_state", original)
     run(tmp_path / "resumed")  # resumes from step 3
 
     rows = [

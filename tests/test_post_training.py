@@ -14,9 +14,10 @@ from aimv2.checkpoints import convert_checkpoint, read_checkpoint
 from aimv2.cli import main
 from aimv2.config import ConfigError, load_config
 from aimv2.models.encoder import resize_pos_embed, sincos_pos_embed_2d
+from aimv2.objectives import build_model
 from aimv2.train import checkpointing as ckpt
+from aimv2.train import train
 from aimv2.train.init_from import InitFromError, init_from
-from aimv2.train.loop import build_model, train
 from aimv2.train.optim import build_optimizer, param_groups, set_lr
 from aimv2.train.parallelize import apply_activation_checkpointing
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import aimv2
-from aimv2.models.pretrain import PrefixSampler, patchify
+from aimv2.objectives.aimv2 import PrefixSampler, patchify
 
 P = 8  # patch size of the tiny test model
 V = 50

@@ -153,8 +153,8 @@ def test_two_process_training_matches_single_process(tmp_path, parallel):
 
 def test_nan_losses_skip_steps_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):
     from aimv2.config import load_config
-    from aimv2.models import pretrain
-    from aimv2.train.loop import TrainingError, train
+    from aimv2.objectives import aimv2 as pretrain
+    from aimv2.train import TrainingError, train
 
     out = tmp_path / "nan"
     cfg = load_config(

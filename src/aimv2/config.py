@@ -18,7 +18,7 @@ import yaml
 
 @dataclass
 class ClipConfig:
-    """model.objective=clip: the contrastive baseline (models/baselines.py)."""
+    """model.objective=clip: the contrastive baseline (objectives/lit.py)."""
 
     pool: str = "mean"  # mean | attention (AIMv2's attention-pool head) over the encoder's patch features
     text_size: str = "auto"  # auto (the encoder's size if tiny|small, else base) | tiny | small | base

@@ -155,7 +155,7 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 def run(args) -> int:
     from ..config import ConfigError, load_config
     from ..data.synthetic import write_probe_splits
-    from ..train.loop import TrainingError, train
+    from ..train import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)

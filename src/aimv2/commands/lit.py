@@ -37,8 +37,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..checkpoints import CheckpointError
     from ..config import ConfigError, LitConfig, load_config
-    from ..train.lit import train_lit
-    from ..train.loop import TrainingError
+    from ..train import TrainingError, train_lit
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:

@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..config import ConfigError, load_config
-    from ..train.loop import TrainingError, train
+    from ..train import TrainingError, train
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..data.tokenizer import Tokenizer
 from ..data.transforms import normalize
 from ..models.decoder import DecoderCache, MultimodalDecoder
-from ..models.pretrain import AIMv2Pretrainer
+from ..objectives.aimv2 import AIMv2Pretrainer
 
 PREFIX_MODES = ("full", "random")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.folders import ImageFiles
 from ..data.transforms import eval_transform
-from ..models.lit import LiT
+from ..objectives.lit import LiT
 from .features import DTYPES, default_device, extract_features
 from .probe import topk_accuracy
 

@@ -1,8 +1,7 @@
-"""AIMv2 models: the vision encoder, the multimodal decoder and the pretraining objective."""
+"""AIMv2 models: pure modules (the vision encoder, the multimodal decoder, the text tower, pooling heads, sizes)."""
 
 from .decoder import DecoderConfig, MultimodalDecoder
 from .encoder import EncoderConfig, VisionEncoder
-from .pretrain import AIMv2Pretrainer, PrefixSampler, PretrainOutput, create_pretraining_model
 from .registry import SIZES, build_encoder, list_models, model_config, model_size, parse_model_name
 
 
@@ -24,12 +23,8 @@ def create_model(name: str, *, checkpoint=None, **overrides) -> VisionEncoder:
 
 __all__ = [
     "SIZES",
-    "AIMv2Pretrainer",
     "DecoderConfig",
     "MultimodalDecoder",
-    "PrefixSampler",
-    "PretrainOutput",
-    "create_pretraining_model",
     "model_size",
     "EncoderConfig",
     "VisionEncoder",

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .layers import KV, Block, RMSNorm, init_trunk_linear_
 
@@ -92,7 +91,6 @@ class MultimodalDecoder(nn.Module):
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.pixel_head = nn.Linear(D, patch_dim, bias=False) if patch_dim is not None else None
         self.text_head = nn.Linear(D, cfg.vocab_size, bias=False) if text else None
-        self.grad_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -113,10 +111,6 @@ class MultimodalDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> MultimodalDecoder:
-        self.grad_checkpointing = enable
-        return self
 
     def embed_text(self, text_in: torch.Tensor) -> torch.Tensor:
         """[BOS] + tokens -> [B, 1 + T_in, D] with learned positions (0 = BOS)."""
@@ -144,10 +138,7 @@ class MultimodalDecoder(nn.Module):
         else:
             x = img  # [B, N, D]: image-only decoder
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, None, True, use_reentrant=False)
-            else:
-                x = blk(x, is_causal=True)
+            x = blk(x, is_causal=True)
         x = self.norm(x)
         image_pred = self.pixel_head(x[:, : N - 1]) if self.pixel_head is not None else None  # [B, N - 1, p*p*3]
         text_logits = self.text_head(x[:, N : N + T]) if T else None  # [B, T, V]

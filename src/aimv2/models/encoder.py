@@ -13,14 +13,12 @@ causally after them, so the decoder can regress every later patch from the featu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .layers import Block, RMSNorm, init_trunk_linear_, prefix_causal_mask
 
@@ -130,7 +128,6 @@ class VisionEncoder(nn.Module):
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth)
         )
         self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
-        self.grad_checkpointing = False
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -152,11 +149,6 @@ class VisionEncoder(nn.Module):
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
         self._pos_cache.clear()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> VisionEncoder:
-        """Recompute each block in the backward pass: activation memory O(1) in depth for ~1/3 more compute."""
-        self.grad_checkpointing = enable
-        return self
 
     @property
     def embed_dim(self) -> int:
@@ -216,17 +208,12 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"prefix_len must have one entry per sample ({batch}), got {prefix_len.numel()}")
         return prefix_causal_mask(prefix_len, seq_len)
 
-    def _run_block(self, blk: Block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, mask, use_reentrant=False)
-        return blk(x, mask)
-
     def forward(self, pixels: torch.Tensor, prefix_len: torch.Tensor | int | None = None) -> torch.Tensor:
         """Patch features after the final norm: [B, 3, H, W] -> [B, N, D]."""
         x = self.embed(pixels)  # [B, N, D]
         mask = self.attention_mask(prefix_len, x.shape[0], x.shape[1], x.device)
         for blk in self.blocks:
-            x = self._run_block(blk, x, mask)
+            x = blk(x, mask)
         return self.norm(x)
 
     def forward_features(
@@ -262,18 +249,10 @@ class VisionEncoder(nn.Module):
         mask = self.attention_mask(prefix_len, x.shape[0], x.shape[1], x.device)
         outs: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks[: max(idx) + 1]):
-            x = self._run_block(blk, x, mask)
+            x = blk(x, mask)
             if i in wanted:
                 outs[i] = self.norm(x) if norm else x
         return [outs[i] for i in idx]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_image(self, num_patches: int | None = None) -> float:
-        """Forward FLOPs (multiply-adds x 2) of one image: matmuls plus attention scores/values."""
-        c = self.cfg
-        n = num_patches or math.prod(c.grid_size)
-        d = c.embed_dim
-        per_block = 2 * n * (4 * d * d + 3 * d * c.mlp_hidden_dim) + 2 * 2 * n * n * d
-        return c.depth * per_block + 2 * n * c.patch_dim * d

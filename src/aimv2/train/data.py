@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.faults import FAULT_KINDS
 from ..data.transforms import native_fit
-from ..models.pretrain import PrefixSampler
+from ..objectives.aimv2 import PrefixSampler
 from .native import NativeSchedule
 
 

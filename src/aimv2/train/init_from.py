@@ -25,8 +25,8 @@ import torch
 
 from ..checkpoints import Checkpoint, CheckpointError, build_from_checkpoint, check_state_dict, read_checkpoint
 from ..config import Config, ConfigError, load_config
-from ..models.pretrain import AIMv2Pretrainer
 from ..models.registry import model_config
+from ..objectives.aimv2 import AIMv2Pretrainer
 from . import checkpointing as ckpt
 
 log = logging.getLogger("aimv2.train")

@@ -32,10 +32,13 @@ def _stack_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> float:
 
 
 def flops_per_sample(model, num_patches: int, text_len: int) -> float:
-    """Training FLOPs of one image-text pair: 3x the forward (forward + backward), matmuls and attention."""
+    """Training FLOPs of one image-text pair: 3x the forward (forward + backward), matmuls and attention; a frozen
+    encoder (LiT) runs forward only."""
     e = model.encoder.cfg
-    fwd = _stack_flops(num_patches, e.embed_dim, e.mlp_hidden_dim, e.depth)
-    fwd += 2 * num_patches * e.patch_dim * e.embed_dim  # patch embed
+    enc = _stack_flops(num_patches, e.embed_dim, e.mlp_hidden_dim, e.depth)
+    enc += 2 * num_patches * e.patch_dim * e.embed_dim  # patch embed
+    frozen = not any(p.requires_grad for p in model.encoder.parameters())
+    fwd = 0.0
     if hasattr(model, "decoder"):  # AIMv2: one decoder over image + text
         d = model.decoder.cfg
         seq = num_patches + text_len
@@ -50,11 +53,11 @@ def flops_per_sample(model, num_patches: int, text_len: int) -> float:
             fwd += _stack_flops(seq, d.embed_dim, d.mlp_hidden_dim, d.depth)
             fwd += 2 * num_patches * d.embed_dim * e.patch_dim if name == "pixel_decoder" else 0
             fwd += 2 * text_len * d.embed_dim * d.vocab_size if name == "text_decoder" else 0
-    text = getattr(model, "text", None)  # CLIP baseline: the text tower (head and projections neglected)
+    text = getattr(model, "text", None)  # LiT / CLIP: the text tower (head and projections neglected)
     if text is not None:
         t = text.cfg
         fwd += _stack_flops(text_len, t.embed_dim, t.mlp_hidden_dim, t.depth)
-    return 3 * fwd
+    return 3 * fwd + (1 if frozen else 3) * enc
 
 
 class MetricsLogger:

@@ -5,42 +5,12 @@ or DDP. Model code stays free of torch.distributed.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from ..config import TrainConfig
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on CUDA)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-    return info
+from .distributed import DistInfo
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:

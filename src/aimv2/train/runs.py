@@ -2,7 +2,7 @@
 
 Only a run folder has the decoder (``encoder.safetensors`` and released checkpoints hold the encoder alone), so
 whatever needs the decoder after training (captioning, continued pretraining) starts here. The model is rebuilt
-from the run's own ``config.yaml`` with :func:`build_model`, the function the trainer itself uses.
+from the run's own ``config.yaml`` with ``objectives.build_model``, the function the trainer itself uses.
 """
 
 from __future__ import annotations
@@ -11,46 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import Config, ConfigError, load_config
 from ..data.tokenizer import Tokenizer
-from ..models.baselines import create_baseline_model
-from ..models.pretrain import AIMv2Pretrainer, create_pretraining_model
+from ..objectives import AIMv2Pretrainer, build_model
 from . import checkpointing as ckpt
-
-
-def build_model(cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1) -> AIMv2Pretrainer | nn.Module:
-    """The pretraining model a config describes (decoder context = the tokenizer's unless set): AIMv2, or one of
-    the baselines of ``model.objective`` / ``model.separate_decoders`` (models/baselines.py)."""
-    m = cfg.model
-    if m.objective != "aimv2" or m.separate_decoders:
-        return create_baseline_model(
-            m.objective,
-            m.encoder,
-            vocab_size=vocab_size,
-            pad_id=pad_id,
-            eos_id=eos_id,
-            alpha=m.alpha,
-            encoder_attention=m.encoder_attention,
-            separate_decoders=m.separate_decoders,
-            clip_pool=m.clip.pool,
-            clip_text_size=m.clip.text_size,
-            clip_projection_dim=m.clip.projection_dim,
-            clip_init_temperature=m.clip.init_temperature,
-            encoder_overrides=m.encoder_overrides,
-            decoder_overrides={"max_text_len": cfg.data.context_length, **m.decoder},
-        )
-    dec = {f"decoder_{k}": v for k, v in cfg.model.decoder.items()}
-    dec.setdefault("decoder_max_text_len", cfg.data.context_length)
-    return create_pretraining_model(
-        cfg.model.encoder,
-        vocab_size=vocab_size,
-        pad_id=pad_id,
-        alpha=cfg.model.alpha,
-        **cfg.model.encoder_overrides,
-        **dec,
-    )
 
 
 class RunError(ValueError):

@@ -1,4 +1,4 @@
-"""The paper's baselines and ablations, trained in the same harness as AIMv2 (same encoder, data, optimizer).
+"""The paper's baselines and ablations, trained by the same trainer as AIMv2 (same encoder, data, optimizer).
 
     objective   encoder attention           decoder(s)                               loss
     aimv2       prefix                      one causal decoder, pixels + caption     text + alpha * image
@@ -7,32 +7,40 @@
     aimv1       prefix                      an image-only decoder (no text)          image
     clip        bidirectional               none: pooled patches vs a text tower     symmetric InfoNCE
 
-``GenerativeBaseline`` covers the decoder rows (``separate`` is AIMv2 with ``model.separate_decoders=true``),
-``CLIPBaseline`` the contrastive one. Both return :class:`PretrainOutput`: a loss part the objective does not have
-is a zero tensor (so every run logs ``loss``, ``image_loss`` and ``text_loss``) and a prediction it does not make
-is None. ``loss`` is always what is minimized.
+``GenerativeBaseline`` covers the decoder rows (``separate`` is AIMv2 with ``model.separate_decoders=true``);
+the contrastive row is :class:`~aimv2.objectives.lit.CLIPBaseline`, LiT's two towers with a trainable encoder
+(objectives/lit.py). Both return :class:`PretrainOutput`: a loss part the
+objective does not have is a zero sum with count 0 (so every run logs ``loss``, ``image_loss`` and ``text_loss``)
+and a prediction it does not make is None. ``loss`` is always what is minimized.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderConfig, MultimodalDecoder, default_decoder_config
-from .encoder import VisionEncoder
-from .layers import RMSNorm, init_trunk_linear_
-from .lit import AttentionPoolHead, TextTower, contrastive_loss, text_config
-from .pretrain import PretrainOutput, caption_loss, image_regression_loss, resolve_prefix_len
-from .registry import build_encoder, model_size
+from ..models.decoder import DecoderConfig, MultimodalDecoder, default_decoder_config
+from ..models.encoder import VisionEncoder
+from ..models.registry import build_encoder, model_size
+from ..models.text import text_config
+from .aimv2 import (
+    PretrainOutput,
+    caption_terms,
+    image_regression_terms,
+    image_target_count,
+    resolve_prefix_len,
+)
+from .base import LossTerms, count
+from .lit import CLIPBaseline, LiTConfig
 
 OBJECTIVES = ("aimv2", "cap", "aimv1", "clip")
 
 
 class GenerativeBaseline(nn.Module):
+    # the objective interface (objectives/base.py)
+    input_names = ("images", "text", "prefix_len")
+    whole_batch = False
+
     """Encoder + a pixel decoder and/or a caption decoder, each a causal :class:`MultimodalDecoder` over
     [image features] (+ [BOS, caption]).
 
@@ -60,7 +68,7 @@ class GenerativeBaseline(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.text_decoder = text_decoder
         self.pad_id = pad_id
-        self.alpha = alpha if text_decoder is not None else 1.0  # the trainer weighs image_loss by model.alpha
+        self.alpha = alpha if text_decoder is not None else 1.0  # image only (AIMv1): the image loss is the loss
         self.bidirectional = bidirectional
         self.patch_size = encoder.cfg.patch_size
 
@@ -77,99 +85,32 @@ class GenerativeBaseline(nn.Module):
             feats = self.encoder(images, prefix_len=prefix_len)  # [B, N, D_enc]
         zero = images.new_zeros((), dtype=torch.float32)
 
-        image_pred, image_loss = None, zero
+        image_pred, image_sum, image_count = None, zero, count(0, images.device)
         if self.pixel_decoder is not None:
             image_pred, _ = self.pixel_decoder(feats, None)  # [B, N-1, P]: position k predicts patch k+1
-            image_loss = image_regression_loss(image_pred, images, prefix_len, self.patch_size)
+            image_sum, image_count = image_regression_terms(image_pred, images, prefix_len, self.patch_size)
 
-        text_logits, text_loss = None, zero
+        text_logits, text_sum, text_count = None, zero, count(0, images.device)
         if self.text_decoder is not None:
             _, text_logits = self.text_decoder(feats, text)  # [B, T, V]: position t predicts text[:, t]
-            text_loss = caption_loss(text_logits, text, self.pad_id)
+            text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
 
-        loss = text_loss + self.alpha * image_loss
-        return PretrainOutput(loss, image_loss, text_loss, image_pred, text_logits, prefix_len)
+        terms = LossTerms(
+            sums={"image_loss": image_sum, "text_loss": text_sum},
+            counts={"image_loss": image_count, "text_loss": text_count},
+            weights={"image_loss": self.alpha, "text_loss": 1.0},
+        )
+        means = terms.means()
+        return PretrainOutput(
+            terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms
+        )
 
-
-@dataclass
-class CLIPOutput(PretrainOutput):
-    image_embeds: torch.Tensor  # [B, P] unit norm
-    text_embeds: torch.Tensor  # [B, P] unit norm
-    logit_scale: torch.Tensor  # scalar: exp of the clamped learned log scale (1 / temperature)
-
-
-class CLIPBaseline(nn.Module):
-    """Contrastive baseline: bidirectional encoder -> mean or attention pool -> projection, against a causal text
-    tower pooled at the first EOS -> projection; learned temperature. The modules carry LiT's names (``head``,
-    ``text``, ``image_proj``, ``text_proj``, ``logit_scale``).
-
-    ``forward`` scores the pairs of the batch it is given. Under several processes the trainer all-gathers
-    ``image_embeds`` / ``text_embeds`` and calls :func:`contrastive_loss` with the gathered tensors (train/lit.py).
-    """
-
-    def __init__(
-        self,
-        encoder: VisionEncoder,
-        text_tower: TextTower,
-        *,
-        pool: str = "mean",
-        projection_dim: int | None = None,
-        init_temperature: float = 0.07,
-        max_logit_scale: float = 100.0,
-    ):
-        super().__init__()
-        if pool not in ("mean", "attention"):
-            raise ValueError(f"CLIP pool must be mean or attention, got {pool!r}")
-        de, dt = encoder.cfg.embed_dim, text_tower.cfg.embed_dim
-        proj = projection_dim or de
-        self.encoder = encoder
-        self.head = AttentionPoolHead(de, encoder.cfg.num_heads) if pool == "attention" else None
-        self.text = text_tower
-        self.image_proj = nn.Linear(de, proj, bias=False)
-        self.text_proj = nn.Linear(dt, proj, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.init_temperature = init_temperature
-        self.max_log_logit_scale = math.log(max_logit_scale)
-        self.alpha = 0.0  # no image loss: the trainer's weighting of image_loss is moot
-        self.patch_size = encoder.cfg.patch_size
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        init_trunk_linear_(self.text.blocks)
-        nn.init.normal_(self.text.token_embed.weight, std=0.02)
-        nn.init.normal_(self.text.pos_embed, std=0.01)
-        for m in self.text.modules():
-            if isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        if self.head is not None:
-            nn.init.normal_(self.head.cls_token, std=0.02)
-            for lin in (self.head.k, self.head.v, self.head.linear):
-                nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(self.head.linear.bias)
-        for proj in (self.image_proj, self.text_proj):
-            nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
-        self.logit_scale.fill_(math.log(1.0 / self.init_temperature))
-
-    def scale(self) -> torch.Tensor:
-        """exp(logit_scale), the log clamped to [0, ln max_logit_scale] (as LiT)."""
-        return self.logit_scale.clamp(0.0, self.max_log_logit_scale).exp()
-
-    def forward(
-        self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor | int | None = None
-    ) -> CLIPOutput:
-        """``prefix_len`` is ignored: the encoder is bidirectional (prefix_len comes back as N)."""
-        B, _, H, W = images.shape
-        N = (H // self.patch_size) * (W // self.patch_size)
-        feats = self.encoder(images, prefix_len=None)  # [B, N, D_enc]
-        pooled = feats.mean(dim=1) if self.head is None else self.head(feats)  # [B, D_enc]
-        img = F.normalize(self.image_proj(pooled), dim=-1)  # [B, P]
-        txt = F.normalize(self.text_proj(self.text(text)), dim=-1)  # [B, P]
-        s = self.scale()
-        loss = contrastive_loss(img, txt, s)  # this batch's pairs; the trainer uses the gathered batch
-        zero = images.new_zeros((), dtype=torch.float32)
-        full = torch.full((B,), N, dtype=torch.long, device=images.device)
-        return CLIPOutput(loss, zero, zero, None, None, full, img, txt, s)
+    def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
+        """The valid targets forward will count: non-prefix patches (pixel decoder), non-pad tokens (text)."""
+        N = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+        image = image_target_count(prefix_len, N) if self.pixel_decoder is not None else count(0, images.device)
+        text_n = count((text != self.pad_id).sum()) if self.text_decoder is not None else count(0, images.device)
+        return {"image_loss": image, "text_loss": text_n}
 
 
 def create_baseline_model(
@@ -208,13 +149,15 @@ def create_baseline_model(
         if size == "auto":
             size = model_size(encoder_name) if model_size(encoder_name) in ("tiny", "small") else "base"
         tcfg = text_config(size, vocab_size=vocab_size, eos_id=eos_id, context_length=dcfg.max_text_len)
-        return CLIPBaseline(
-            encoder,
-            TextTower(tcfg),
-            pool=clip_pool,
-            projection_dim=clip_projection_dim,
+        cfg = LiTConfig(
+            encoder=e,
+            text=tcfg,
+            projection_dim=clip_projection_dim or e.embed_dim,
             init_temperature=clip_init_temperature,
+            encoder_name=encoder.name,
+            pool=clip_pool,
         )
+        return CLIPBaseline(cfg, encoder=encoder)
     if objective == "cap":
         text_decoder = MultimodalDecoder(dcfg, e.embed_dim, None)
         return GenerativeBaseline(

@@ -1,19 +1,23 @@
-"""LiT (locked-image text tuning) on an AIMv2 encoder: how the paper measures zero-shot classification.
+"""Two towers trained contrastively: LiT (locked-image text tuning, how the paper measures zero-shot
+classification) and the CLIP baseline, which is the same module with a trainable, randomly initialised encoder.
 
-    image side                                           text side
+    image side                                           text side (models/text.py)
     pixels [B, 3, H, W]                                  ids [B, T] (right-padded, EOS after the caption)
       -> VisionEncoder (frozen in LiT)   [B, N, De]        -> token embedding + learned position   [B, T, Dt]
-      -> attention-pool head             [B, De]           -> depth x causal pre-norm Block        [B, T, Dt]
+      -> attention or mean pool          [B, De]           -> depth x causal pre-norm Block        [B, T, Dt]
                                                            -> final RMSNorm, take the first EOS    [B, Dt]
       -> image_proj (no bias)            [B, P]            -> text_proj (no bias)                  [B, P]
       -> L2 normalize                                      -> L2 normalize
                       logits = exp(clamp(logit_scale, 0, ln 100)) * image @ text.T
 
-The text tower is causal, so the state at the first EOS has read the whole caption and nothing after it: padding
-cannot change an embedding. The pooling head is AIMv1/AIMv2's attentive probe: one learned query (no q projection)
-attends over the patch features with bias-free k and v projections and the encoder's number of heads, then a
-linear layer with bias. Module names follow Apple's checkpoint (``head.k``, ``head.v``, ``head.linear``,
-``head.cls_token``) so the key maps in ``lit_checkpoints.py`` stay short.
+The pooling head is AIMv1/AIMv2's attentive probe (models/heads.py); ``pool="mean"`` (the CLIP baseline's
+default) averages the patch features instead and has no head. Module names follow Apple's checkpoint (``head.k``,
+``head.v``, ``head.linear``, ``head.cls_token``) so the LiT key maps stay short.
+
+The training loss is the symmetric InfoNCE over the **global** batch: each rank scores its rows against every
+rank's columns. The gathering is not done here (no ``torch.distributed`` in the library's modules): the trainer
+sets ``gather_rows`` to a gradient-carrying all-gather, whose backward sums each rank's gradient into the slice's
+owner; with DDP's gradient average the update is exactly that of one process on the whole batch.
 
 Official size (Apple's ``aimv2-large-patch14-224-lit``): text 768 wide, 12 blocks, 6 heads, SwiGLU 2048, CLIP BPE
 vocabulary 49408 with EOS 49407, context 77, projection 768, logit scale initialised to ln(1/0.07).
@@ -22,6 +26,7 @@ vocabulary 49408 with EOS 49407, context 77, projection 768, logit scale initial
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -29,31 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import EncoderConfig, VisionEncoder
-from .layers import Block, RMSNorm, init_trunk_linear_
+from ..models.encoder import EncoderConfig, VisionEncoder
+from ..models.heads import AttentionPoolHead
+from ..models.layers import RMSNorm, init_trunk_linear_
+from ..models.registry import parse_model_name
+from ..models.text import TextConfig, TextTower
+from .base import LossTerms, count
 
-
-@dataclass
-class TextConfig:
-    """The text tower. Defaults are Apple's LiT text tower."""
-
-    vocab_size: int = 49408
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 6
-    mlp_hidden_dim: int = 2048
-    context_length: int = 77
-    eos_id: int = 49407  # pooling reads the first position holding this id
-    norm_eps: float = 1e-5
-
-
-# Text tower sizes by name: (embed_dim, depth, num_heads, mlp_hidden_dim). "base" is Apple's LiT tower; "tiny" trains
-# in minutes on a CPU against the tiny encoder.
-TEXT_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (192, 4, 3, 512),
-    "small": (384, 8, 6, 1024),
-    "base": (768, 12, 6, 2048),
-}
+POOLS = ("attention", "mean")
 
 
 @dataclass
@@ -65,6 +53,7 @@ class LiTConfig:
     init_temperature: float = 0.07  # logit_scale starts at ln(1 / init_temperature)
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to [1, max_logit_scale]
     encoder_name: str | None = None
+    pool: str = "attention"  # attention (LiT, Apple's head) | mean (the CLIP baseline's default: no head)
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
@@ -82,83 +71,10 @@ class LiTConfig:
         return cls(**d)
 
 
-def text_config(size: str = "base", **overrides) -> TextConfig:
-    """A named text tower size with field overrides (e.g. ``vocab_size``, ``eos_id``, ``context_length``)."""
-    if size not in TEXT_SIZES:
-        raise ValueError(f"unknown text tower size {size!r}; choose from {', '.join(TEXT_SIZES)}")
-    dim, depth, heads, hidden = TEXT_SIZES[size]
-    return TextConfig(**{"embed_dim": dim, "depth": depth, "num_heads": heads, "mlp_hidden_dim": hidden, **overrides})
-
-
 def official_lit_config() -> LiTConfig:
     """Apple's ``aimv2-large-patch14-224-lit``."""
-    from .registry import parse_model_name
-
     name = "aimv2-large-patch14-224"
     return LiTConfig(encoder=parse_model_name(name), text=TextConfig(), projection_dim=768, encoder_name=name)
-
-
-class TextTower(nn.Module):
-    """Causal transformer over caption ids, pooled at the first EOS: ids [B, T] -> [B, D]."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.embed_dim))  # [T, D], Apple's shape
-        self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth)
-        )
-        self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
-
-    def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Per-position states after the final norm: [B, T] -> [B, T, D]. Position t sees only ids[:, :t+1]."""
-        B, T = ids.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"text of {T} tokens is longer than the context length {self.cfg.context_length}")
-        x = self.token_embed(ids) + self.pos_embed[:T].to(self.token_embed.weight.dtype)  # [B, T, D]
-        for blk in self.blocks:
-            x = blk(x, is_causal=True)
-        return self.norm(x)
-
-    def eos_index(self, ids: torch.Tensor) -> torch.Tensor:
-        """Position of the first EOS of each row: long [B]. A row without one (a caption cut at the context length)
-        is pooled at its last position, which under causal attention is the one that has read all of it."""
-        is_eos = ids == self.cfg.eos_id  # [B, T]
-        first = is_eos.int().argmax(dim=-1)  # [B]: 0 when there is none
-        return torch.where(is_eos.any(dim=-1), first, ids.shape[1] - 1)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.forward_tokens(ids)  # [B, T, D]
-        return x[torch.arange(ids.shape[0], device=ids.device), self.eos_index(ids)]  # [B, D]
-
-
-class AttentionPoolHead(nn.Module):
-    """One learned query attends over the patch features: [B, N, D] -> [B, D].
-
-    The query is the ``cls_token`` itself (no q projection); k and v are bias-free; the heads split D as in the
-    encoder; the pooled vector goes through ``linear`` (with bias), as in Apple's LiT head.
-    """
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"head width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.linear = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        H, hd = self.num_heads, D // self.num_heads
-        q = self.cls_token.to(x.dtype).expand(B, -1, -1).view(B, 1, H, hd).transpose(1, 2)  # [B, H, 1, hd]
-        k = self.k(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-        v = self.v(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
-        y = y.transpose(1, 2).reshape(B, 1, D).mean(dim=1)  # [B, D]: the mean over the (one) query
-        return self.linear(y)
 
 
 class LiTOutput(NamedTuple):
@@ -167,24 +83,35 @@ class LiTOutput(NamedTuple):
     logit_scale: torch.Tensor  # scalar: exp of the clamped log scale
     logits_per_image: torch.Tensor  # [B, B]: logit_scale * image @ text.T
     logits_per_text: torch.Tensor  # [B, B]: its transpose
+    terms: LossTerms | None = None  # the contrastive loss over the (gathered) batch, as a sum over rows + count
 
 
 class LiT(nn.Module):
-    """Image tower (AIMv2 encoder + attention-pool head) and text tower, projected into one embedding space."""
+    """Image tower (AIMv2 encoder + pooling) and text tower, projected into one embedding space; an objective in
+    the sense of objectives/base.py (its loss: ``contrastive_loss``)."""
+
+    input_names = ("images", "text")
+    whole_batch = True  # every pair is a negative of every other: a micro-batch would see fewer negatives
+    extra_parts: tuple[str, ...] = ()  # loss parts reported as 0 (the CLIP baseline keeps the pretraining keys)
 
     def __init__(self, cfg: LiTConfig, encoder: VisionEncoder | None = None):
         super().__init__()
         self.cfg = cfg
         if encoder is not None and encoder.cfg != cfg.encoder:
             raise ValueError(f"the encoder given ({encoder.cfg}) does not match the config ({cfg.encoder})")
+        if cfg.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {cfg.pool!r}")
         self.encoder = encoder if encoder is not None else VisionEncoder(cfg.encoder, name=cfg.encoder_name)
         de, dt = cfg.encoder.embed_dim, cfg.text.embed_dim
-        self.head = AttentionPoolHead(de, cfg.head_num_heads or cfg.encoder.num_heads)
+        heads = cfg.head_num_heads or cfg.encoder.num_heads
+        self.head = AttentionPoolHead(de, heads) if cfg.pool == "attention" else None
         self.text = TextTower(cfg.text)
         self.image_proj = nn.Linear(de, cfg.projection_dim, bias=False)
         self.text_proj = nn.Linear(dt, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         self.max_log_logit_scale = math.log(cfg.max_logit_scale)
+        # [b, P] -> ([B, P] every rank's rows in rank order, offset of this rank's first row); set by the trainer
+        self.gather_rows: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights(encoder=encoder is None)
 
@@ -201,10 +128,11 @@ class LiT(nn.Module):
         for m in self.text.blocks.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        nn.init.normal_(self.head.cls_token, std=0.02)
-        for lin in (self.head.k, self.head.v, self.head.linear):
-            nn.init.xavier_uniform_(lin.weight)
-        nn.init.zeros_(self.head.linear.bias)
+        if self.head is not None:
+            nn.init.normal_(self.head.cls_token, std=0.02)
+            for lin in (self.head.k, self.head.v, self.head.linear):
+                nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(self.head.linear.bias)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
         self.logit_scale.fill_(math.log(1.0 / self.cfg.init_temperature))
@@ -225,7 +153,8 @@ class LiT(nn.Module):
 
     def image_features(self, patches: torch.Tensor) -> torch.Tensor:
         """Encoder features [B, N, De] -> unit-norm image embeddings [B, P]."""
-        return F.normalize(self.image_proj(self.head(patches)), dim=-1)
+        pooled = self.head(patches) if self.head is not None else patches.mean(dim=1)  # [B, De]
+        return F.normalize(self.image_proj(pooled), dim=-1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalized pixels [B, 3, H, W] -> unit-norm image embeddings [B, P]. A frozen encoder runs under
@@ -246,7 +175,53 @@ class LiT(nn.Module):
         txt = self.encode_text(ids)  # [B, P]
         s = self.scale()
         logits = s * img @ txt.t()  # [B_img, B_txt]
-        return LiTOutput(img, txt, s, logits, logits.t())
+        return LiTOutput(img, txt, s, logits, logits.t(), self.loss_terms(img, txt, s))
+
+    def loss_terms(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> LossTerms:
+        """The contrastive loss of this batch's rows against the gathered batch's columns (see the module doc),
+        with the in-batch retrieval accuracy (image -> its caption among all gathered captions) as a statistic."""
+        all_img, offset = self.gather_rows(img) if self.gather_rows is not None else (img, 0)
+        all_txt, _ = self.gather_rows(txt) if self.gather_rows is not None else (txt, 0)
+        per_row, i2t = contrastive_rows(img, txt, scale, all_img, all_txt, offset)  # [b], [b, B]
+        labels = torch.arange(offset, offset + len(img), device=img.device)
+        zero = img.new_zeros((), dtype=torch.float32)
+        return LossTerms(
+            sums={"contrastive_loss": per_row.sum(), **{k: zero for k in self.extra_parts}},
+            counts={"contrastive_loss": count(len(img), img.device), **{k: count(0) for k in self.extra_parts}},
+            weights={"contrastive_loss": 1.0},
+            stats={"acc": (i2t.argmax(1) == labels).float().mean().detach(), "logit_scale": scale.detach()},
+        )
+
+    def loss_counts(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        """One target per image-text pair (and none for the reported-as-zero parts)."""
+        return {"contrastive_loss": count(len(images), images.device), **{k: count(0) for k in self.extra_parts}}
+
+
+class CLIPBaseline(LiT):
+    """The paper's contrastive baseline: the same two towers as LiT, with a randomly initialised, trainable,
+    bidirectional encoder. It reports ``image_loss`` and ``text_loss`` as 0 so that every pretraining run logs the
+    same keys."""
+
+    extra_parts = ("image_loss", "text_loss")
+
+
+def contrastive_rows(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    all_image_embeds: torch.Tensor,
+    all_text_embeds: torch.Tensor,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric InfoNCE: (image->text CE + text->image CE) / 2 for each of this shard's b rows against the
+    B columns of the whole batch (positives on the diagonal shifted by ``offset``). Returns ([b] float32, the
+    image->text logits [b, B])."""
+    labels = torch.arange(offset, offset + image_embeds.shape[0], device=image_embeds.device)  # [b]
+    logits_i2t = logit_scale * image_embeds @ all_text_embeds.t()  # [b, B]
+    logits_t2i = logit_scale * text_embeds @ all_image_embeds.t()  # [b, B]
+    i2t = F.cross_entropy(logits_i2t.float(), labels, reduction="none")
+    t2i = F.cross_entropy(logits_t2i.float(), labels, reduction="none")
+    return (i2t + t2i) / 2, logits_i2t
 
 
 def contrastive_loss(
@@ -266,7 +241,5 @@ def contrastive_loss(
     """
     all_image_embeds = image_embeds if all_image_embeds is None else all_image_embeds
     all_text_embeds = text_embeds if all_text_embeds is None else all_text_embeds
-    labels = torch.arange(offset, offset + image_embeds.shape[0], device=image_embeds.device)  # [b]
-    logits_i2t = logit_scale * image_embeds @ all_text_embeds.t()  # [b, B]
-    logits_t2i = logit_scale * text_embeds @ all_image_embeds.t()  # [b, B]
-    return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+    per_row, _ = contrastive_rows(image_embeds, text_embeds, logit_scale, all_image_embeds, all_text_embeds, offset)
+    return per_row.mean()

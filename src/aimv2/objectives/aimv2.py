@@ -5,7 +5,10 @@
       decoder(feats, text)                  -> image_pred [B, N-1, p*p*3], text_logits [B, T, V]
       image_pred[:, k] regresses patch k+1, normalized per patch; loss only where k+1 >= M_b
       text_logits[:, t] predicts text[:, t]; loss only on non-pad tokens
-      loss = text_loss + alpha * image_loss
+      loss = text_loss + alpha * image_loss   (each a mean over its valid targets: LossTerms.loss)
+
+The losses are computed once, as sums over valid targets with their counts (``PretrainOutput.terms``); the means
+in the output and the trainer's global-batch loss are both ``LossTerms.loss`` of those sums (objectives/base.py).
 
 Why the prefix targets are excluded: encoder features of prefix patches see the whole prefix, so a
 prediction of patch k+1 < M would be read off a feature that already contains it.
@@ -20,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderConfig, MultimodalDecoder, default_decoder_config
-from .encoder import VisionEncoder
-from .registry import build_encoder, model_size
+from ..models.decoder import DecoderConfig, MultimodalDecoder, default_decoder_config
+from ..models.encoder import VisionEncoder
+from ..models.registry import build_encoder, model_size
+from .base import LossTerms, count
 
 
 @dataclass
@@ -33,8 +37,9 @@ class PretrainOutput:
     image_pred: torch.Tensor  # [B, N-1, p*p*3]; image_pred[:, k] predicts patch k+1
     text_logits: torch.Tensor  # [B, T, V]; text_logits[:, t] predicts text[:, t]
     prefix_len: torch.Tensor  # [B] the prefix lengths used (N: fully bidirectional)
-    # The baselines (models/baselines.py) return the same type: a loss part their objective does not have is a
-    # zero tensor (so metrics keep their keys) and a prediction it does not make is None.
+    terms: LossTerms  # the sums and valid counts behind the three losses above (what the trainer reads)
+    # The baselines (objectives/generative.py) return the same type: a loss part their objective does not have is
+    # a zero tensor with count 0 (so metrics keep their keys) and a prediction it does not make is None.
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -70,21 +75,28 @@ def resolve_prefix_len(prefix_len: torch.Tensor | int | None, batch: int, num_pa
     return prefix_len.to(device)
 
 
-def image_regression_loss(
+def image_regression_terms(
     image_pred: torch.Tensor, images: torch.Tensor, prefix_len: torch.Tensor, patch_size: int
-) -> torch.Tensor:
-    """MSE of image_pred [B, N-1, P] (position k predicts patch k+1) against the normalized pixels, averaged over a
-    patch's values, then over the non-prefix target patches of the batch. Scalar float32."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared error of image_pred [B, N-1, P] (position k predicts patch k+1) against the normalized pixels,
+    averaged over a patch's values and summed over the non-prefix target patches; returns (sum float32, count)."""
     N = image_pred.shape[1] + 1
     target = pixel_targets(images, patch_size)[:, 1:]  # [B, N-1, P]
     per_patch = (image_pred.float() - target).pow(2).mean(dim=-1)  # [B, N-1]
     valid = image_loss_mask(prefix_len, N)  # [B, N-1]
-    return (per_patch * valid).sum() / valid.sum().clamp(min=1)
+    return (per_patch * valid).sum(), count(valid.sum())
 
 
-def caption_loss(text_logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Next-token cross-entropy of text_logits [B, T, V] against text [B, T], averaged over non-pad tokens."""
-    return F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten(), ignore_index=pad_id, reduction="mean")
+def caption_terms(text_logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of text_logits [B, T, V] against text [B, T], summed over non-pad tokens;
+    returns (sum float32, count)."""
+    ce = F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten(), ignore_index=pad_id, reduction="sum")
+    return ce, count((text != pad_id).sum())
+
+
+def image_target_count(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """How many patches image_regression_terms sums over, from the prefix lengths alone: sum_b (N - M_b)."""
+    return count((num_patches - prefix_len).sum())
 
 
 class PrefixSampler:
@@ -120,7 +132,10 @@ class PrefixSampler:
 
 
 class AIMv2Pretrainer(nn.Module):
-    """Encoder + multimodal decoder + the AIMv2 loss."""
+    """Encoder + multimodal decoder + the AIMv2 loss (an objective in the sense of objectives/base.py)."""
+
+    input_names = ("images", "text", "prefix_len")
+    whole_batch = False
 
     def __init__(self, encoder: VisionEncoder, decoder: MultimodalDecoder, *, pad_id: int = 0, alpha: float = 0.4):
         super().__init__()
@@ -141,11 +156,23 @@ class AIMv2Pretrainer(nn.Module):
         image_pred, text_logits = self.decoder(feats, text)  # [B, N-1, P], [B, T, V]
 
         # image: regress normalized patch k+1 from position k, only for non-prefix targets
-        image_loss = image_regression_loss(image_pred, images, prefix_len, self.patch_size)
+        image_sum, image_count = image_regression_terms(image_pred, images, prefix_len, self.patch_size)
         # text: next-token cross-entropy over non-pad tokens
-        text_loss = caption_loss(text_logits, text, self.pad_id)
-        loss = text_loss + self.alpha * image_loss
-        return PretrainOutput(loss, image_loss, text_loss, image_pred, text_logits, prefix_len)
+        text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
+        terms = LossTerms(
+            sums={"image_loss": image_sum, "text_loss": text_sum},
+            counts={"image_loss": image_count, "text_loss": text_count},
+            weights={"image_loss": self.alpha, "text_loss": 1.0},
+        )
+        means = terms.means()
+        return PretrainOutput(
+            terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms
+        )
+
+    def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
+        """The valid targets forward will count, without running the model: non-prefix patches, non-pad tokens."""
+        N = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+        return {"image_loss": image_target_count(prefix_len, N), "text_loss": count((text != self.pad_id).sum())}
 
 
 def create_pretraining_model(

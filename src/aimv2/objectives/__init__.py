@@ -1,0 +1,31 @@
+"""Objectives: model parts + loss, one module per kind of training (objectives/base.py says what they share).
+
+aimv2.py       AIMv2: prefix encoder + one causal multimodal decoder, next patch + next token
+generative.py  the paper's generative baselines: captioning (Cap), image-only (AIMv1), separate decoders
+lit.py         two contrastive towers: LiT (frozen encoder) and the CLIP baseline
+build.py       the objective a run config describes
+"""
+
+from .aimv2 import AIMv2Pretrainer, PrefixSampler, PretrainOutput, create_pretraining_model
+from .base import LossTerms
+from .build import build_lit_model, build_model
+from .generative import OBJECTIVES, GenerativeBaseline, create_baseline_model
+from .lit import CLIPBaseline, LiT, LiTConfig, LiTOutput, contrastive_loss
+
+__all__ = [
+    "OBJECTIVES",
+    "AIMv2Pretrainer",
+    "CLIPBaseline",
+    "GenerativeBaseline",
+    "LiT",
+    "LiTConfig",
+    "LiTOutput",
+    "LossTerms",
+    "PrefixSampler",
+    "PretrainOutput",
+    "build_lit_model",
+    "build_model",
+    "contrastive_loss",
+    "create_baseline_model",
+    "create_pretraining_model",
+]

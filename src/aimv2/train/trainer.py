@@ -1,0 +1,326 @@
+"""The one training loop, for every objective: one process or many under torchrun, resumable bit for bit.
+
+A run is a config plus a :class:`~aimv2.train.tasks.Task` (pretraining, LiT, ...: how its objective is built and
+which weights file it exports). Everything else is here, the same for every objective:
+
+    resume       the newest checkpoint of out_dir: weights, optimizer, step, skip counters, RNG, data positions
+    data stream  step-indexed batches (train/data.py): the data position is the step and every random draw is
+                 keyed by step or sample index, so a run killed at any moment resumes to the same weights
+    one step     the batch split into train.grad_accum micro-batches; each micro-batch's loss sums are divided
+                 by the valid counts of the global batch (objectives/base.py), so the gradient is that of one
+                 process on the whole batch, whatever the number of ranks and micro-batches
+    freeze       train.freeze_encoder_steps: the encoder's gradients are dropped during a decoder warm-up
+    guard        the optimizer step only when the loss and the gradient norm are finite (train/guard.py)
+    metrics      metrics.jsonl, TensorBoard, W&B, the progress bar (train/metrics.py)
+    checkpoints  every train.checkpoint_every steps and at the end, then the task's weights file
+
+The path of one batch:
+
+    loader -> Batch (uint8 images [B, 3, H, W], token ids [B, T], prefix lengths [B]; this rank's slice)
+      -> normalize on the device -> objective.loss_counts per micro-batch, summed over ranks (the global counts)
+      -> per micro-batch: objective(...) -> LossTerms -> terms.loss(global counts) * world -> backward
+         (DDP/FSDP average gradients over ranks, hence the * world)
+      -> the logged sums all-reduced -> clip -> guard -> AdamW step -> metrics -> checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.faults import FAULT_KINDS
+from ..data.transforms import normalize
+from ..objectives.base import LossTerms
+from . import checkpointing as ckpt
+from .data import ShardStepBatches, StepBatches, make_loader
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, row_gatherer
+from .guard import NonFiniteGuard, TrainingError
+from .metrics import MetricsLogger, flops_per_sample, peak_flops
+from .native import NativeSchedule
+from .optim import build_optimizer, lr_at, set_lr
+from .parallelize import parallelize
+from .resume import check_same_config, save_run_state, shard_positions
+from .sources import build_source
+
+log = logging.getLogger("aimv2.train")
+
+
+def fit(cfg, task) -> dict:
+    """Run (or resume) the training that ``cfg`` and ``task`` describe; returns the last logged metrics."""
+    info = init_distributed(device_type(cfg))
+    device = pick_device(cfg, info)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)  # a task that builds weights before the data (LiT's encoder) builds them alike
+    if info.is_main:  # rank 0 checks the folder and writes config and tokenizer before the others read them
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_same_config(cfg, out_dir)
+        ckpt.atomic_write(out_dir / "config.yaml", cfg.save)
+    source_kw = task.prepare()  # every rank itself (no broadcast of a large encoder)
+    if info.is_main:
+        source = build_source(cfg, out_dir, save=True, rank=info.rank, world_size=info.world_size, **source_kw)
+    barrier(info)
+    if not info.is_main:
+        source = build_source(cfg, out_dir, save=False, rank=info.rank, world_size=info.world_size, **source_kw)
+    tok = source.tokenizer
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = task.build(tok, fresh=not ckpt.list_checkpoints(out_dir))  # resume wins over any init_from
+    model.to(device)
+    if model.whole_batch and cfg.train.grad_accum > 1:
+        raise TrainingError(
+            f"train.grad_accum={cfg.train.grad_accum}, but {type(model).__name__}'s loss compares every sample of "
+            "the batch with every other (contrastive negatives), which micro-batches would change: use "
+            "train.grad_accum=1"
+        )
+    if hasattr(model, "gather_rows"):
+        model.gather_rows = row_gatherer(info)
+    step_model = parallelize(model, cfg.train, info, device, dynamic_shapes=cfg.data.native.enabled)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    start_step, bad_in_row, skipped = 0, 0, 0
+    state = ckpt.load_latest(out_dir)
+    if state is not None:
+        # written during the frozen-encoder warm-up: the encoder has no AdamW state yet (it never took a step)
+        warming = state["step"] <= cfg.train.freeze_encoder_steps
+        ckpt.restore(model, optimizer, state, stateless=model.encoder if warming else None)
+        start_step, bad_in_row, skipped = state["step"], state["bad_in_row"], state["skipped_steps"]
+        task.resumed(state)
+        ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
+        if source.shards is not None:
+            saved = shard_positions(state, info, cfg.data.num_workers)  # {worker: {source: position}}
+            for name, samples, _ in source.shards:
+                samples.skip = {w: pos.get(name, 0) for w, pos in saved.items()}
+        if info.is_main:
+            log.info("resuming %s from step %d", out_dir, start_step)
+    if start_step >= cfg.train.steps:
+        if info.is_main:
+            log.info("%s already finished (%d steps); nothing to do", out_dir, start_step)
+            if not (out_dir / task.weights_file).exists():
+                task.export(model, {k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir)
+        return {}
+
+    common = dict(
+        global_batch=cfg.train.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        start_step=start_step,
+        steps=cfg.train.steps,
+        encode_text=tok.encode,
+        seed=cfg.seed,
+        patch_size=model.encoder.cfg.patch_size,
+        native=native_schedule(cfg, info),
+    )
+    if source.shards is not None:
+        stream = ShardStepBatches(source.shards, **common)
+    else:
+        stream = StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
+    positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)
+    mix = None  # shards: samples per source since the last log line
+    data_skipped: dict[int, torch.Tensor] = {}  # shards: {worker: samples skipped by kind since this process started}
+    if source.shards is not None:
+        workers = range(max(1, cfg.data.num_workers))
+        positions = {w: {name: s.skip.get(w, 0) for name, s, _ in source.shards} for w in workers}
+        mix = torch.zeros(len(source.shards), dtype=torch.long)
+    loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
+    autocast = autocast_for(cfg, device)
+    peak = peak_flops(device, bf16=autocast is not contextlib.nullcontext)
+    metrics = MetricsLogger(
+        out_dir, cfg, start_step, enabled=info.is_main, total_steps=cfg.train.steps, desc=task.name, show=task.show
+    )
+    guard = NonFiniteGuard(bad_in_row, skipped, cfg.train.max_bad_steps, out_dir / ckpt.CKPT_DIR, info.is_main, metrics)
+
+    model.train()
+    for child in model.children():  # a wholly frozen part (LiT's encoder) behaves as at inference
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+    last: dict = {}
+    t_last, samples_since, tokens_since, flops_since = time.perf_counter(), 0, 0, 0.0
+    for batch in loader:
+        step = batch.step
+        if mix is not None:
+            positions[batch.worker] = batch.position
+            mix += batch.source_counts
+            data_skipped[batch.worker] = batch.skipped
+        lr = lr_at(step, cfg.train.steps, cfg.optim)
+        set_lr(optimizer, lr)
+        inputs = {
+            "images": normalize(batch.images, cfg.data.mean_std, device),  # [B, 3, H, W] float
+            "text": batch.text.to(device, non_blocking=True),  # [B, T]
+            "prefix_len": batch.prefix_len.to(device),  # [B]
+        }
+        values = train_step(step_model, model, inputs, cfg.train.grad_accum, info, autocast)
+        frozen = step < cfg.train.freeze_encoder_steps
+        if frozen:  # the encoder's gradients were reduced like all others; drop them: no clip share, no AdamW step
+            for p in model.encoder.parameters():
+                p.grad = None
+        elif step == cfg.train.freeze_encoder_steps > 0 and info.is_main:
+            log.info("encoder unfrozen after %d steps of decoder warm-up", step)
+        grad_norm = clip_gradients(model, cfg.optim.grad_clip)
+        finite = all(bool(torch.isfinite(v)) for v in values.values()) and bool(torch.isfinite(grad_norm))
+        guard.step(optimizer, finite, step)
+
+        global_batch = len(batch.text) * info.world_size  # varies per step with data.native
+        p = model.encoder.cfg.patch_size
+        n_patches = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
+        samples_since += global_batch
+        text_tokens = int((batch.text != tok.pad_id).sum())
+        tokens_since += (n_patches * len(batch.text) + text_tokens) * info.world_size
+        flops_since += flops_per_sample(model, n_patches, cfg.data.context_length) * global_batch
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            dt = time.perf_counter() - t_last
+            last = {
+                "step": done,
+                **{k: v.item() for k, v in values.items()},
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "samples_per_s": samples_since / dt,
+                "tokens_per_s": tokens_since / dt,
+                "mfu": (flops_since / dt / info.world_size / peak) if peak else None,
+                "skipped_steps": guard.skipped,
+                **({"encoder_frozen": frozen} if cfg.train.freeze_encoder_steps else {}),
+                **mix_fractions(mix, source, info, device),
+                **skipped_samples(data_skipped, info, device),
+            }
+            if cfg.data.native.enabled:
+                last["patches"] = n_patches  # this step's grid, gh * gw
+                last["batch_size"] = global_batch
+            metrics.log(last)
+            t_last, samples_since, tokens_since, flops_since = time.perf_counter(), 0, 0, 0.0
+            if mix is not None:
+                mix.zero_()
+        metrics.advance(done, last)
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            save_run_state(
+                model,
+                optimizer,
+                out_dir,
+                done,
+                guard,
+                cfg.train.keep_last,
+                info,
+                positions,
+                extra=task.checkpoint_extra(),
+                export=lambda sd: task.export(model, sd, out_dir),
+            )
+    metrics.close()
+    barrier(info)
+    return last
+
+
+def train_step(
+    step_model: nn.Module, objective: nn.Module, inputs: dict[str, torch.Tensor], accum: int, info: DistInfo, autocast
+) -> dict[str, torch.Tensor]:
+    """Forward and backward of this rank's batch in ``accum`` micro-batches (gradients accumulate in ``.grad``).
+
+    ``objective`` is the unwrapped module (its ``loss_counts`` and ``input_names``), ``step_model`` what to call
+    (the same module or its DDP wrapper). Returns the global batch's {"loss", each part's mean, each statistic's
+    mean over ranks}, identical on every rank, so every rank takes the same skip decision.
+    """
+    args = [inputs[k] for k in objective.input_names]
+    micro = len(args[0]) // accum
+    if micro == 0:
+        raise TrainingError(f"per-rank batch {len(args[0])} is smaller than train.grad_accum={accum}; lower it")
+    chunks = [[a[i * micro : (i + 1) * micro] for a in args] for i in range(accum)]
+    local = [objective.loss_counts(*chunk) for chunk in chunks]
+    parts = list(local[0])
+    device = args[0].device
+    totals = torch.stack([sum(c[k] for c in local).to(device, torch.float64) for k in parts])
+    counts = dict(zip(parts, all_reduce_sum(totals, info), strict=True))  # the global batch's valid targets
+
+    sums = torch.zeros(len(parts), dtype=torch.float64, device=device)
+    stats: dict[str, torch.Tensor] = {}
+    for i, chunk in enumerate(chunks):
+        sync = i == accum - 1 or not info.distributed or not hasattr(step_model, "no_sync")
+        with contextlib.nullcontext() if sync else step_model.no_sync():
+            with autocast():
+                terms: LossTerms = step_model(*chunk).terms
+            (terms.loss(counts) * info.world_size).backward()
+        sums += torch.stack([terms.sums[k].detach().double() for k in parts])
+        for k, v in terms.stats.items():
+            stats[k] = stats.get(k, 0.0) + v.detach().double() / (accum * info.world_size)
+    packed = all_reduce_sum(torch.cat([sums, torch.stack(list(stats.values())) if stats else sums[:0]]), info)
+    total = LossTerms(dict(zip(parts, packed[: len(parts)], strict=True)), counts, terms.weights)
+    out = {"loss": total.loss(), **total.means()}
+    out.update(zip(stats, packed[len(parts) :], strict=True))
+    return {k: v.float() for k, v in out.items()}
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (clipped to ``max_norm`` when > 0), a plain tensor also under FSDP2."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return norm
+
+
+def device_type(cfg) -> str:
+    return "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def pick_device(cfg, info: DistInfo) -> torch.device:
+    if device_type(cfg) == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_for(cfg, device: torch.device):
+    """A context factory: bf16 autocast (train.precision=bf16, or auto on CUDA), else a no-op."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def native_schedule(cfg, info: DistInfo) -> NativeSchedule | None:
+    """The run's per-step areas and batch sizes (data.native), or None for fixed-resolution training."""
+    nat = cfg.data.native
+    if not nat.enabled:
+        return None
+    quantum = info.world_size * cfg.train.grad_accum
+    if nat.batch_multiple % quantum:
+        raise TrainingError(
+            f"data.native.batch_multiple={nat.batch_multiple} is not divisible by ranks x train.grad_accum = "
+            f"{info.world_size} x {cfg.train.grad_accum}: every step's batch must split into equal micro-batches"
+        )
+    return NativeSchedule(
+        seed=cfg.seed,
+        min_patches=nat.min_patches,
+        max_patches=nat.max_patches,
+        tokens_per_batch=nat.tokens_per_batch,
+        max_aspect=nat.max_aspect,
+        batch_multiple=nat.batch_multiple,
+    )
+
+
+def mix_fractions(mix: torch.Tensor | None, source, info: DistInfo, device: torch.device) -> dict:
+    """{"mix/NAME": share of the samples since the last log line} for a shard mixture (all ranks)."""
+    if mix is None or len(source.shards) < 2:
+        return {}
+    counts = all_reduce_sum(mix.to(device), info)
+    total = max(1, int(counts.sum()))
+    return {f"mix/{name}": int(c) / total for (name, _, _), c in zip(source.shards, counts, strict=True)}
+
+
+def skipped_samples(skipped: dict[int, torch.Tensor], info: DistInfo, device: torch.device) -> dict:
+    """{"data_skipped": n, "data_skipped/KIND": n, ...}: samples the shard readers of all ranks and workers skipped
+    (corrupt images, missing captions, ...) since this process started; the kinds with none are left out."""
+    if not skipped:
+        return {}
+    counts = all_reduce_sum(torch.stack(list(skipped.values())).sum(0).to(device), info)  # [kinds]
+    out = {"data_skipped": int(counts.sum())}
+    out.update({f"data_skipped/{k}": int(n) for k, n in zip(FAULT_KINDS, counts.tolist(), strict=True) if n})
+    return out
