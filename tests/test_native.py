@@ -219,7 +219,10 @@ def test_grad_accum_on_a_native_batch_gives_the_global_mean_gradient():
     for sl in (slice(0, 4), slice(4, 8), slice(8, 12)):
         (model(images[sl], text[sl], prefix_len=prefix[sl]).loss / 3).backward()
     naive = [p.grad.clone() for p in model.parameters()]
-    assert max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)) for a, b in zip(reference, naive)) > 1e-3
+    assert (
+        max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)) for a, b in zip(reference, naive, strict=True))
+        > 1e-3
+    )
 
 
 def _native_tar(path: Path, sizes: list[tuple[int, int]]) -> None:

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import aimv2
-from aimv2.objectives.aimv2 import PrefixSampler, patchify
+from aimv2.objectives.aimv2 import PrefixSampler, image_regression_terms, patchify
 
 P = 8  # patch size of the tiny test model
 V = 50
@@ -77,12 +76,16 @@ def test_prefix_targets_would_leak_and_are_masked():
     base = model(images, text, prefix_len=M)
     out = model(_perturb_from(images, M - 1), text, prefix_len=M)  # change patch M-1 (in the prefix) and after
     assert (out.image_pred[:, M - 3] - base.image_pred[:, M - 3]).abs().amax() > 1e-3  # pred of patch M-2 moved
-    # and the loss ignores those predictions: zeroing them changes nothing
+    # and the objective's own loss ignores those predictions (positions k < M-1 predict prefix patches), but not
+    # the first prediction of a non-prefix patch (position M-1 predicts patch M)
+    prefix = torch.tensor([M, M])
+    ref, n = image_regression_terms(base.image_pred.detach(), images, prefix, P)
     pred = base.image_pred.detach().clone()
-    pred[:, : M - 2] = 1e3
-    assert _naive_image_loss(pred, images, torch.tensor([M, M])) == pytest.approx(
-        _naive_image_loss(base.image_pred.detach(), images, torch.tensor([M, M])), rel=1e-6
-    )
+    pred[:, : M - 1] = 1e3
+    assert image_regression_terms(pred, images, prefix, P)[0].item() == pytest.approx(ref.item(), rel=1e-6)
+    pred[:, M - 1] = 1e3
+    assert image_regression_terms(pred, images, prefix, P)[0].item() > 10 * ref.item()
+    assert int(n) == 2 * (16 - M)  # patches M..N-1 of each image
 
 
 def test_gradients_of_patch_predictions_reach_only_allowed_patches():
@@ -159,8 +162,17 @@ def test_losses_recomputed_independently():
     out = model(images, text, prefix_len=prefix)
     assert out.image_loss.item() == pytest.approx(_naive_image_loss(out.image_pred, images, prefix), rel=1e-5)
     assert out.text_loss.item() == pytest.approx(_naive_text_loss(out.text_logits, text), rel=1e-5)
-    ce = F.cross_entropy(out.text_logits[1], text[1])  # second caption has no padding
-    assert ce.item() > 0
+    # the sums and counts the trainer divides by the global counts: 14 + 5 target patches, 5 + 7 tokens
+    counts = {k: int(v) for k, v in out.terms.counts.items()}
+    assert counts == {"image_loss": (16 - 2) + (16 - 11), "text_loss": 5 + 7}
+    assert {k: int(v) for k, v in model.loss_counts(images, text, prefix).items()} == counts
+    n_img, n_txt = counts["image_loss"], counts["text_loss"]
+    naive_img_sum = _naive_image_loss(out.image_pred, images, prefix) * n_img
+    assert out.terms.sums["image_loss"].item() == pytest.approx(naive_img_sum, rel=1e-5)
+    assert out.terms.sums["text_loss"].item() == pytest.approx(
+        _naive_text_loss(out.text_logits, text) * n_txt, rel=1e-5
+    )
+    assert out.loss.item() == pytest.approx(out.text_loss.item() + 0.4 * out.image_loss.item(), rel=1e-6)
 
 
 def test_every_parameter_gets_a_gradient():
