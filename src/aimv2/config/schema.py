@@ -1,0 +1,184 @@
+"""The run configuration's schema: typed sections, one dataclass each, with their defaults.
+
+Numbers live here; sizes are derived in code. The resolved config is written to ``out_dir/config.yaml``
+so a run can be reproduced (and resumed) from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ClipConfig:
+    """model.objective=clip: the contrastive baseline (objectives/lit.py)."""
+
+    pool: str = "mean"  # mean | attention (AIMv2's attention-pool head) over the encoder's patch features
+    text_size: str = "auto"  # auto (the encoder's size if tiny|small, else base) | tiny | small | base
+    projection_dim: int | None = None  # None: the encoder width
+    init_temperature: float = 0.07  # learned; logit scale starts at ln(1 / init_temperature)
+
+
+@dataclass
+class ModelConfig:
+    # aimv2 | cap (captioning only) | aimv1 (image only) | clip (contrastive): the paper's baselines in this harness
+    objective: str = "aimv2"
+    encoder_attention: str = "auto"  # auto (bidirectional for clip, else prefix) | prefix | bidirectional (cap only)
+    separate_decoders: bool = False  # aimv2: one decoder for pixels and one for text instead of a shared one
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    encoder: str = "aimv2-tiny-patch8-64"  # aimv2-{size}-patch{p}-{res|native}
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 6}
+    decoder: dict[str, Any] = field(default_factory=dict)  # embed_dim, depth, num_heads, mlp_hidden_dim
+    alpha: float = 0.4  # weight of the pixel loss: loss = text_loss + alpha * image_loss
+    # Post-training: start from earlier weights instead of a random init (ignored when out_dir already holds a
+    # checkpoint: resume wins). A training run folder (encoder + decoder), or an encoder checkpoint in Apple's,
+    # transformers' or our layout (a .safetensors file or a save_pretrained folder); learned position embeddings
+    # are resized to this run's grid. Loading is strict: a different width, depth or patch size is an error.
+    init_from: str | None = None
+    init_decoder: bool = True  # also take the decoder when init_from is a run folder (false: a fresh decoder)
+
+
+@dataclass
+class NativeConfig:
+    """Native-resolution training (aimv2.train.native): per step an area of 2^n patches, n from a normal(0, 1)
+    truncated to [-1, 1] mapped onto [log2 min_patches, log2 max_patches] (the paper: 128 and 4096), one aspect ratio
+    per step log-uniform in [1/max_aspect, max_aspect], and a global batch of tokens_per_batch // patches images
+    (rounded down to a multiple of batch_multiple). Replaces train.batch_size; needs a sin-cos (-native) encoder.
+    All images of a step share its grid: synthetic scenes are rendered at it, folder/hf images keep their aspect
+    ratio and lose the overhang (center crop); data.augment does not apply. Shards are not supported yet."""
+
+    enabled: bool = False
+    min_patches: int = 128
+    max_patches: int = 4096
+    tokens_per_batch: int = 262144  # image tokens per global batch (64 images of 4096 patches)
+    max_aspect: float = 2.0  # height/width in [1/max_aspect, max_aspect]
+    batch_multiple: int = 8  # every B_s is a multiple of this (must be divisible by ranks x train.grad_accum)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic (built-in scenes) | shards (webdataset) | folder | hf (local datasets files)
+    folder: str | None = None  # source=folder: images with sidecar .txt captions, or a CSV / JSONL of path,caption
+    hf_files: str | None = None  # source=hf: local parquet / arrow / json files (glob) read with Hugging Face datasets
+    image_column: str = "image"  # source=hf
+    text_column: str = "text"  # source=hf
+    shards: str | None = None  # source=shards: paths, a folder, a brace pattern (data-{000..099}.tar) or pipe: URLs
+    caption: str = "txt"  # source=shards: txt, json:FIELD, or weighted choice "txt=0.5,json:synthetic_caption=0.5"
+    shuffle_buffer: int = 1000  # source=shards: samples in each worker's shuffle buffer
+    max_fault_rate: float = 0.1  # source=shards: stop if more than this share of samples is unreadable
+    # source=shards, several sources sampled by weight instead of data.shards, e.g.
+    # [{name: dfn, shards: "dfn/{00000..09999}.tar", weight: 0.3, caption: txt}, {name: coyo, ...}]
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    num_workers: int = 1
+    prefetch_factor: int = 4
+    augment: bool = True  # RandomResizedCrop + flip; off for synthetic scenes whose captions name positions
+    mean_std: str = "imagenet"  # "imagenet" or "clip"
+    context_length: int = 77  # tokens per caption, EOS included, right-padded
+    tokenizer: str | None = None  # tokenizer.json or SentencePiece .model; None: the built-in synthetic-caption one
+    # the padding token's name, for a tokenizer.json that names none (CLIP's): e.g. '<|endoftext|>' for LiT, whose
+    # text tower pools at the first end token and never reads past it
+    pad_token: str | None = None
+    synthetic_length: int | None = None  # None: an endless stream of distinct scenes
+    native: NativeConfig = field(default_factory=NativeConfig)  # native-resolution training (off by default)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    init_lr: float = 1e-6  # warmup starts here
+    min_lr: float = 1e-5  # cosine ends here
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4  # fully decoupled: p <- p * (1 - wd * lr_t / lr)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+    # Learning-rate multipliers by parameter-name prefix, e.g. {encoder: 0.1} or {encoder.blocks: 0.5, decoder: 1};
+    # the longest matching prefix wins, 1.0 where none matches. Decoupled weight decay scales with the group's lr
+    # (so a multiplier of 0 freezes a module entirely); which parameters decay is unchanged.
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    # Warm up a fresh decoder on a frozen encoder for the first N steps (post-training from an encoder-only
+    # checkpoint). The encoder still runs forward and backward (DDP and FSDP2 reduce every parameter each step);
+    # its gradients are dropped before clipping and the optimizer step, so AdamW neither moves it (no update, no
+    # weight decay) nor keeps moments for it. Decided by the step number, so a resume mid warm-up continues it.
+    freeze_encoder_steps: int = 0
+    batch_size: int = 64  # global batch (all ranks, all accumulation micro-steps)
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the whole model); ignored on 1 process
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "aimv2"
+
+
+class _Saved:
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclass
+class Config(_Saved):
+    out_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class LitTowerConfig:
+    """What LiT trains against a frozen encoder: the text tower, the pooling head, the projections."""
+
+    encoder: str = ""  # a pretraining run folder, an encoder checkpoint (any layout) or a model name (random weights)
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {img_size: 96}
+    text_size: str = "tiny"  # tiny | small | base (Apple's LiT text tower: 768 wide, 12 blocks, 6 heads)
+    text: dict[str, Any] = field(default_factory=dict)  # TextConfig fields on top of text_size (vocab/eos: tokenizer)
+    projection_dim: int = 768
+    init_temperature: float = 0.07
+
+
+@dataclass
+class LitConfig(_Saved):
+    """A LiT run (``aimv2 lit``): the pretraining sections for data, optimizer, training and logging, and ``lit``."""
+
+    out_dir: str = "runs/lit"
+    seed: int = 0
+    lit: LitTowerConfig = field(default_factory=LitTowerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
