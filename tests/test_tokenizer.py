@@ -189,7 +189,7 @@ def test_a_start_token_in_the_files_template_is_kept(tmp_path):
 def test_zeroshot_reads_a_clip_like_tokenizer_without_a_pad_token(tmp_path):
     from types import SimpleNamespace
 
-    from aimv2.commands.zeroshot import _tokenizer
+    from aimv2.cli.zeroshot import _tokenizer
 
     (tmp_path / "tokenizer.json").write_text(_clip_like_json())
     model = SimpleNamespace(cfg=SimpleNamespace(text=SimpleNamespace(context_length=6, eos_id=7)))

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "zero-shot classification of an image folder with a LiT model"
 DESCRIPTION = """Zero-shot classification of an image folder (one sub-folder per class) with a LiT model.
 
 Each class is embedded by a prompt ensemble: every template filled with the class name, the normalized text
@@ -76,7 +75,7 @@ def run(args) -> int:
     from ..data.folders import find_classes
     from ..eval.zeroshot import DEFAULT_TEMPLATES, read_classnames, read_templates, zeroshot_classify
     from ..lit_checkpoints import build_lit, read_lit
-    from ._features_args import plain_warnings, resolve_device
+    from .encoder_args import plain_warnings, resolve_device
 
     try:
         ckpt = read_lit(args.lit)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .demo import _aimv2, _probe
 
-HELP = "grid of pretraining runs x seeds (objectives, alpha, decoder size ...), probed and tabulated"
 DESCRIPTION = """Ablations in one command, in the same harness (encoder, data, optimizer) for every point:
 
   1. every grid point x seed is `aimv2 pretrain CONFIG OVERRIDES seed=K out_dir=OUT/POINT/seedK`

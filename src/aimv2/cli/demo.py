@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-HELP = "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"
 DESCRIPTION = """The whole method at laptop scale, on the built-in synthetic scenes (no download):
 
   1. aimv2 pretrain CONFIG            (default configs/tiny-synthetic.yaml; resumes if interrupted)

@@ -7,7 +7,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ._features_args import (
+from .encoder_args import (
     add_encoder_arguments,
     add_native_arguments,
     encoder_img_size,
@@ -16,8 +16,6 @@ from ._features_args import (
     plain_warnings,
     resolve_device,
 )
-
-HELP = "extract features of a folder of images"
 
 DESCRIPTION = """Run a frozen AIMv2 encoder over every image under IMAGES_DIR (recursively, sorted by path) and save
 the features.

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import replace
 
-from ._features_args import (
+from .encoder_args import (
     add_encoder_arguments,
     add_native_arguments,
     encoder_img_size,
@@ -18,8 +18,6 @@ from ._features_args import (
     plain_warnings,
     resolve_device,
 )
-
-HELP = "train a probe on frozen features and report top-1"
 
 DESCRIPTION = """Measure how well a frozen encoder's features classify images: the protocol of the AIMv2 paper.
 

@@ -6,8 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "caption images with a pretraining run's decoder (greedy or beam search)"
-
 DESCRIPTION = """Caption images with the multimodal decoder of an AIMv2 pretraining run: a direct look at what the
 encoder learned to see. The decoder was trained to predict each image's caption from the encoder's features; here
 it generates one, token by token.
@@ -103,7 +101,7 @@ def run(args) -> int:
     from ..data.transforms import eval_transform
     from ..eval.captioning import Captioner, parse_prefix
     from ..train.runs import RunError
-    from ._features_args import resolve_device
+    from .encoder_args import resolve_device
 
     if args.beam < 1:
         return _fail(f"--beam must be at least 1, got {args.beam}")
