@@ -14,7 +14,7 @@ from aimv2.data.folders import ImageFiles, ReadError, list_images
 from aimv2.data.transforms import eval_transform, normalize
 from aimv2.eval.feature_cache import cached_features
 from aimv2.eval.features import UnreadableImagesWarning, extract_features
-from aimv2.eval.probe import ProbeConfig, run_probe, topk_accuracy
+from aimv2.eval.probe import ProbeConfig, probe_features, topk_accuracy
 
 MODEL = "aimv2-tiny-patch8-64"
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30), "yellow": (230, 220, 20)}
@@ -147,14 +147,14 @@ def test_attentive_probe_separates_colours_and_not_shuffled_labels(folders):
     xt, yt = features_of(folders / "train", encoder)
     xv, yv = features_of(folders / "val", encoder)
     cfg = ProbeConfig(method="attentive", num_heads=3, epochs=30, seed=0)
-    res = run_probe(xt, yt, xv, yv, len(COLOURS), cfg)
+    res = probe_features(xt, yt, xv, yv, len(COLOURS), cfg)
     assert res["top1"] == 100.0 and res["n_train"] == 48 and res["n_val"] == 24
-    assert run_probe(xt, yt, xv, yv, len(COLOURS), cfg) == res  # deterministic given the seed
+    assert probe_features(xt, yt, xv, yv, len(COLOURS), cfg) == res  # deterministic given the seed
     shuffled = yt[torch.randperm(len(yt), generator=torch.Generator().manual_seed(0))]
-    chance = run_probe(xt, shuffled, xv, yv, len(COLOURS), cfg)
+    chance = probe_features(xt, shuffled, xv, yv, len(COLOURS), cfg)
     assert chance["top1"] <= 50.0  # chance is 25%
     for method in ("linear", "knn"):
-        assert run_probe(xt, yt, xv, yv, len(COLOURS), ProbeConfig(method=method, epochs=30, k=5))["top1"] == 100.0
+        assert probe_features(xt, yt, xv, yv, len(COLOURS), ProbeConfig(method=method, epochs=30, k=5))["top1"] == 100.0
 
 
 def test_topk_accuracy():

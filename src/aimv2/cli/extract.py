@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from functools import partial
-from pathlib import Path
 
 from .encoder_args import (
     add_encoder_arguments,
     add_native_arguments,
-    encoder_img_size,
-    load_encoder_from_args,
-    native_transform,
+    encoder_from_args,
+    feature_settings,
     plain_warnings,
     resolve_device,
 )
@@ -58,97 +54,32 @@ def add_arguments(parser) -> None:
     add_encoder_arguments(parser)
 
 
-def write_features(out: Path, features, paths: list[str], settings: dict, extra: dict | None = None) -> list[Path]:
-    """Write features [n, ...] and their image paths (and ``extra`` tensors, .safetensors only); returns the files
-    written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        import numpy as np
-
-        np.save(out, features.numpy())
-        paths_file = out.with_suffix(".paths.txt")
-        paths_file.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
-        return [out, paths_file]
-    from safetensors.torch import save_file
-
-    metadata = {k: json.dumps(v) for k, v in settings.items()}
-    metadata["paths"] = json.dumps(paths)
-    save_file({"features": features.contiguous(), **(extra or {})}, str(out), metadata=metadata)
-    return [out]
-
-
 def run(args) -> int:
-    import torch
+    from ..eval.feature_files import check_feature_file, extract_folder, write_features
 
-    from ..data.folders import ImageFiles
-    from ..data.transforms import eval_transform
-    from ..eval.features import extract_features, extract_native_features, native_shape_groups
-
-    out = Path(args.out)
-    if out.suffix not in (".safetensors", ".npy"):
-        print(f"aimv2 extract: error: OUT must end in .safetensors or .npy, got {str(out)!r}", file=sys.stderr)
-        return 2
-    if args.native and out.suffix == ".npy" and args.pool == "none":
-        print(
-            "aimv2 extract: error: --native patch tokens differ in number per image; write a .safetensors file "
-            "(features + offsets + grids) or use --pool mean",
-            file=sys.stderr,
-        )
-        return 2
+    settings = feature_settings(args)
     try:
-        encoder = load_encoder_from_args(args)
-        img_size = encoder_img_size(encoder, args.img_size)
-        transform = eval_transform(img_size, crop_pct=args.crop_pct)
-        groups = None
-        if args.native:
-            transform = native_transform(encoder, args)
-        dataset = ImageFiles.from_folder(args.images, transform)
-        if args.native:
-            groups = native_shape_groups(dataset.paths, args.max_patches, encoder.cfg.patch_size)
+        check_feature_file(args.out, settings, args.pool)
+        encoder = encoder_from_args(args)
+        with plain_warnings():
+            result = extract_folder(
+                encoder,
+                args.images,
+                settings,
+                pool=args.pool,
+                device=resolve_device(args.device),
+                progress=False if args.no_progress else None,
+            )
     except (ValueError, FileNotFoundError) as e:
         print(f"aimv2 extract: error: {e}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    encoder.to(device)
-    with plain_warnings():
-        extract = extract_features if groups is None else partial(extract_native_features, groups=groups)
-        result = extract(
-            encoder,
-            dataset,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            device=device,
-            dtype="bf16" if args.bf16 else "fp32",
-            blocks=args.blocks,
-            pool=args.pool,
-            mean_std=args.mean_std,
-            progress=False if args.no_progress else None,
-            desc="extract",
+    written = write_features(args.out, result, {"encoder": args.encoder, "checkpoint": args.checkpoint})
+    shape = "x".join(map(str, result.features.shape))
+    skipped = f", {len(result.errors)} unreadable skipped" if result.errors else ""
+    print(
+        f"extracted {len(result.paths)} images{skipped}: features [{shape}] {result.features.dtype}".replace(
+            "torch.", ""
         )
-    root = Path(args.images)
-    paths = [dataset.paths[i].relative_to(root).as_posix() for i in result["indices"].tolist()]
-    settings = {
-        "encoder": args.encoder,
-        "checkpoint": args.checkpoint,
-        "img_size": img_size,
-        "crop_pct": args.crop_pct,
-        "mean_std": args.mean_std,
-        "blocks": args.blocks,
-        "pool": args.pool,
-        "dtype": "bf16" if args.bf16 else "fp32",
-        "skipped": [e.path for e in result["errors"]],
-    }
-    extra, features = {}, result["features"]
-    if args.native:
-        settings.update(native=True, max_patches=args.max_patches)
-        extra["grids"] = result["grids"]
-        if isinstance(features, list):  # ragged patch tokens: concatenated, with offsets
-            sizes = torch.tensor([f.shape[0] for f in features])
-            extra["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-            features = torch.cat(features)
-    written = write_features(out, features, paths, settings, extra if out.suffix == ".safetensors" else None)
-    shape = "x".join(map(str, features.shape))
-    skipped = f", {len(result['errors'])} unreadable skipped" if result["errors"] else ""
-    print(f"extracted {len(paths)} images{skipped}: features [{shape}] {features.dtype}".replace("torch.", ""))
+    )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
