@@ -195,6 +195,28 @@ def test_probe_command_last_line_is_json(folders, tmp_path, capsys):
     assert "cached" in out and json.loads(out.strip().splitlines()[-1])["top1"] == result["top1"]
 
 
+def test_run_probe_in_process_is_the_command(folders, tmp_path, capsys):
+    """`aimv2.eval.run_probe` is the whole protocol: called directly it gives the command's result, and takes a
+    grid and views the same way."""
+    from aimv2.eval import FeatureSettings, ProbeConfig, ProbeSettings, load_frozen_encoder, run_probe
+
+    common = ["--set", "depth=2", "--workers", "0", "--no-progress", "--no-cache", "--epochs", "5"]
+    argv = ["probe", MODEL, "--train", str(folders / "train"), "--val", str(folders / "val"), *common]
+    assert main([*argv, "--grid-lr", "1e-3,2e-3", "--train-views", "1"]) == 0
+    command = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    encoder = load_frozen_encoder(MODEL, overrides={"depth": 2})
+    settings = ProbeSettings(FeatureSettings(num_workers=0), use_cache=False, grid_lr=[1e-3, 2e-3], train_views=1)
+    lines = []
+    with pytest.warns(UnreadableImagesWarning):
+        result = run_probe(encoder, str(folders / "train"), str(folders / "val"), ProbeConfig(epochs=5), settings,
+                           progress=False, log=lines.append)  # fmt: skip
+    assert result.top1 == command["top1"] and result.metrics["per_class"] == command["per_class"]
+    assert result.metrics["lr"] == command["lr"] and result.metrics["num_heads"] == 3
+    assert result.classes == sorted(COLOURS) and len(result.grid) == 2 and any("chosen" in x for x in lines)
+    report = result.report()
+    assert report["confusion"] == result.confusion and sum(map(sum, report["confusion"])) == 24
+
+
 def test_probe_command_clear_errors(folders, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     val = tmp_path / "val"
