@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-DESCRIPTION = """Zero-shot classification of an image folder (one sub-folder per class) with a LiT model.
+DESCRIPTION = """--images is a folder with one sub-folder per class; folder names are the class names unless
+--classnames renames them.
 
 Each class is embedded by a prompt ensemble: every template filled with the class name, the normalized text
 embeddings averaged. An image gets the class of highest cosine similarity. Prints top-1, top-5 and per-class
