@@ -307,7 +307,7 @@ def test_clip_two_processes_train_like_one(tmp_path):
 
 
 def test_ablate_grid_points_and_table9_preset():
-    from aimv2.commands.ablate import grid_points
+    from aimv2.cli.ablate import grid_points
 
     points = grid_points(["alpha=0.2,0.6", "decoder.depth=1,2"])
     assert [n for n, _ in points] == [

@@ -33,6 +33,33 @@ def test_every_subcommand_has_teaching_help(name, capsys):
     assert "example" in out.lower()
 
 
+def test_one_line_help_is_defined_once_and_shown_by_both_helps(capsys):
+    """`aimv2 --help` lists every command with the one line of the table, `aimv2 NAME --help` opens with the same
+    line; the module itself holds no copy of it."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    for name, (module_name, help_) in COMMANDS.items():
+        assert f"{name} {help_}" in top, name
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        own = capsys.readouterr().out.split("\n\n")
+        assert own[1] == help_, name  # the first paragraph after the usage
+        module = importlib.import_module(module_name)
+        assert not hasattr(module, "HELP") and help_ not in module.DESCRIPTION, name
+
+
+def test_top_level_help_imports_no_command_module():
+    code = "import sys; from aimv2.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+    code += "print(sorted(m for m in sys.modules if m.startswith('aimv2.cli.')))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_unknown_command_and_no_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["pretrian"])
@@ -42,8 +69,8 @@ def test_unknown_command_and_no_command(capsys):
 
 
 def test_options_may_come_between_overrides(monkeypatch, capsys):
-    import aimv2.commands.data as data_cmd
-    import aimv2.commands.pretrain as pretrain
+    import aimv2.cli.data as data_cmd
+    import aimv2.cli.pretrain as pretrain
 
     seen = []
     monkeypatch.setattr(pretrain, "run", lambda args: seen.append(args))

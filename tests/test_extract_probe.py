@@ -14,7 +14,7 @@ from aimv2.data.folders import ImageFiles, ReadError, list_images
 from aimv2.data.transforms import eval_transform, normalize
 from aimv2.eval.feature_cache import cached_features
 from aimv2.eval.features import UnreadableImagesWarning, extract_features
-from aimv2.eval.probe import ProbeConfig, run_probe, topk_accuracy
+from aimv2.eval.probe import ProbeConfig, probe_features, topk_accuracy
 
 MODEL = "aimv2-tiny-patch8-64"
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30), "yellow": (230, 220, 20)}
@@ -147,14 +147,14 @@ def test_attentive_probe_separates_colours_and_not_shuffled_labels(folders):
     xt, yt = features_of(folders / "train", encoder)
     xv, yv = features_of(folders / "val", encoder)
     cfg = ProbeConfig(method="attentive", num_heads=3, epochs=30, seed=0)
-    res = run_probe(xt, yt, xv, yv, len(COLOURS), cfg)
+    res = probe_features(xt, yt, xv, yv, len(COLOURS), cfg)
     assert res["top1"] == 100.0 and res["n_train"] == 48 and res["n_val"] == 24
-    assert run_probe(xt, yt, xv, yv, len(COLOURS), cfg) == res  # deterministic given the seed
+    assert probe_features(xt, yt, xv, yv, len(COLOURS), cfg) == res  # deterministic given the seed
     shuffled = yt[torch.randperm(len(yt), generator=torch.Generator().manual_seed(0))]
-    chance = run_probe(xt, shuffled, xv, yv, len(COLOURS), cfg)
+    chance = probe_features(xt, shuffled, xv, yv, len(COLOURS), cfg)
     assert chance["top1"] <= 50.0  # chance is 25%
     for method in ("linear", "knn"):
-        assert run_probe(xt, yt, xv, yv, len(COLOURS), ProbeConfig(method=method, epochs=30, k=5))["top1"] == 100.0
+        assert probe_features(xt, yt, xv, yv, len(COLOURS), ProbeConfig(method=method, epochs=30, k=5))["top1"] == 100.0
 
 
 def test_topk_accuracy():
@@ -193,6 +193,28 @@ def test_probe_command_last_line_is_json(folders, tmp_path, capsys):
     assert main(argv) == 0  # second run: features from the cache, same answer
     out = capsys.readouterr().out
     assert "cached" in out and json.loads(out.strip().splitlines()[-1])["top1"] == result["top1"]
+
+
+def test_run_probe_in_process_is_the_command(folders, tmp_path, capsys):
+    """`aimv2.eval.run_probe` is the whole protocol: called directly it gives the command's result, and takes a
+    grid and views the same way."""
+    from aimv2.eval import FeatureSettings, ProbeConfig, ProbeSettings, load_frozen_encoder, run_probe
+
+    common = ["--set", "depth=2", "--workers", "0", "--no-progress", "--no-cache", "--epochs", "5"]
+    argv = ["probe", MODEL, "--train", str(folders / "train"), "--val", str(folders / "val"), *common]
+    assert main([*argv, "--grid-lr", "1e-3,2e-3", "--train-views", "1"]) == 0
+    command = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    encoder = load_frozen_encoder(MODEL, overrides={"depth": 2})
+    settings = ProbeSettings(FeatureSettings(num_workers=0), use_cache=False, grid_lr=[1e-3, 2e-3], train_views=1)
+    lines = []
+    with pytest.warns(UnreadableImagesWarning):
+        result = run_probe(encoder, str(folders / "train"), str(folders / "val"), ProbeConfig(epochs=5), settings,
+                           progress=False, log=lines.append)  # fmt: skip
+    assert result.top1 == command["top1"] and result.metrics["per_class"] == command["per_class"]
+    assert result.metrics["lr"] == command["lr"] and result.metrics["num_heads"] == 3
+    assert result.classes == sorted(COLOURS) and len(result.grid) == 2 and any("chosen" in x for x in lines)
+    report = result.report()
+    assert report["confusion"] == result.confusion and sum(map(sum, report["confusion"])) == 24
 
 
 def test_probe_command_clear_errors(folders, tmp_path, capsys):

@@ -26,7 +26,7 @@ from aimv2.eval.datasets import (
 )
 from aimv2.eval.feature_cache import cached_features
 from aimv2.eval.features import UnreadableImagesWarning, extract_features
-from aimv2.eval.probe import ProbeConfig, grid_search, knn_scores, run_probe, stratified_split
+from aimv2.eval.probe import ProbeConfig, grid_search, knn_scores, probe_features, stratified_split
 
 MODEL = "aimv2-tiny-patch8-64"
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30), "yellow": (230, 220, 20)}
@@ -98,11 +98,11 @@ def test_attentive_probe_near_perfect_on_separable_and_chance_on_shuffled():
     xt, yt = separable_tokens(20, classes=10, tokens=6, dim=16, seed=0)
     xv, yv = separable_tokens(20, classes=10, tokens=6, dim=16, seed=1)
     cfg = ProbeConfig(method="attentive", num_heads=4, epochs=20, batch_size=32, lr=3e-3, seed=0)
-    res = run_probe(xt, yt, xv, yv, 10, cfg)
+    res = probe_features(xt, yt, xv, yv, 10, cfg)
     assert res["top1"] >= 98.0 and res["top5"] == 100.0
     assert all(a >= 90.0 for a in res["per_class"]) and sum(map(sum, res["confusion"])) == 200
     shuffled = yt[torch.randperm(len(yt), generator=torch.Generator().manual_seed(0))]
-    chance = run_probe(xt, shuffled, xv, yv, 10, cfg)
+    chance = probe_features(xt, shuffled, xv, yv, 10, cfg)
     assert chance["top1"] <= 25.0  # chance is 10%; the real labels give ~100%
 
 
@@ -133,7 +133,7 @@ def test_knn_equals_brute_force_reference(tokens):
     ref = reference_knn(flat(train_x), train_y, flat(val_x), 6, 20, 0.07)
     torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-6)
     assert scores.argmax(1).tolist() == ref.argmax(1).tolist()
-    res = run_probe(train_x, train_y, val_x, ref.argmax(1), 6, ProbeConfig(method="knn"))
+    res = probe_features(train_x, train_y, val_x, ref.argmax(1), 6, ProbeConfig(method="knn"))
     assert res["top1"] == 100.0 and res["k"] == 20
 
 
@@ -304,7 +304,7 @@ def test_cache_bf16_store_and_shard_source(data, tmp_path, monkeypatch):
     assert again["cached"] and again["features"].dtype == torch.bfloat16 and sum(calls) == 32
     assert bf16["cache_path"].stat().st_size < 0.6 * fp32["cache_path"].stat().st_size
     torch.testing.assert_close(bf16["features"].float(), fp32["features"], rtol=1e-2, atol=1e-2)
-    res = run_probe(again["features"], again["labels"], again["features"], again["labels"], 4,
+    res = probe_features(again["features"], again["labels"], again["features"], again["labels"], 4,
                     ProbeConfig(num_heads=3, epochs=2))  # fmt: skip
     assert 0.0 <= res["top1"] <= 100.0
 

@@ -189,16 +189,15 @@ def test_a_start_token_in_the_files_template_is_kept(tmp_path):
 def test_zeroshot_reads_a_clip_like_tokenizer_without_a_pad_token(tmp_path):
     from types import SimpleNamespace
 
-    from aimv2.commands.zeroshot import _tokenizer
+    from aimv2.eval.zeroshot import lit_tokenizer
 
     (tmp_path / "tokenizer.json").write_text(_clip_like_json())
     model = SimpleNamespace(cfg=SimpleNamespace(text=SimpleNamespace(context_length=6, eos_id=7)))
-    args = SimpleNamespace(tokenizer=str(tmp_path / "tokenizer.json"))
-    tok = _tokenizer(args, model, tmp_path)
+    tok = lit_tokenizer(model, tmp_path, tmp_path / "tokenizer.json")
     assert tok.encode("a cat")[0].tolist() == [6, 1, 4, 7, 7, 7]
-    model.cfg.text.eos_id = 5  # a model pooling at another id is refused
-    with pytest.raises(SystemExit, match="eos id 5"):
-        _tokenizer(args, model, tmp_path)
+    model.cfg.text.eos_id = 5  # a model pooling at another id is refused (`aimv2 zeroshot`: one line, status 2)
+    with pytest.raises(ValueError, match="eos id 5"):
+        lit_tokenizer(model, tmp_path, tmp_path / "tokenizer.json")
 
 
 def test_a_config_names_the_pad_token_of_a_file_without_one(tmp_path):

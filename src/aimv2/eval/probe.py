@@ -76,7 +76,7 @@ class ProbeConfig:
     clip_grad: float = 3.0
     betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    num_heads: int = 8  # attentive: set to the trunk's head count
+    num_heads: int | None = None  # attentive: None = the trunk's head count (run_probe fills it in)
     num_queries: int = 1
     batchnorm: bool = True
     k: int = 20  # knn: neighbours
@@ -225,6 +225,8 @@ def fit_predict(
         if cfg.method == "attentive":
             if train_x.ndim != 3:
                 raise ValueError(f"the attentive probe needs token features [n, N, D], got {tuple(train_x.shape)}")
+            if cfg.num_heads is None:
+                raise ValueError("the attentive probe needs num_heads (the trunk's head count)")
             head = AttentiveProbe(dim, num_classes, cfg.num_heads, cfg.num_queries, cfg.batchnorm)
         else:
             head = LinearProbe(dim, num_classes, cfg.batchnorm)
@@ -237,7 +239,7 @@ def fit_predict(
     return scores, hparams
 
 
-def run_probe(
+def probe_features(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     val_x: torch.Tensor,

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.folders import ImageFiles
+from ..data.tokenizer import Tokenizer, UnknownSpecialToken
 from ..data.transforms import eval_transform
+from ..lit_checkpoints import build_lit, read_lit
 from ..objectives.lit import LiT
 from .features import DTYPES, default_device, extract_features
 from .probe import topk_accuracy
@@ -62,6 +66,60 @@ def read_classnames(path: str | os.PathLike, folders: Sequence[str]) -> list[str
     if len(lines) != len(folders):
         raise ValueError(f"{path}: {len(lines)} names for {len(folders)} class folders (one per line, in sorted order)")
     return [ln.strip() for ln in lines]
+
+
+@dataclass
+class LitClassifier:
+    """A LiT model ready for zero-shot: its text tokenizer and the pixel normalization it was trained with."""
+
+    model: LiT
+    tokenizer: Tokenizer
+    mean_std: str
+
+
+def load_lit_classifier(
+    source: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, mean_std: str | None = None
+) -> LitClassifier:
+    """The LiT model at ``source`` (a LiT run folder, our lit.safetensors, Apple's LiT file or a transformers
+    Aimv2Model folder), its tokenizer (``tokenizer``, else the run folder's tokenizer.json) and normalization
+    (``mean_std``, else what the run trained with; clip for Apple's and transformers' files)."""
+    ckpt = read_lit(source)
+    model = build_lit(ckpt)
+    tok = lit_tokenizer(model, source, tokenizer)
+    mean_std = mean_std or ckpt.metadata.get("mean_std") or ("imagenet" if ckpt.layout == "aimv2" else "clip")
+    return LitClassifier(model, tok, mean_std)
+
+
+def lit_tokenizer(model: LiT, source: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of the LiT model read from ``source``: ``tokenizer``, else the tokenizer.json next to it.
+    ValueError when there is none, or when it ends captions with another eos id than the one the model pools at."""
+    source = Path(source)
+    path = Path(tokenizer) if tokenizer else None
+    if path is None:
+        folder = source if source.is_dir() else source.parent
+        if (folder / "tokenizer.json").is_file():
+            path = folder / "tokenizer.json"
+    if path is None:
+        raise ValueError(f"no tokenizer.json next to {source}; pass --tokenizer FILE")
+    length = model.cfg.text.context_length
+    try:
+        tok = Tokenizer.from_file(path, context_length=length)
+    except UnknownSpecialToken as e:
+        if e.what != "pad":
+            raise
+        # a file that names no pad token (CLIP's): pad with the eos token, since the text tower pools at the first
+        # eos and, being causal, never reads what follows it
+        from tokenizers import Tokenizer as HFTokenizer
+
+        eos = HFTokenizer.from_file(str(path)).id_to_token(model.cfg.text.eos_id)
+        if eos is None:
+            raise
+        tok = Tokenizer.from_file(path, context_length=length, pad_token=eos)
+    if tok.eos_id != model.cfg.text.eos_id:
+        raise ValueError(
+            f"{path} ends captions with id {tok.eos_id} but the model pools at eos id {model.cfg.text.eos_id}"
+        )
+    return tok
 
 
 @torch.no_grad()

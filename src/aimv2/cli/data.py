@@ -13,9 +13,7 @@ import json
 import math
 import sys
 
-from . import run_action
-
-HELP = "inspect webdataset shards as training reads them; write the built-in data as shards"
+from .sub_actions import run_action
 
 DESCRIPTION = """Inspect image-caption shards, or write the built-in dataset as shards.
 

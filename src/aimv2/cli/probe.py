@@ -6,20 +6,15 @@ import argparse
 import json
 import math
 import sys
-import time
-from dataclasses import replace
 
-from ._features_args import (
+from .encoder_args import (
     add_encoder_arguments,
     add_native_arguments,
-    encoder_img_size,
-    load_encoder_from_args,
-    native_transform,
+    encoder_from_args,
+    feature_settings,
     plain_warnings,
     resolve_device,
 )
-
-HELP = "train a probe on frozen features and report top-1"
 
 DESCRIPTION = """Measure how well a frozen encoder's features classify images: the protocol of the AIMv2 paper.
 
@@ -178,183 +173,63 @@ def add_arguments(parser) -> None:
     add_encoder_arguments(parser)
 
 
-def _datasets(args, transform):
-    from ..eval.datasets import align_classes, open_labeled_source, read_classnames
-
-    classnames = read_classnames(args.classnames) if args.classnames else None
-    kw = dict(
-        label_key=args.label_key,
-        classnames=classnames,
-        image_column=args.image_column,
-        label_column=args.label_column,
-    )
-    train = open_labeled_source(args.train, transform, **kw)
-    val = open_labeled_source(args.val, transform, **kw)
-    classes = align_classes(train, val)
-    return train, val, classes
-
-
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def run(args) -> int:
-    import torch
+    from ..eval.datasets import read_classnames
+    from ..eval.probe import ProbeConfig
+    from ..eval.probe_protocol import ProbeSettings, run_probe
+    from ..eval.report import write_report
 
-    from ..data.transforms import TrainTransform, eval_transform
-    from ..eval.datasets import AugmentedViews
-    from ..eval.feature_cache import cached_features
-    from ..eval.features import STORE_DTYPES, extract_features, extract_native_features, native_shape_groups
-    from ..eval.probe import ProbeConfig, grid_search, run_probe, stratified_split
-
+    cfg = ProbeConfig(
+        method=args.method,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.wd,
+        batch_size=args.probe_batch_size,
+        warmup_epochs=args.warmup_epochs,
+        clip_grad=args.clip_grad,
+        seed=args.seed,
+        num_heads=args.heads,
+        num_queries=args.queries,
+        batchnorm=not args.no_bn,
+        k=args.k,
+        temperature=args.temperature,
+    )
     try:
-        if args.method == "knn" and (args.grid_lr or args.grid_wd):
-            raise ValueError("--grid-lr / --grid-wd tune the attentive and linear probes; knn has no lr or wd")
-        if args.train_views < 0:
-            raise ValueError(f"--train-views must be >= 0, got {args.train_views}")
-        encoder = load_encoder_from_args(args)
-        img_size = encoder_img_size(encoder, args.img_size)
-        transform = eval_transform(img_size, crop_pct=args.crop_pct)
-        if args.native:
-            if args.method == "attentive" or args.train_views:
-                raise ValueError(
-                    "--native probes mean-pooled features (--method linear or knn, no --train-views): the attentive "
-                    "head would need per-image token masks for images with different numbers of patches"
-                )
-            transform = native_transform(encoder, args)
-        with plain_warnings():
-            train, val, classes = _datasets(args, transform)
-        if args.native and not all(hasattr(d, "paths") for d in (train, val)):
-            raise ValueError("--native reads image folders (class sub-folders), not shards or HF datasets")
-        heads = args.heads or getattr(getattr(encoder, "cfg", None), "num_heads", 8)
-        cfg = ProbeConfig(
-            method=args.method,
-            epochs=args.epochs,
-            lr=args.lr,
-            weight_decay=args.wd,
-            batch_size=args.probe_batch_size,
-            warmup_epochs=args.warmup_epochs,
-            clip_grad=args.clip_grad,
-            seed=args.seed,
-            num_heads=heads,
-            num_queries=args.queries,
-            batchnorm=not args.no_bn,
-            k=args.k,
-            temperature=args.temperature,
+        settings = ProbeSettings(
+            features=feature_settings(args),
+            label_key=args.label_key,
+            classnames=read_classnames(args.classnames) if args.classnames else None,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            cache_dtype=args.cache_dtype,
+            train_views=args.train_views,
+            grid_lr=args.grid_lr,
+            grid_wd=args.grid_wd,
+            holdout=args.holdout,
         )
+        with plain_warnings():
+            result = run_probe(
+                encoder_from_args(args),
+                args.train,
+                args.val,
+                cfg,
+                settings,
+                device=resolve_device(args.device),
+                progress=False if args.no_progress else None,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+            )
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"aimv2 probe: error: {e}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    encoder.to(device)
-    dtype = "bf16" if args.bf16 else "fp32"
-    progress = False if args.no_progress else None
-    print(f"classes: {len(classes)}; train images: {len(train)}; val images: {len(val)}")
-    settings = dict(
-        blocks=args.blocks,
-        pool="none" if args.method == "attentive" else "mean",
-        dtype=dtype,
-        mean_std=args.mean_std,
-        store=args.cache_dtype,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=device,
-        progress=progress,
-    )
-    feats = {}
-    t0 = time.perf_counter()
-    with plain_warnings():
-        for split, dataset in (("train", train), ("val", val)):
-            if args.native:  # per-image grids: batches grouped by shape, features mean-pooled, not cached
-                groups = native_shape_groups(dataset.paths, args.max_patches, encoder.cfg.patch_size)
-                nat = {k: v for k, v in settings.items() if k != "store"}
-                f = extract_native_features(encoder, dataset, groups, desc=f"features {split}", **nat)
-                f["features"] = f["features"].to(STORE_DTYPES[args.cache_dtype])
-                feats[split] = f
-                shapes = len(groups)
-                print(f"{split} features: {list(f['features'].shape)} native, {shapes} grids, computed (not cached)")
-                continue
-            f = cached_features(
-                encoder, dataset, cache_dir=args.cache_dir, use_cache=not args.no_cache, desc=f"features {split}",
-                **settings,
-            )  # fmt: skip
-            feats[split] = f
-            how = f"cached ({f['cache_path']})" if f["cached"] else "computed"
-            print(f"{split} features: {list(f['features'].shape)} {f['features'].dtype} {how}")
-        views = None
-        if args.train_views:
-            augment = TrainTransform(img_size)
-            views = extract_features(
-                encoder, AugmentedViews(train, augment, args.train_views, args.seed), desc="train views", **settings
-            )
-            print(f"train views: {list(views['features'].shape)} computed ({args.train_views} per image, not cached)")
-    t1 = time.perf_counter()
-    encoder.cpu()
-
-    plain_x, plain_y, plain_ids = feats["train"]["features"], feats["train"]["labels"], feats["train"]["indices"]
-    if views is not None:  # every row's source image, so a held-out image takes all its views with it
-        all_x = torch.cat([plain_x, views["features"].to(plain_x.dtype)])
-        all_y = torch.cat([plain_y, views["labels"]])
-        all_ids = torch.cat([plain_ids, views["indices"] % len(train)])
-    else:
-        all_x, all_y, all_ids = plain_x, plain_y, plain_ids
-    grid, selection = None, {"hparams_from": "command line"}
-    if args.grid_lr or args.grid_wd:
-        lrs, wds = args.grid_lr or [args.lr], args.grid_wd or [args.wd]
-        try:
-            keep, held = stratified_split(plain_y, args.holdout, args.seed)
-        except ValueError as e:
-            print(f"aimv2 probe: error: {e}", file=sys.stderr)
-            return 2
-        held_ids = plain_ids[held]
-        fit_rows = ~torch.isin(all_ids, held_ids)
-        _log(
-            f"grid: {len(lrs)} lr x {len(wds)} wd, trained on {int(fit_rows.sum())} train rows, scored on "
-            f"{held.numel()} held-out train images ({args.holdout:g} of each class, seed {args.seed}); val unused"
-        )
-        best, grid = grid_search(
-            all_x[fit_rows], all_y[fit_rows], plain_x[held], plain_y[held], len(classes), cfg, lrs, wds,
-            device, progress=progress, log=_log,
-        )  # fmt: skip
-        best_top1 = max(r["holdout_top1"] for r in grid)
-        _log(f"chosen: lr {best['lr']:g}, wd {best['weight_decay']:g} (held-out top-1 {best_top1:.2f}%)")
-        cfg = replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"])
-        selection = {
-            "hparams_from": "grid on held-out train",
-            "grid_lr": lrs,
-            "grid_wd": wds,
-            "holdout": args.holdout,
-            "holdout_top1": best_top1,
-        }
-    result = run_probe(all_x, all_y, feats["val"]["features"], feats["val"]["labels"], len(classes), cfg, device,
-                       progress=progress)  # fmt: skip
-    t2 = time.perf_counter()
-    confusion = result.pop("confusion")
-    result["per_class"] = dict(zip(classes, result["per_class"], strict=True))
-    top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
-    print(f"{args.method} probe: top-1 {result['top1']:.2f}%{top5} on {result['n_val']} val images")
-    result.update(selection)
-    result.update(
-        encoder=args.encoder,
-        checkpoint=args.checkpoint,
-        img_size=img_size,
-        native=args.native,
-        max_patches=args.max_patches if args.native else None,
-        mean_std=args.mean_std,
-        blocks=args.blocks,
-        dtype=dtype,
-        cache_dtype=args.cache_dtype,
-        train_views=args.train_views,
-        skipped_train=len(feats["train"]["errors"]) + len(getattr(train, "skipped", [])),
-        skipped_val=len(feats["val"]["errors"]) + len(getattr(val, "skipped", [])),
-        features_seconds=round(t1 - t0, 3),
-        probe_seconds=round(t2 - t1, 3),
-    )
+    metrics = result.metrics
+    metrics.update(encoder=args.encoder, checkpoint=args.checkpoint)
+    print("\n".join(result.notes))
+    top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
+    print(f"{args.method} probe: top-1 {metrics['top1']:.2f}%{top5} on {metrics['n_val']} val images")
     if args.out:
-        from ..eval.report import write_report
-
-        report = {**result, "classes": classes, "grid": grid, "confusion": confusion}
-        png = write_report(args.out, report, classes)
+        png = write_report(args.out, result.report(), result.classes)
         print(f"report: {args.out} and {png}")
-    print(json.dumps(result))
+    print(json.dumps(metrics))
     return 0

@@ -1,4 +1,5 @@
-"""Options shared by the commands that run a frozen encoder over image folders (``extract``, ``probe``)."""
+"""Options shared by the commands that run a frozen encoder over image folders (``extract``, ``probe``), and their
+translation into the library's settings."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import contextlib
 import sys
 import warnings
-from pathlib import Path
 
 from ..data.transforms import MEAN_STD
 
@@ -68,21 +68,6 @@ def add_native_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def native_transform(encoder, args):
-    """--native: the NativeResize transform for ``encoder`` (a ValueError naming the problem if it cannot)."""
-    from ..data.transforms import NativeResize
-
-    cfg = encoder.cfg
-    if cfg.pos_embed != "sincos":
-        raise ValueError(
-            f"--native needs an encoder with sin-cos position embeddings (a -native model); {args.encoder} has a "
-            f"learned {cfg.grid_size} grid"
-        )
-    if args.max_patches < 2:
-        raise ValueError(f"--max-patches must be >= 2, got {args.max_patches}")
-    return NativeResize(args.max_patches, cfg.patch_size)
-
-
 def parse_blocks(text: str) -> list[int] | None:
     """``"-4,-3,-2,-1"`` -> [-4, -3, -2, -1]; ``""`` -> None."""
     if not text.strip():
@@ -112,45 +97,40 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def load_encoder_from_args(args):
-    """The encoder named by ``args.encoder`` (+ ``--checkpoint``, ``--set``), in eval mode.
-
-    A model name without a checkpoint is a randomly initialized encoder (seeded by ``args.seed``, else 0);
-    anything else (a file, an HF folder, a run folder) is read by :func:`aimv2.checkpoints.load_encoder`.
-    """
-    import torch
-
-    from ..models import create_model, parse_model_name
+def encoder_from_args(args):
+    """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``); a bare model name is a random init
+    seeded by ``--seed`` (else 0)."""
+    from ..eval.frozen_encoder import load_frozen_encoder
 
     overrides = parse_overrides(args.overrides)
-    spec = args.encoder
-    if args.checkpoint:
-        return create_model(spec, checkpoint=args.checkpoint, **overrides).eval()
-    try:
-        parse_model_name(spec)
-        is_name = not Path(spec).exists()
-    except ValueError:
-        is_name = False
-    if is_name:  # random init, seeded: the same command gives the same encoder (and reuses cached features)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(getattr(args, "seed", 0))
-            return create_model(spec, **overrides).eval()
-    from ..checkpoints import load_encoder
-
-    return load_encoder(spec, **overrides).eval()
+    return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
+                               seed=getattr(args, "seed", 0))  # fmt: skip
 
 
-def encoder_img_size(encoder, override: int | None):
-    if override is not None:
-        return override
-    cfg = getattr(encoder, "cfg", None)
-    return cfg.image_hw if cfg is not None else 224
+def feature_settings(args):
+    """The :class:`~aimv2.eval.frozen_encoder.FeatureSettings` the encoder and native options name."""
+    from ..eval.frozen_encoder import FeatureSettings
+
+    return FeatureSettings(
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        mean_std=args.mean_std,
+        blocks=args.blocks,
+        dtype="bf16" if args.bf16 else "fp32",
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        native=args.native,
+        max_patches=args.max_patches,
+    )
 
 
 def resolve_device(name: str | None):
+    """``--device``, else cuda when there is one."""
     import torch
 
-    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..eval.features import default_device
+
+    return torch.device(name) if name else default_device()
 
 
 @contextlib.contextmanager

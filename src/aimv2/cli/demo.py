@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
-HELP = "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"
 DESCRIPTION = """The whole method at laptop scale, on the built-in synthetic scenes (no download):
 
   1. aimv2 pretrain CONFIG            (default configs/tiny-synthetic.yaml; resumes if interrupted)
@@ -45,116 +42,67 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
 
 
-def _aimv2(*args: str) -> str:
-    """``aimv2 ARGS`` in a fresh process, as a user would run it; returns its stdout (raises with its output)."""
-    r = subprocess.run([sys.executable, "-m", "aimv2", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"aimv2 {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
-    return r.stdout
+def _probe(encoder, split_dir: Path, report: Path) -> dict:
+    """The attentive probe of ``encoder`` on a split (features not cached: the splits are rewritten each run),
+    its report written to ``report``; returns the metrics (top1, num_classes, ...)."""
+    from ..eval.frozen_encoder import FeatureSettings
+    from ..eval.probe_protocol import ProbeSettings, run_probe
+    from ..eval.report import write_report
+
+    settings = ProbeSettings(features=FeatureSettings(num_workers=1), use_cache=False)
+    result = run_probe(encoder, str(split_dir / "train"), str(split_dir / "val"), settings=settings, progress=False)
+    write_report(report, result.report(), result.classes)
+    return result.metrics
 
 
 def _captions(run_dir: Path, n: int, seed: int, size: int) -> list[dict]:
-    """Caption ``n`` scenes never seen in training (another seed) with `aimv2 caption`; pair them with the truth."""
+    """Caption ``n`` scenes never seen in training (another seed), beam 3; pair them with the true captions."""
     from ..data.synthetic import synthetic_sample
+    from ..eval.caption_images import caption_images
+    from ..eval.captioning import Captioner
+    from ..eval.features import default_device
 
     folder = run_dir / "caption-scenes"
     folder.mkdir(parents=True, exist_ok=True)
-    truth = {}
+    truth, paths = {}, []
     for i in range(n):
         image, text = synthetic_sample(i, seed, size)
         path = folder / f"scene-{i:02d}.png"
         image.save(path)
         truth[path.name] = text
-    lines = _aimv2("caption", str(run_dir), str(folder), "--beam", "3", "--json", "--no-progress", "--workers", "0")
-    rows = [json.loads(x) for x in lines.splitlines() if x.startswith("{")]
-    return [{"image": Path(r["path"]).name, "true": truth[Path(r["path"]).name], "decoded": r["caption"]} for r in rows]
+        paths.append(path)
+    captioner = Captioner.from_run(run_dir, device=default_device())
+    done = caption_images(captioner, paths, beam=3, num_workers=0, progress=False)
+    return [{"image": r.path.name, "true": truth[r.path.name], "decoded": r.caption.text} for r in done if r.caption]
 
 
 def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
     """Train a tiny LiT against the frozen pretrained encoder, then classify the colour split zero-shot."""
+    from ..config import LitConfig, load_config
     from ..data.synthetic import write_probe_splits
+    from ..eval.zeroshot import load_lit_classifier, zeroshot_classify
+    from ..train import train_lit
 
     lit_dir = run_dir / "lit"
     split = run_dir / "probe-colour"
     if not (split / "val").is_dir():
         write_probe_splits(split, task="colour", n_train=0, n_val=args.probe_val, size=size, seed=seed, overwrite=True)
-    overrides = [f"lit.encoder={run_dir}", f"out_dir={lit_dir}"]
+    overrides = [f"lit.encoder={run_dir}", f"out_dir={lit_dir}", "train.progress=false"]
     if args.lit_steps:
         overrides.append(f"train.steps={args.lit_steps}")
-    _aimv2("lit", args.lit_config, *overrides, "--quiet")
-    out = _aimv2("zeroshot", str(lit_dir), "--images", str(split / "val"), "--workers", "1")
-    result = json.loads(out.strip().splitlines()[-1])
+    train_lit(load_config(args.lit_config, overrides, cls=LitConfig))
+    lit = load_lit_classifier(lit_dir)
+    result = zeroshot_classify(lit.model, lit.tokenizer, split / "val", num_workers=1, mean_std=lit.mean_std)
     return {"task": "colour", "top1": result["top1"], "top5": result.get("top5"), "chance": result["chance"]}
 
 
-def _probe(encoder_spec: str, split_dir: Path, extra: list[str]) -> dict:
-    """`aimv2 probe` in a fresh process, as a user would run it; returns its JSON result line."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "aimv2",
-        "probe",
-        encoder_spec,
-        "--train",
-        str(split_dir / "train"),
-        "--val",
-        str(split_dir / "val"),
-        "--method",
-        "attentive",
-        "--no-cache",
-        "--no-progress",
-        *extra,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"probe of {encoder_spec} failed:\n{r.stdout}{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def plot_probes(probes: dict[str, dict], png: Path) -> None:
-    """Grouped bars: top-1 of the pretrained and the random-init encoder per task, chance as a tick."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(probes)
-    x = range(len(tasks))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.2))
-    ax.bar([i - 0.2 for i in x], [probes[t]["pretrained"] for t in tasks], 0.4, label="pretrained")
-    ax.bar([i + 0.2 for i in x], [probes[t]["random_init"] for t in tasks], 0.4, label="random init")
-    ax.scatter(list(x), [probes[t]["chance"] for t in tasks], marker="_", s=600, color="k", label="chance", zorder=3)
-    ax.set_xticks(list(x), tasks)
-    ax.set_ylabel("attentive probe top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def plot_losses(rows: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    for a, key in zip(ax, ("loss", "image_loss", "text_loss"), strict=True):
-        a.plot(steps, [r[key] for r in rows])
-        a.set_title(key)
-        a.set_xlabel("step")
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
 def run(args) -> int:
+    from ..checkpoints import CheckpointError
     from ..config import ConfigError, load_config
     from ..data.synthetic import write_probe_splits
+    from ..eval.experiment_report import plot_losses, plot_probe_comparison, read_metrics
+    from ..eval.frozen_encoder import load_frozen_encoder
+    from ..models.registry import model_config
     from ..train import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -170,28 +118,19 @@ def run(args) -> int:
         logging.getLogger("aimv2").error("error: %s", e)
         return 2
     out = Path(cfg.out_dir)
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = read_metrics(out)
     plot_losses(metrics, out / "loss_curve.png")
 
-    from ..models.registry import model_config
-
     img = max(model_config(cfg.model.encoder, **cfg.model.encoder_overrides).image_hw)
-    random_init = [f"--set={k}={v}" for k, v in cfg.model.encoder_overrides.items()]
+    pretrained = load_frozen_encoder(out)
+    random_init = load_frozen_encoder(cfg.model.encoder, overrides=cfg.model.encoder_overrides)
     probes = {}
     for task in args.probe_tasks.split(","):
         split_dir = out / f"probe-{task}"
-        write_probe_splits(
-            split_dir,
-            task=task,
-            n_train=args.probe_train,
-            n_val=args.probe_val,
-            size=img,
-            seed=cfg.seed + 1000,
-            overwrite=True,
-        )
-        report = f"--out={split_dir / 'report'}"
-        trained = _probe(str(out), split_dir, ["--workers=1", f"{report}/pretrained.json"])
-        random = _probe(cfg.model.encoder, split_dir, ["--workers=1", f"{report}/random-init.json", *random_init])
+        write_probe_splits(split_dir, task=task, n_train=args.probe_train, n_val=args.probe_val, size=img,
+                           seed=cfg.seed + 1000, overwrite=True)  # fmt: skip
+        trained = _probe(pretrained, split_dir, split_dir / "report" / "pretrained.json")
+        random = _probe(random_init, split_dir, split_dir / "report" / "random-init.json")
         probes[task] = {
             "pretrained": trained["top1"],
             "random_init": random["top1"],
@@ -203,25 +142,36 @@ def run(args) -> int:
     for key in ("loss", "image_loss", "text_loss"):
         result[f"{key}_first"], result[f"{key}_last"] = first[key], last[key]
     result["probe_top1"] = probes
-    plot_probes(probes, out / "probe_top1.png")
-    if args.captions > 0:
-        captions = _captions(out, args.captions, cfg.seed + 2000, img)
-        (out / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
-        result["captions"] = captions
-    if not args.no_lit:
-        result["zeroshot"] = _zeroshot(out, args, cfg.seed + 1000, img)
+    plot_probe_comparison(probes, out / "probe_top1.png")
+    try:
+        if args.captions > 0:
+            captions = _captions(out, args.captions, cfg.seed + 2000, img)
+            (out / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
+            result["captions"] = captions
+        if not args.no_lit:
+            result["zeroshot"] = _zeroshot(out, args, cfg.seed + 1000, img)
+    except (ConfigError, TrainingError, CheckpointError) as e:
+        logging.getLogger("aimv2").error("error: %s", e)
+        return 2
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print_tables(result, out)
+    return 0
+
+
+def _print_tables(result: dict, out: Path) -> None:
+    """The demo's summary on stdout: losses first and last, probe top-1, captions, zero-shot; the JSON last."""
+    first, last = result["first_logged_step"], result["steps"]
     print()
-    print(f"| {'':10} | step {first['step']:>5} | step {last['step']:>5} |")
+    print(f"| {'':10} | step {first:>5} | step {last:>5} |")
     print(f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
     for key in ("loss", "image_loss", "text_loss"):
-        print(f"| {key:10} | {first[key]:10.4f} | {last[key]:10.4f} |")
+        print(f"| {key:10} | {result[key + '_first']:10.4f} | {result[key + '_last']:10.4f} |")
     print()
     print(f"| attentive probe, top-1 | {'pretrained':>10} | {'random init':>11} | {'chance':>6} |")
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 13}|{'-' * 8}|")
-    for task, r in probes.items():
+    for task, r in result["probe_top1"].items():
         print(f"| {task:22} | {r['pretrained']:9.1f}% | {r['random_init']:10.1f}% | {r['chance']:5.1f}% |")
-    if args.captions > 0:
+    if "captions" in result:
         print("\ncaptions of held-out scenes by the pretraining decoder (aimv2 caption --beam 3):")
         for c in result["captions"]:
             print(f"  {c['image']}\n    true:    {c['true']}\n    decoded: {c['decoded']}")
@@ -233,4 +183,3 @@ def run(args) -> int:
         f"{out}/probe-TASK/report/*.png; results: {out / 'results.json'}"
     )
     print(json.dumps(result))
-    return 0

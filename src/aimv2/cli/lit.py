@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-HELP = "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"
 DESCRIPTION = """Train a text tower and an attention-pool head against a frozen AIMv2 encoder with the symmetric
 contrastive (CLIP) loss: LiT, the paper's zero-shot evaluation. Same data, tokenizer, optimizer, DDP, metrics and
 resumable checkpoints as `aimv2 pretrain`; the encoder is given by lit.encoder (a pretraining run folder, an

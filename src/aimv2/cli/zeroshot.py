@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-HELP = "zero-shot classification of an image folder with a LiT model"
-DESCRIPTION = """Zero-shot classification of an image folder (one sub-folder per class) with a LiT model.
+DESCRIPTION = """--images is a folder with one sub-folder per class; folder names are the class names unless
+--classnames renames them.
 
 Each class is embedded by a prompt ensemble: every template filled with the class name, the normalized text
 embeddings averaged. An image gets the class of highest cosine similarity. Prints top-1, top-5 and per-class
@@ -40,58 +39,29 @@ def add_arguments(p) -> None:
     )
 
 
-def _tokenizer(args, model, source: Path):
-    from ..data.tokenizer import Tokenizer, UnknownSpecialToken
-
-    path = Path(args.tokenizer) if args.tokenizer else None
-    if path is None:
-        folder = source if source.is_dir() else source.parent
-        if (folder / "tokenizer.json").is_file():
-            path = folder / "tokenizer.json"
-    if path is None:
-        raise SystemExit(f"error: no tokenizer.json next to {source}; pass --tokenizer FILE")
-    length = model.cfg.text.context_length
-    try:
-        tok = Tokenizer.from_file(path, context_length=length)
-    except UnknownSpecialToken as e:
-        if e.what != "pad":
-            raise
-        # a file that names no pad token (CLIP's): pad with the eos token, since the text tower pools at the first
-        # eos and, being causal, never reads what follows it
-        from tokenizers import Tokenizer as HFTokenizer
-
-        eos = HFTokenizer.from_file(str(path)).id_to_token(model.cfg.text.eos_id)
-        if eos is None:
-            raise
-        tok = Tokenizer.from_file(path, context_length=length, pad_token=eos)
-    if tok.eos_id != model.cfg.text.eos_id:
-        raise SystemExit(
-            f"error: {path} ends captions with id {tok.eos_id} but the model pools at eos id {model.cfg.text.eos_id}"
-        )
-    return tok
-
-
 def run(args) -> int:
     from ..checkpoints import CheckpointError
     from ..data.folders import find_classes
-    from ..eval.zeroshot import DEFAULT_TEMPLATES, read_classnames, read_templates, zeroshot_classify
-    from ..lit_checkpoints import build_lit, read_lit
-    from ._features_args import plain_warnings, resolve_device
+    from ..eval.zeroshot import (
+        DEFAULT_TEMPLATES,
+        load_lit_classifier,
+        read_classnames,
+        read_templates,
+        zeroshot_classify,
+    )
+    from .encoder_args import plain_warnings, resolve_device
 
     try:
-        ckpt = read_lit(args.lit)
-        model = build_lit(ckpt)
-        tok = _tokenizer(args, model, Path(args.lit))
+        lit = load_lit_classifier(args.lit, tokenizer=args.tokenizer, mean_std=args.mean_std)
         templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
         names = read_classnames(args.classnames, find_classes(args.images)) if args.classnames else None
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    mean_std = args.mean_std or ckpt.metadata.get("mean_std") or ("imagenet" if ckpt.layout == "aimv2" else "clip")
     with plain_warnings():
         res = zeroshot_classify(
-            model,
-            tok,
+            lit.model,
+            lit.tokenizer,
             args.images,
             classnames=names,
             templates=templates,
@@ -99,7 +69,7 @@ def run(args) -> int:
             num_workers=args.workers,
             device=resolve_device(args.device),
             dtype=args.dtype,
-            mean_std=mean_std,
+            mean_std=lit.mean_std,
         )
     print(
         f"zero-shot: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['n']} images, "

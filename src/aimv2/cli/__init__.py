@@ -1,8 +1,10 @@
-"""The ``aimv2`` command. Each subcommand lives in ``aimv2.commands.<name>`` and is imported lazily,
-so ``aimv2 --help`` answers at once and a subcommand pays only for what it uses.
+"""The ``aimv2`` command. Each subcommand is one small module, ``aimv2.cli.<name>``, that parses its arguments,
+calls the library and prints; it is imported only when its command runs, so ``aimv2 --help`` answers at once and a
+command pays only for what it uses.
 
-A subcommand module defines ``HELP`` (one line), ``DESCRIPTION`` (the text of its ``--help``),
-``add_arguments(parser)`` and ``run(args) -> int | None``.
+A command module defines ``DESCRIPTION`` (the body of its ``--help``), ``add_arguments(parser)`` and
+``run(args) -> int | None``. Its one-line help lives in ``COMMANDS`` below and nowhere else: it is the line of
+``aimv2 --help`` and the first line of ``aimv2 COMMAND --help``.
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ import sys
 
 # name -> (module, one-line help). Order is the order of `aimv2 --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("aimv2.commands.pretrain", "pretrain an encoder with the AIMv2 objective from a YAML config"),
-    "probe": ("aimv2.commands.probe", "train a probe on frozen features and report top-1"),
-    "extract": ("aimv2.commands.extract", "extract features of a folder of images"),
-    "caption": ("aimv2.commands.caption", "caption images with a pretraining run's decoder (greedy or beam search)"),
-    "convert": ("aimv2.commands.convert", "convert an encoder checkpoint to Apple's or transformers' layout"),
-    "data": ("aimv2.commands.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
-    "tokenizer": ("aimv2.commands.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
-    "lit": ("aimv2.commands.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
-    "zeroshot": ("aimv2.commands.zeroshot", "zero-shot classification of an image folder with a LiT model"),
-    "ablate": ("aimv2.commands.ablate", "grid of pretraining runs x seeds (objectives, alpha ...), probed, tabulated"),
-    "demo": ("aimv2.commands.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
+    "pretrain": ("aimv2.cli.pretrain", "pretrain an encoder with the AIMv2 objective from a YAML config"),
+    "probe": ("aimv2.cli.probe", "train a probe on frozen features and report top-1"),
+    "extract": ("aimv2.cli.extract", "extract features of a folder of images"),
+    "caption": ("aimv2.cli.caption", "caption images with a pretraining run's decoder (greedy or beam search)"),
+    "convert": ("aimv2.cli.convert", "convert an encoder checkpoint to Apple's, transformers' or our layout"),
+    "data": ("aimv2.cli.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
+    "tokenizer": ("aimv2.cli.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
+    "lit": ("aimv2.cli.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
+    "zeroshot": ("aimv2.cli.zeroshot", "zero-shot classification of an image folder with a LiT model"),
+    "ablate": ("aimv2.cli.ablate", "grid of pretraining runs x seeds (objectives, alpha ...), probed, tabulated"),
+    "demo": ("aimv2.cli.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 
 EPILOG = """examples:
@@ -36,13 +38,15 @@ run `aimv2 COMMAND --help` for the options of each command."""
 
 
 def build_parser(only: str | None = None, subparsers: dict | None = None) -> argparse.ArgumentParser:
+    """The ``aimv2`` parser. Every command is listed, but only ``only`` (None: all) gets its module imported and
+    its options added; the parsers that got them are stored in ``subparsers`` by name."""
     parser = argparse.ArgumentParser(
         prog="aimv2",
         description="AIMv2: multimodal autoregressive pre-training of vision encoders.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"aimv2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -54,7 +58,7 @@ def build_parser(only: str | None = None, subparsers: dict | None = None) -> arg
         p = sub.add_parser(
             name,
             help=help_,
-            description=getattr(module, "DESCRIPTION", help_),
+            description=f"{help_}\n\n{module.DESCRIPTION}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
@@ -79,7 +83,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     return int(args._run(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

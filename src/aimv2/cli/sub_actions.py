@@ -1,4 +1,4 @@
-"""One module per ``aimv2`` subcommand (see ``aimv2.cli``)."""
+"""The ``run`` of a command with sub-actions (``aimv2 data inspect``, ``aimv2 tokenizer train``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import logging
 
 
 def run_action(args) -> int:
-    """``run`` of a command with sub-actions (``aimv2 data inspect``): log to stderr, call the chosen action, or
-    print the command's help when none was given. Actions store themselves as ``_action``, the parser as
-    ``_parser``."""
+    """Log to stderr, call the chosen action, or print the command's help when none was given. Actions store
+    themselves as ``_action``, the parser as ``_parser``."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     action = getattr(args, "_action", None)

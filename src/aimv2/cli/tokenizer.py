@@ -17,9 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import run_action
-
-HELP = "train a BPE tokenizer on captions (shards, caption folders, CSV/JSONL, text files)"
+from .sub_actions import run_action
 
 DESCRIPTION = """Train the caption tokenizer (byte-level BPE) on your captions.
 

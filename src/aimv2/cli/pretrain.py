@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-HELP = "pretrain an encoder with the AIMv2 objective from a YAML config"
 DESCRIPTION = """Pretrain a vision encoder with the AIMv2 objective (next-patch regression + captioning).
 
 A run is one YAML file plus dotted overrides; every key has a default (see src/aimv2/config.py).

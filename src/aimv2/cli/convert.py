@@ -11,8 +11,6 @@ import logging
 import sys
 from pathlib import Path
 
-HELP = "convert an encoder checkpoint to Apple's, transformers' or our layout"
-
 DESCRIPTION = """Convert an AIMv2 encoder checkpoint between key layouts. The source layout is detected.
 
 layouts:

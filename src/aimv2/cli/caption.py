@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-
-HELP = "caption images with a pretraining run's decoder (greedy or beam search)"
 
 DESCRIPTION = """Caption images with the multimodal decoder of an AIMv2 pretraining run: a direct look at what the
 encoder learned to see. The decoder was trained to predict each image's caption from the encoder's features; here
@@ -70,40 +67,18 @@ def add_arguments(parser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
 
 
-def _image_paths(items: list[str]) -> list[Path]:
-    """Files as given, folders expanded (recursively, sorted); raises FileNotFoundError/ValueError."""
-    from ..data.folders import list_images
-
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise ValueError(f"no images found under {item!r}")
-            paths += found
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"{item!r} is neither an image file nor a folder")
-    return paths
-
-
 def _fail(message: str) -> int:
     print(f"aimv2 caption: error: {message}", file=sys.stderr)
     return 2
 
 
 def run(args) -> int:
-    import torch
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from ..data.folders import ImageFiles, collate_skip
-    from ..data.transforms import eval_transform
+    from ..eval.caption_images import caption_images, image_paths
     from ..eval.captioning import Captioner, parse_prefix
     from ..train.runs import RunError
-    from ._features_args import resolve_device
+    from .encoder_args import resolve_device
 
     if args.beam < 1:
         return _fail(f"--beam must be at least 1, got {args.beam}")
@@ -111,7 +86,7 @@ def run(args) -> int:
         return _fail(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         prefix = parse_prefix(args.prefix)
-        paths = _image_paths(args.images)
+        paths = image_paths(args.images)
         device = resolve_device(args.device)
         captioner = Captioner.from_run(args.run, device=device, prefix=prefix, seed=args.seed)
     except (RunError, ValueError, FileNotFoundError) as e:
@@ -120,40 +95,29 @@ def run(args) -> int:
     if args.max_len is not None and not 1 <= args.max_len <= max_len_cap:
         return _fail(f"--max-len must be in [1, {max_len_cap}] (the run's context length), got {args.max_len}")
 
-    dataset = ImageFiles(paths, transform=eval_transform(captioner.model.encoder.cfg.image_hw))
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skip, shuffle=False
-    )
-    progress = sys.stderr.isatty() and not args.no_progress
-    done, errors = 0, []
-    with (
-        torch.inference_mode(),
-        tqdm(total=len(paths), desc="caption", unit="img", file=sys.stderr, disable=not progress) as bar,
+    done, skipped = 0, 0
+    for item in caption_images(
+        captioner,
+        paths,
+        beam=args.beam,
+        max_len=args.max_len,
+        length_penalty=args.length_penalty,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=False if args.no_progress else None,
     ):
-        for images, _, indices, bad in loader:
-            for err in bad:
-                errors.append(err)
-                bar.write(f"warning: skipped unreadable image {err}", file=sys.stderr)
-            if images is not None:
-                captions = captioner.caption(
-                    images, beam=args.beam, max_len=args.max_len, length_penalty=args.length_penalty
-                )
-                for i, cap in zip(indices.tolist(), captions, strict=True):
-                    path = str(paths[i])
-                    if args.json:
-                        record = {
-                            "path": path,
-                            "caption": cap.text,
-                            "score": round(cap.score, 4),
-                            "tokens": len(cap.tokens),
-                            "finished": cap.finished,
-                        }
-                        line = json.dumps(record)
-                    else:
-                        line = f"{path}\t{cap.text}"
-                    bar.write(line, file=sys.stdout)
-                    done += 1
-            bar.update(len(bad) + (0 if images is None else len(images)))
-    skipped = f", {len(errors)} unreadable skipped" if errors else ""
-    print(f"captioned {done} image(s){skipped}", file=sys.stderr)
+        if item.caption is None:
+            skipped += 1
+            tqdm.write(f"warning: skipped unreadable image {item.error}", file=sys.stderr)
+            continue
+        cap = item.caption
+        if args.json:
+            record = {"path": str(item.path), "caption": cap.text, "score": round(cap.score, 4),
+                      "tokens": len(cap.tokens), "finished": cap.finished}  # fmt: skip
+            line = json.dumps(record)
+        else:
+            line = f"{item.path}\t{cap.text}"
+        tqdm.write(line, file=sys.stdout)
+        done += 1
+    print(f"captioned {done} image(s)" + (f", {skipped} unreadable skipped" if skipped else ""), file=sys.stderr)
     return 0 if done else 1

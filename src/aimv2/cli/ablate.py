@@ -6,12 +6,8 @@ import itertools
 import json
 import logging
 import re
-import statistics
 from pathlib import Path
 
-from .demo import _aimv2, _probe
-
-HELP = "grid of pretraining runs x seeds (objectives, alpha, decoder size ...), probed and tabulated"
 DESCRIPTION = """Ablations in one command, in the same harness (encoder, data, optimizer) for every point:
 
   1. every grid point x seed is `aimv2 pretrain CONFIG OVERRIDES seed=K out_dir=OUT/POINT/seedK`
@@ -87,61 +83,24 @@ def grid_points(grids: list[str], preset: str | None = None) -> list[tuple[str, 
     return points
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _probe_top1(run_dir: Path, split: Path, epochs: int | None) -> float:
+    """Attentive probe top-1 of a run's encoder on a split (features not cached: one probe per run)."""
+    from ..eval.frozen_encoder import FeatureSettings, load_frozen_encoder
+    from ..eval.probe import ProbeConfig
+    from ..eval.probe_protocol import ProbeSettings, run_probe
 
-
-def summarize(results: dict[str, list[dict]], tasks: list[str]) -> dict[str, dict]:
-    """{point: {task: {mean, std, values}, loss: {...}, seeds: [...]}} from per-seed results."""
-    table = {}
-    for name, runs in results.items():
-        row = {"seeds": [r["seed"] for r in runs]}
-        for key in [*tasks, "loss"]:
-            values = [r["top1"][key] if key in tasks else r["loss"] for r in runs]
-            mean, std = _mean_std(values)
-            row[key] = {"mean": mean, "std": std, "values": values}
-        table[name] = row
-    return table
-
-
-def to_markdown(table: dict[str, dict], tasks: list[str]) -> str:
-    head = ["point", *[f"{t} top-1 (%)" for t in tasks], "final loss", "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for name, row in table.items():
-        cells = [name, *[f"{row[t]['mean']:.1f} ± {row[t]['std']:.1f}" for t in tasks]]
-        cells += [f"{row['loss']['mean']:.4f} ± {row['loss']['std']:.4f}", str(len(row["seeds"]))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(table: dict[str, dict], tasks: list[str], png: Path) -> None:
-    """Grouped bars: per task, one bar per point (mean top-1), error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(table)
-    width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(tasks) * max(1, len(names)) / 2, 3.4))
-    for i, name in enumerate(names):
-        xs = [t + (i - (len(names) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [table[name][t]["mean"] for t in tasks], width, yerr=[table[name][t]["std"] for t in tasks])
-        ax.containers[-1].set_label(name)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("attentive probe top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    cfg = ProbeConfig() if epochs is None else ProbeConfig(epochs=epochs)
+    settings = ProbeSettings(features=FeatureSettings(num_workers=1), use_cache=False)
+    encoder = load_frozen_encoder(run_dir)
+    return run_probe(encoder, str(split / "train"), str(split / "val"), cfg, settings, progress=False).top1
 
 
 def run(args) -> int:
     from ..config import ConfigError, load_config
     from ..data.synthetic import write_probe_splits
+    from ..eval.experiment_report import plot_ablation, read_metrics, summarize, to_markdown
     from ..models.registry import model_config
+    from ..train import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("aimv2.ablate")
@@ -170,7 +129,12 @@ def run(args) -> int:
             results.setdefault(name, []).append(json.loads(done.read_text()))
             continue
         log.info("%s seed %d: aimv2 pretrain %s", name, seed, " ".join(these))
-        _aimv2("pretrain", args.config, *these, "train.progress=false")  # resumes an interrupted run
+        cfg.train.progress = False
+        try:
+            train(cfg)  # resumes an interrupted run
+        except TrainingError as e:
+            log.error("error: point %s seed %d: %s", name, seed, e)
+            return 2
         size = max(model_config(cfg.model.encoder, **cfg.model.encoder_overrides).image_hw)
         top1 = {}
         for task in tasks:
@@ -179,10 +143,14 @@ def run(args) -> int:
                 write_probe_splits(
                     split, task=task, n_train=args.probe_train, n_val=args.probe_val, size=size, seed=1000
                 )
-            extra = ["--workers=1"] + ([f"--epochs={args.probe_epochs}"] if args.probe_epochs else [])
-            top1[task] = _probe(str(run_dir), split, extra)["top1"]
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        result = {"point": name, "seed": seed, "overrides": these, "top1": top1, "loss": rows[-1]["loss"]}
+            top1[task] = _probe_top1(run_dir, split, args.probe_epochs)
+        result = {
+            "point": name,
+            "seed": seed,
+            "overrides": these,
+            "top1": top1,
+            "loss": read_metrics(run_dir)[-1]["loss"],
+        }
         done.write_text(json.dumps(result, indent=2) + "\n")
         log.info("%s seed %d: %s", name, seed, top1)
         results.setdefault(name, []).append(result)
@@ -191,7 +159,7 @@ def run(args) -> int:
     md = to_markdown(table, tasks)
     (out / "ablation.md").write_text(md)
     (out / "ablation.json").write_text(json.dumps({"tasks": tasks, "points": table}, indent=2) + "\n")
-    plot(table, tasks, out / "ablation.png")
+    plot_ablation(table, tasks, out / "ablation.png")
     print(md)
     print(f"table: {out / 'ablation.md'}, {out / 'ablation.json'}; plot: {out / 'ablation.png'}")
     return 0

@@ -1,0 +1,90 @@
+"""A frozen encoder as the evaluations open and feed it: which weights (a name, a checkpoint, a run folder), and
+how images become its input (size, crop, normalization, blocks, native resolution, batching).
+
+``probe`` and ``extract`` (and the demo's probes) share these settings, so the same words mean the same
+preprocessing everywhere; the feature cache keys on the transform and settings built here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.transforms import NativeResize, eval_transform
+from ..models import create_model, parse_model_name
+
+
+@dataclass
+class FeatureSettings:
+    """How images are turned into features by a frozen encoder."""
+
+    img_size: int | None = None  # short side resized to this, then center cropped; None: the encoder's
+    crop_pct: float = 1.0  # resize to img_size / crop_pct before the crop
+    mean_std: str = "imagenet"  # normalization: imagenet (Apple's training code) or clip (their preprocessor files)
+    blocks: list[int] | None = None  # normalized outputs of these blocks averaged; None: the last block
+    dtype: str = "fp32"  # autocast of the encoder forward (features stay float32): fp32 | bf16
+    batch_size: int = 64  # images per encoder forward
+    num_workers: int = 4  # image decoding processes, 0 decodes inline
+    native: bool = False  # keep each image's aspect ratio (sin-cos encoders), at most max_patches patches
+    max_patches: int = 1024
+
+
+def load_frozen_encoder(
+    spec: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """The encoder ``spec`` names, in eval mode.
+
+    ``spec`` with ``checkpoint``: a model name and the weights for it. A bare model name (not an existing path):
+    random weights seeded by ``seed`` without touching the global RNG, so the same command gives the same encoder
+    (and reuses its cached features); the random-init control of a probe. Anything else (a file, a transformers
+    folder, a run folder) is read by :func:`aimv2.checkpoints.load_encoder`, its layout detected.
+    """
+    overrides = dict(overrides or {})
+    if checkpoint:
+        return create_model(str(spec), checkpoint=checkpoint, **overrides).eval()
+    try:
+        parse_model_name(str(spec))
+        is_name = not Path(spec).exists()
+    except ValueError:
+        is_name = False
+    if is_name:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create_model(str(spec), **overrides).eval()
+    from ..checkpoints import load_encoder
+
+    return load_encoder(spec, **overrides).eval()
+
+
+def image_size(encoder: nn.Module, settings: FeatureSettings) -> int | tuple[int, int]:
+    """The evaluation size: ``settings.img_size``, else the encoder's own (224 for a module without a config)."""
+    if settings.img_size is not None:
+        return settings.img_size
+    cfg = getattr(encoder, "cfg", None)
+    return cfg.image_hw if cfg is not None else 224
+
+
+def feature_transform(encoder: nn.Module, settings: FeatureSettings) -> Callable:
+    """PIL image -> uint8 [3, H, W] for ``encoder``: the center-crop evaluation transform, or with ``native`` the
+    aspect-keeping resize to at most ``max_patches`` patches (a ValueError naming the problem if the encoder's
+    learned position grid cannot take it)."""
+    if not settings.native:
+        return eval_transform(image_size(encoder, settings), crop_pct=settings.crop_pct)
+    cfg = encoder.cfg
+    if cfg.pos_embed != "sincos":
+        raise ValueError(
+            f"--native needs an encoder with sin-cos position embeddings (a -native model); this one has a "
+            f"learned {cfg.grid_size} grid"
+        )
+    if settings.max_patches < 2:
+        raise ValueError(f"--max-patches must be >= 2, got {settings.max_patches}")
+    return NativeResize(settings.max_patches, cfg.patch_size)
