@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import aimv2
-from aimv2.checkpoints import (
+from aimv2.cli import main as cli
+from aimv2.weights import (
     CheckpointError,
     convert_state_dict,
     detect_layout,
@@ -22,7 +23,6 @@ from aimv2.checkpoints import (
     load_encoder,
     save_encoder,
 )
-from aimv2.cli import main as cli
 
 LARGE = "aimv2-large-patch14-224"
 NATIVE = "aimv2-large-patch14-native"
@@ -254,7 +254,7 @@ def test_run_folder_and_two_tower_checkpoints(tmp_path, caplog):
         assert detect_layout(sd) == layout
         save_file(sd, tmp_path / f"{name}.safetensors")
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="aimv2.checkpoints"):
+        with caplog.at_level(logging.INFO, logger="aimv2.weights"):
             loaded = aimv2.create_model(TINY, checkpoint=tmp_path / f"{name}.safetensors", depth=2)
         assert prefix in caplog.text and "ignoring" in caplog.text
         with torch.no_grad():
@@ -319,7 +319,7 @@ def test_refuses_pickles_and_missing_files(tmp_path):
 
 
 def test_model_name_spec_is_random_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="aimv2.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="aimv2.weights"):
         model = load_encoder(TINY, depth=1)
     assert model.cfg.depth == 1 and "untrained" in caplog.text
 

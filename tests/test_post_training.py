@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import aimv2
-from aimv2.checkpoints import convert_checkpoint, read_checkpoint
 from aimv2.cli import main
 from aimv2.config import ConfigError, load_config
 from aimv2.models.encoder import resize_pos_embed, sincos_pos_embed_2d
@@ -19,6 +18,7 @@ from aimv2.train.init_from import InitFromError, init_from
 from aimv2.train.loop import build_model, train
 from aimv2.train.optim import build_optimizer, param_groups, set_lr
 from aimv2.train.parallelize import apply_activation_checkpointing
+from aimv2.weights import convert_checkpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-synthetic.yaml"
@@ -86,7 +86,7 @@ def test_checkpoint_at_224_gives_consistent_features_at_336_and_448(tmp_path):
     with torch.no_grad():
         enc.pos_embed.copy_(sincos_pos_embed_2d(16, 16, enc.cfg.embed_dim)[None])  # smooth, like a trained one
     path = tmp_path / "enc224.safetensors"
-    aimv2.checkpoints.save_encoder(enc, path, layout="apple")
+    aimv2.weights.save_encoder(enc, path, layout="apple")
     base = torch.rand(2, 3, 12, 12)  # smooth images: bicubic upsampled noise, the same scene at every size
     img = {r: F.interpolate(base, size=(r, r), mode="bicubic", align_corners=False) for r in (224, 336, 448)}
 
@@ -276,7 +276,7 @@ def test_extract_at_a_higher_resolution_resizes_positions(tmp_path):
 
     torch.manual_seed(0)
     enc = aimv2.create_model("aimv2-tiny-patch8-32", depth=1)
-    aimv2.checkpoints.save_encoder(enc, tmp_path / "e.safetensors")
+    aimv2.weights.save_encoder(enc, tmp_path / "e.safetensors")
     (tmp_path / "img").mkdir()
     Image.new("RGB", (48, 48), (200, 30, 40)).save(tmp_path / "img/a.png")
     out = tmp_path / "f.safetensors"

@@ -1,6 +1,7 @@
 """aimv2: AIMv2 multimodal autoregressive pre-training of vision encoders, in PyTorch."""
 
-from .models import EncoderConfig, PretrainOutput, VisionEncoder, create_model, create_pretraining_model, list_models
+from .models import EncoderConfig, PretrainOutput, VisionEncoder, create_pretraining_model, list_models
+from .weights import create_model
 
 __version__ = "0.1.0"
 

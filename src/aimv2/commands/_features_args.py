@@ -116,11 +116,12 @@ def load_encoder_from_args(args):
     """The encoder named by ``args.encoder`` (+ ``--checkpoint``, ``--set``), in eval mode.
 
     A model name without a checkpoint is a randomly initialized encoder (seeded by ``args.seed``, else 0);
-    anything else (a file, an HF folder, a run folder) is read by :func:`aimv2.checkpoints.load_encoder`.
+    anything else (a file, an HF folder, a run folder) is read by :func:`aimv2.weights.load_encoder`.
     """
     import torch
 
-    from ..models import create_model, parse_model_name
+    from ..models import parse_model_name
+    from ..weights import create_model, load_encoder
 
     overrides = parse_overrides(args.overrides)
     spec = args.encoder
@@ -135,8 +136,6 @@ def load_encoder_from_args(args):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(getattr(args, "seed", 0))
             return create_model(spec, **overrides).eval()
-    from ..checkpoints import load_encoder
-
     return load_encoder(spec, **overrides).eval()
 
 

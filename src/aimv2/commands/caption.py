@@ -102,7 +102,7 @@ def run(args) -> int:
     from ..data.folders import ImageFiles, collate_skip
     from ..data.transforms import eval_transform
     from ..eval.captioning import Captioner, parse_prefix
-    from ..train.runs import RunError
+    from ..weights import RunError
     from ._features_args import resolve_device
 
     if args.beam < 1:

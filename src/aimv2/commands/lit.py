@@ -35,10 +35,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import CheckpointError
     from ..config import ConfigError, LitConfig, load_config
     from ..train.lit import train_lit
     from ..train.loop import TrainingError
+    from ..weights import CheckpointError
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:

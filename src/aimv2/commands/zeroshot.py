@@ -72,15 +72,14 @@ def _tokenizer(args, model, source: Path):
 
 
 def run(args) -> int:
-    from ..checkpoints import CheckpointError
     from ..data.folders import find_classes
     from ..eval.zeroshot import DEFAULT_TEMPLATES, read_classnames, read_templates, zeroshot_classify
-    from ..lit_checkpoints import build_lit, read_lit
+    from ..weights import CheckpointError, read_lit
     from ._features_args import plain_warnings, resolve_device
 
     try:
         ckpt = read_lit(args.lit)
-        model = build_lit(ckpt)
+        model = ckpt.build()
         tok = _tokenizer(args, model, Path(args.lit))
         templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
         names = read_classnames(args.classnames, find_classes(args.images)) if args.classnames else None

@@ -13,7 +13,7 @@ The text tower is causal, so the state at the first EOS has read the whole capti
 cannot change an embedding. The pooling head is AIMv1/AIMv2's attentive probe: one learned query (no q projection)
 attends over the patch features with bias-free k and v projections and the encoder's number of heads, then a
 linear layer with bias. Module names follow Apple's checkpoint (``head.k``, ``head.v``, ``head.linear``,
-``head.cls_token``) so the key maps in ``lit_checkpoints.py`` stay short.
+``head.cls_token``) so the key maps in ``weights/keymaps.py`` stay short.
 
 Official size (Apple's ``aimv2-large-patch14-224-lit``): text 768 wide, 12 blocks, 6 heads, SwiGLU 2048, CLIP BPE
 vocabulary 49408 with EOS 49407, context 77, projection 768, logit scale initialised to ln(1/0.07).

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoints import load_encoder
 from ..config import LitConfig
 from ..data.transforms import normalize
-from ..lit_checkpoints import LIT_FILE, save_lit
 from ..models.lit import LiT, LiTConfig, contrastive_loss, text_config
+from ..weights import LIT_FILE, load_encoder, save_lit
 from . import checkpointing as ckpt
 from .data import ShardStepBatches, StepBatches, make_loader
 from .loop import NonFiniteGuard, _autocast, _check_same_config, _clip, _device, _saved_positions, save_run_state

@@ -406,8 +406,8 @@ def _saved_positions(state: dict, info: DistInfo, num_workers: int) -> dict:
 
 def _write_encoder(model_sd: dict, enc_cfg, name: str, out_dir: Path) -> None:
     """out_dir/encoder.safetensors in Apple's layout, from the gathered full state dict."""
-    from ..checkpoints import save_encoder
     from ..models.encoder import VisionEncoder
+    from ..weights import save_encoder
 
     with torch.device("meta"):
         enc = VisionEncoder(enc_cfg, name=name)
