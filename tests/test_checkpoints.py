@@ -120,6 +120,24 @@ def test_timm_loads_our_apple_file(large):
     assert _rel(large["feats"], theirs) < 1e-4
 
 
+def test_we_load_timms_own_state_dict(large, tmp_path):
+    """timm's aimv2 models keep their own names for the SwiGLU projections (fc1_g, fc1_x): a file of timm's
+    ``state_dict()`` is detected as timm's layout, loads strictly and gives timm's features; our key map for it
+    is the inverse of the renaming timm applies to Apple's files."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    with torch.device("meta"):
+        model = timm.create_model("aimv2_large_patch14_224", pretrained=False, num_classes=0)
+    sd = checkpoint_filter_fn(load_file(large["apple"]), model)  # timm's own names, from timm's own filter
+    assert detect_layout(sd) == "timm"
+    assert convert_state_dict(sd, "timm", "apple").keys() == load_file(large["apple"]).keys()
+    save_file(sd, tmp_path / "timm.safetensors")
+    ours = aimv2.create_model(LARGE, checkpoint=tmp_path / "timm.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(ours(large["x"]), large["feats"])  # the same tensors, renamed: bit-identical
+
+
 def test_transformers_matches_and_convert_round_trips(large, tmp_path):
     d = large["dir"]
     hf_ref = _hf_folder_from_apple(large["apple"], tmp_path / "hf-ref", image_size=224, patch_size=14)

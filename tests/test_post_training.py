@@ -18,7 +18,7 @@ from aimv2.train.init_from import InitFromError, init_from
 from aimv2.train.loop import build_model, train
 from aimv2.train.optim import build_optimizer, param_groups, set_lr
 from aimv2.train.parallelize import apply_activation_checkpointing
-from aimv2.weights import convert_checkpoint, read_checkpoint
+from aimv2.weights import RunError, convert_checkpoint, read_checkpoint, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-synthetic.yaml"
@@ -132,6 +132,31 @@ def test_init_from_run_folder_takes_encoder_and_decoder(source, tmp_path):
     assert not init_from(model, cfg)["decoder"]
     for k, v in model.decoder.state_dict().items():
         assert torch.equal(v, fresh.decoder.state_dict()[k]), k  # the same fresh init as a run from scratch
+
+
+def test_run_folder_reader_and_a_run_without_its_encoder_file(source, tmp_path):
+    """read_run gives the run's config, tokenizer and latest step checkpoint split into encoder and decoder; a
+    run that has not written encoder.safetensors yet (still training) loads its encoder from that checkpoint,
+    with the same weights as the file written at the end."""
+    run_dir, encoder_file, _ = source
+    run = read_run(run_dir)
+    state = run.latest()
+    assert run.config.model.encoder == "aimv2-tiny-patch8-64" and run.tokenizer_file.name == "tokenizer.json"
+    assert state.step == 2 and state.path == run.checkpoints()[-1] == ckpt.list_checkpoints(run_dir)[-1]
+    full = _source_state(run_dir)
+    assert state.part("decoder.").keys() == {k.removeprefix("decoder.") for k in full if k.startswith("decoder.")}
+    enc = run.encoder(state)
+    assert enc.layout == "aimv2" and enc.name == "aimv2-tiny-patch8-64" and enc.config.img_size == 32
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "encoder.safetensors").unlink()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = aimv2.create_model(None, checkpoint=encoder_file).eval()(x)
+        assert torch.equal(aimv2.create_model(None, checkpoint=unfinished).eval()(x), ref)
+    with pytest.raises(RunError, match="no config.yaml"):
+        read_run(tmp_path)
 
 
 @pytest.mark.parametrize("which", ["apple", "hf_folder", "hf_file"])
