@@ -18,7 +18,7 @@ from .errors import CheckpointError, RunError
 from .hf_config import encoder_config_from_hf
 from .layout import detect_layout, encoder_part, to_ours
 from .resolve import Checkpoint, encoder_from_checkpoint, name_of
-from .run_folder import is_run_folder, read_run
+from .run_folder import RunFolder, is_run_folder, read_run
 from .safetensors_io import PICKLE_SUFFIXES, checkpoint_files, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     folder (single or sharded) or a training run folder (its ``encoder.safetensors``, else, while the run has
     not finished, the encoder of its latest step checkpoint)."""
     path = Path(path)
-    if path.is_dir() and not (path / RUN_ENCODER).is_file() and is_run_folder(path):
-        return _latest_run_encoder(path)
+    if path.is_dir() and not (path / RUN_ENCODER).is_file() and (run := _pretraining_run(path)) is not None:
+        try:
+            return run.encoder(run.latest())
+        except RunError as e:  # an unreadable step checkpoint
+            raise CheckpointError(str(e)) from e
     files, hf_config = checkpoint_files(path, RUN_ENCODER)
     raw, metadata = read_safetensors(files)
     layout = detect_layout(raw)
@@ -50,16 +53,20 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(sd, layout, str(path), config, name)
 
 
-def _latest_run_encoder(path: Path) -> Checkpoint:
+def _pretraining_run(path: Path) -> RunFolder | None:
+    """The pretraining run at ``path``, or None: not a run, or another kind (a LiT run's config is not a
+    pretraining config), which then fails as a folder without the file it should hold."""
+    if not is_run_folder(path):
+        return None
     try:
-        run = read_run(path)
-        state = run.latest()
-    except RunError as e:
-        raise CheckpointError(str(e)) from e
-    return run.encoder(state)
+        return read_run(path)
+    except RunError:
+        return None
 
 
-def create_model(name: str | None, *, checkpoint: str | os.PathLike | Checkpoint | None = None, **overrides):
+def create_model(
+    name: str | None, *, checkpoint: str | os.PathLike | Checkpoint | None = None, **overrides
+) -> VisionEncoder:
     """The AIMv2 vision encoder ``name`` (``aimv2-{size}-patch{p}-{res|native}``).
 
     checkpoint: a ``.safetensors`` file in Apple's, transformers', timm's or our layout, a transformers
