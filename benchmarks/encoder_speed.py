@@ -7,8 +7,8 @@ What it measures: images per second of one forward pass (patch features after th
 - ``hf``: ``transformers.Aimv2VisionModel`` with ``attn_implementation="sdpa"`` (``last_hidden_state``),
 - ``ours+compile`` (with ``--compile``): ``torch.compile`` of ours, mostly of interest on a GPU,
 
-all holding the same random weights: ours are saved in Apple's layout with ``aimv2.checkpoints.save_encoder``
-and loaded into timm through its ``checkpoint_filter_fn``, and exported with ``aimv2.checkpoints.export_hf``
+all holding the same random weights: ours are saved in Apple's layout with ``aimv2.weights.save_encoder``
+and loaded into timm through its ``checkpoint_filter_fn``, and exported with ``aimv2.weights.export_hf``
 for transformers. Before timing, the fp32 outputs of the others are compared with ours (``max_abs_diff``) so
 the numbers are known to come from the same function.
 
@@ -52,8 +52,8 @@ import machine
 import torch
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
-from aimv2.checkpoints import export_hf, save_encoder
 from aimv2.models.registry import build_encoder, model_size, parse_model_name
+from aimv2.weights import export_hf, save_encoder
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 LABELS = {"hf": "transformers"}  # how ratio names spell a model

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import aimv2
-from aimv2.checkpoints import (
+from aimv2.cli import main as cli
+from aimv2.weights import (
     CheckpointError,
     convert_state_dict,
     detect_layout,
@@ -22,7 +23,6 @@ from aimv2.checkpoints import (
     load_encoder,
     save_encoder,
 )
-from aimv2.cli import main as cli
 
 LARGE = "aimv2-large-patch14-224"
 NATIVE = "aimv2-large-patch14-native"
@@ -118,6 +118,24 @@ def test_timm_loads_our_apple_file(large):
         theirs = model.eval().forward_features(large["x"])  # [1, 256, 1024]
     assert theirs.shape == large["feats"].shape
     assert _rel(large["feats"], theirs) < 1e-4
+
+
+def test_we_load_timms_own_state_dict(large, tmp_path):
+    """timm's aimv2 models keep their own names for the SwiGLU projections (fc1_g, fc1_x): a file of timm's
+    ``state_dict()`` is detected as timm's layout, loads strictly and gives timm's features; our key map for it
+    is the inverse of the renaming timm applies to Apple's files."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    with torch.device("meta"):
+        model = timm.create_model("aimv2_large_patch14_224", pretrained=False, num_classes=0)
+    sd = checkpoint_filter_fn(load_file(large["apple"]), model)  # timm's own names, from timm's own filter
+    assert detect_layout(sd) == "timm"
+    assert convert_state_dict(sd, "timm", "apple").keys() == load_file(large["apple"]).keys()
+    save_file(sd, tmp_path / "timm.safetensors")
+    ours = aimv2.create_model(LARGE, checkpoint=tmp_path / "timm.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(ours(large["x"]), large["feats"])  # the same tensors, renamed: bit-identical
 
 
 def test_transformers_matches_and_convert_round_trips(large, tmp_path):
@@ -254,7 +272,7 @@ def test_run_folder_and_two_tower_checkpoints(tmp_path, caplog):
         assert detect_layout(sd) == layout
         save_file(sd, tmp_path / f"{name}.safetensors")
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="aimv2.checkpoints"):
+        with caplog.at_level(logging.INFO, logger="aimv2.weights"):
             loaded = aimv2.create_model(TINY, checkpoint=tmp_path / f"{name}.safetensors", depth=2)
         assert prefix in caplog.text and "ignoring" in caplog.text
         with torch.no_grad():
@@ -319,7 +337,7 @@ def test_refuses_pickles_and_missing_files(tmp_path):
 
 
 def test_model_name_spec_is_random_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="aimv2.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="aimv2.weights"):
         model = load_encoder(TINY, depth=1)
     assert model.cfg.depth == 1 and "untrained" in caplog.text
 
@@ -380,3 +398,34 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert detect_layout(back) == "aimv2" and detect_layout(orig) == "apple"
     orig = convert_state_dict(orig, "apple", "aimv2")
     assert orig.keys() == back.keys() and all(torch.equal(orig[k], back[k]) for k in orig)
+
+
+def test_layering_models_do_no_io_and_weights_import_no_trainer():
+    """models/ are pure modules (no weights, no safetensors); weights/ sit below train, eval and the CLI, and never
+    touch torch.distributed (read from the source, so a lazy import inside a function counts too)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(aimv2.__file__).parent
+
+    def imports(package: str) -> dict[str, set[str]]:
+        found = {}
+        for f in sorted((root / package).glob("*.py")):
+            names = set()
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom):  # relative: resolved against aimv2.<package>
+                    base = f"aimv2.{package}" if node.level == 1 else "aimv2" if node.level == 2 else ""
+                    mod = ".".join(x for x in (base, node.module or "") if x)
+                    names |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+            found[f.name] = names
+        return found
+
+    def offending(package: str, banned: tuple[str, ...]) -> dict[str, list[str]]:
+        bad = {f: sorted(n for n in names if n.startswith(banned)) for f, names in imports(package).items()}
+        return {f: names for f, names in bad.items() if names}
+
+    assert offending("models", ("aimv2.weights", "safetensors", "aimv2.config")) == {}
+    banned = ("aimv2.train", "aimv2.eval", "aimv2.commands", "aimv2.cli", "torch.distributed")
+    assert offending("weights", banned) == {}

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aimv2.lit_checkpoints import export_hf_lit, load_lit, read_lit, save_lit
 from aimv2.models.encoder import EncoderConfig
 from aimv2.models.text import TextConfig
 from aimv2.objectives.lit import LiT, LiTConfig, contrastive_loss
+from aimv2.weights import export_hf_lit, load_lit, read_lit, save_lit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_apple_and_transformers_layouts_round_trip(tmp_path):
 
 
 def test_strict_loading_names_the_problem(tmp_path):
-    from aimv2.checkpoints import CheckpointError
+    from aimv2.weights import CheckpointError
 
     sd = apple_lit_state_dict()
     del sd["image_encoder.head.linear.bias"]
@@ -357,7 +357,7 @@ def _lit_cmd(out: Path, encoder: Path, *overrides: str) -> list[str]:
 def tiny_encoder(tmp_path_factory) -> Path:
     """A random tiny encoder file (LiT trains against whatever encoder it is given)."""
     from aimv2 import create_model
-    from aimv2.checkpoints import save_encoder
+    from aimv2.weights import save_encoder
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("enc") / "encoder.safetensors"

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import aimv2
-from aimv2.checkpoints import convert_checkpoint, read_checkpoint
 from aimv2.cli import main
 from aimv2.config import ConfigError, load_config
 from aimv2.models.encoder import resize_pos_embed, sincos_pos_embed_2d
@@ -20,6 +19,7 @@ from aimv2.train import train
 from aimv2.train.init_from import InitFromError, init_from
 from aimv2.train.optim import build_optimizer, param_groups, set_lr
 from aimv2.train.parallelize import apply_activation_checkpointing
+from aimv2.weights import RunError, convert_checkpoint, read_checkpoint, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-synthetic.yaml"
@@ -87,7 +87,7 @@ def test_checkpoint_at_224_gives_consistent_features_at_336_and_448(tmp_path):
     with torch.no_grad():
         enc.pos_embed.copy_(sincos_pos_embed_2d(16, 16, enc.cfg.embed_dim)[None])  # smooth, like a trained one
     path = tmp_path / "enc224.safetensors"
-    aimv2.checkpoints.save_encoder(enc, path, layout="apple")
+    aimv2.weights.save_encoder(enc, path, layout="apple")
     base = torch.rand(2, 3, 12, 12)  # smooth images: bicubic upsampled noise, the same scene at every size
     img = {r: F.interpolate(base, size=(r, r), mode="bicubic", align_corners=False) for r in (224, 336, 448)}
 
@@ -133,6 +133,31 @@ def test_init_from_run_folder_takes_encoder_and_decoder(source, tmp_path):
     assert not init_from(model, cfg)["decoder"]
     for k, v in model.decoder.state_dict().items():
         assert torch.equal(v, fresh.decoder.state_dict()[k]), k  # the same fresh init as a run from scratch
+
+
+def test_run_folder_reader_and_a_run_without_its_encoder_file(source, tmp_path):
+    """read_run gives the run's config, tokenizer and latest step checkpoint split into encoder and decoder; a
+    run that has not written encoder.safetensors yet (still training) loads its encoder from that checkpoint,
+    with the same weights as the file written at the end."""
+    run_dir, encoder_file, _ = source
+    run = read_run(run_dir)
+    state = run.latest()
+    assert run.config.model.encoder == "aimv2-tiny-patch8-64" and run.tokenizer_file.name == "tokenizer.json"
+    assert state.step == 2 and state.path == run.checkpoints()[-1] == ckpt.list_checkpoints(run_dir)[-1]
+    full = _source_state(run_dir)
+    assert state.part("decoder.").keys() == {k.removeprefix("decoder.") for k in full if k.startswith("decoder.")}
+    enc = run.encoder(state)
+    assert enc.layout == "aimv2" and enc.name == "aimv2-tiny-patch8-64" and enc.config.img_size == 32
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "encoder.safetensors").unlink()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = aimv2.create_model(None, checkpoint=encoder_file).eval()(x)
+        assert torch.equal(aimv2.create_model(None, checkpoint=unfinished).eval()(x), ref)
+    with pytest.raises(RunError, match="no config.yaml"):
+        read_run(tmp_path)
 
 
 @pytest.mark.parametrize("which", ["apple", "hf_folder", "hf_file"])
@@ -277,7 +302,7 @@ def test_extract_at_a_higher_resolution_resizes_positions(tmp_path):
 
     torch.manual_seed(0)
     enc = aimv2.create_model("aimv2-tiny-patch8-32", depth=1)
-    aimv2.checkpoints.save_encoder(enc, tmp_path / "e.safetensors")
+    aimv2.weights.save_encoder(enc, tmp_path / "e.safetensors")
     (tmp_path / "img").mkdir()
     Image.new("RGB", (48, 48), (200, 30, 40)).save(tmp_path / "img/a.png")
     out = tmp_path / "f.safetensors"

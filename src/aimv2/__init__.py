@@ -1,7 +1,8 @@
 """aimv2: AIMv2 multimodal autoregressive pre-training of vision encoders, in PyTorch."""
 
-from .models import EncoderConfig, VisionEncoder, create_model, list_models
+from .models import EncoderConfig, VisionEncoder, list_models
 from .objectives import PretrainOutput, create_pretraining_model
+from .weights import create_model
 
 __version__ = "0.1.0"
 

@@ -77,7 +77,7 @@ def run(args) -> int:
 
     from ..eval.caption_images import caption_images, image_paths
     from ..eval.captioning import Captioner, parse_prefix
-    from ..train.runs import RunError
+    from ..weights import RunError
     from .encoder_args import resolve_device
 
     if args.beam < 1:

@@ -1,6 +1,6 @@
 """``aimv2 convert``: rewrite an encoder checkpoint in Apple's, transformers' or our key layout.
 
-The work is in ``aimv2.checkpoints.convert_checkpoint``; this module is the command line around it, and
+The work is in ``aimv2.weights.convert_checkpoint``; this module is the command line around it, and
 turns every expected failure (missing file, pickle file, wrong layout, mismatched tensors) into one line
 on stderr rather than a traceback.
 """
@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import LAYOUTS, CheckpointError, convert_checkpoint
+    from ..weights import LAYOUTS, CheckpointError, convert_checkpoint
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -97,13 +97,13 @@ def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
 
 
 def run(args) -> int:
-    from ..checkpoints import CheckpointError
     from ..config import ConfigError, load_config
     from ..data.synthetic import write_probe_splits
     from ..eval.experiment_report import plot_losses, plot_probe_comparison, read_metrics
     from ..eval.frozen_encoder import load_frozen_encoder
     from ..models.registry import model_config
     from ..train import TrainingError, train
+    from ..weights import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)

@@ -34,9 +34,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import CheckpointError
     from ..config import ConfigError, LitConfig, load_config
     from ..train import TrainingError, train_lit
+    from ..weights import CheckpointError
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:

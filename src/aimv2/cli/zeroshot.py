@@ -40,7 +40,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import CheckpointError
     from ..data.folders import find_classes
     from ..eval.zeroshot import (
         DEFAULT_TEMPLATES,
@@ -49,6 +48,7 @@ def run(args) -> int:
         read_templates,
         zeroshot_classify,
     )
+    from ..weights import CheckpointError
     from .encoder_args import plain_warnings, resolve_device
 
     try:

@@ -282,7 +282,7 @@ class Captioner:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> Captioner:
-        from ..train.runs import load_pretraining_run  # reading a run's checkpoint is the trainer's format
+        from ..weights import load_pretraining_run
 
         run = load_pretraining_run(run_dir, device=device)
         kwargs.setdefault("mean_std", run.config.data.mean_std)

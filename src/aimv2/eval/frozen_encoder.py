@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..data.transforms import NativeResize, eval_transform
-from ..models import create_model, parse_model_name
+from ..models import parse_model_name
+from ..weights import create_model
 
 
 @dataclass
@@ -46,7 +47,7 @@ def load_frozen_encoder(
     ``spec`` with ``checkpoint``: a model name and the weights for it. A bare model name (not an existing path):
     random weights seeded by ``seed`` without touching the global RNG, so the same command gives the same encoder
     (and reuses its cached features); the random-init control of a probe. Anything else (a file, a transformers
-    folder, a run folder) is read by :func:`aimv2.checkpoints.load_encoder`, its layout detected.
+    folder, a run folder) is read by :func:`aimv2.weights.load_encoder`, its layout detected.
     """
     overrides = dict(overrides or {})
     if checkpoint:
@@ -60,7 +61,7 @@ def load_frozen_encoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return create_model(str(spec), **overrides).eval()
-    from ..checkpoints import load_encoder
+    from ..weights import load_encoder
 
     return load_encoder(spec, **overrides).eval()
 

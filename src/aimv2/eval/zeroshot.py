@@ -21,8 +21,8 @@ from torch import nn
 from ..data.folders import ImageFiles
 from ..data.tokenizer import Tokenizer, UnknownSpecialToken
 from ..data.transforms import eval_transform
-from ..lit_checkpoints import build_lit, read_lit
 from ..objectives.lit import LiT
+from ..weights import read_lit
 from .features import DTYPES, default_device, extract_features
 from .probe import topk_accuracy
 
@@ -84,7 +84,7 @@ def load_lit_classifier(
     Aimv2Model folder), its tokenizer (``tokenizer``, else the run folder's tokenizer.json) and normalization
     (``mean_std``, else what the run trained with; clip for Apple's and transformers' files)."""
     ckpt = read_lit(source)
-    model = build_lit(ckpt)
+    model = ckpt.build()
     tok = lit_tokenizer(model, source, tokenizer)
     mean_std = mean_std or ckpt.metadata.get("mean_std") or ("imagenet" if ckpt.layout == "aimv2" else "clip")
     return LitClassifier(model, tok, mean_std)

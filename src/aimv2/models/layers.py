@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """``fc2(silu(fc1(x)) * fc3(x))``: fc1 is the gate, fc3 the up projection, fc2 the down one.
 
-    The names follow Apple's checkpoints so that the key maps in ``checkpoints.py`` stay short.
+    The names follow Apple's checkpoints so that the key maps in ``weights/keymaps.py`` stay short.
     """
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):

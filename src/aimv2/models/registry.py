@@ -74,7 +74,11 @@ def parse_model_name(name: str) -> EncoderConfig:
 
 def model_config(name: str, **overrides) -> EncoderConfig:
     """Config for ``name`` with ``overrides`` applied to its fields (e.g. img_size=336, depth=6)."""
-    cfg = parse_model_name(name)
+    return with_overrides(parse_model_name(name), overrides)
+
+
+def with_overrides(cfg: EncoderConfig, overrides: dict) -> EncoderConfig:
+    """``cfg`` with some fields replaced; an unknown field is a ValueError that lists the valid ones."""
     fields = {f.name for f in dataclasses.fields(EncoderConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

@@ -12,7 +12,7 @@ classification) and the CLIP baseline, which is the same module with a trainable
 
 The pooling head is AIMv1/AIMv2's attentive probe (models/heads.py); ``pool="mean"`` (the CLIP baseline's
 default) averages the patch features instead and has no head. Module names follow Apple's checkpoint (``head.k``,
-``head.v``, ``head.linear``, ``head.cls_token``) so the LiT key maps stay short.
+``head.v``, ``head.linear``, ``head.cls_token``) so the key maps in ``weights/keymaps.py`` stay short.
 
 The training loss is the symmetric InfoNCE over the **global** batch: each rank scores its rows against every
 rank's columns. The gathering is not done here (no ``torch.distributed`` in the library's modules): the trainer

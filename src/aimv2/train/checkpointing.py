@@ -10,8 +10,6 @@ never a torn one. Full (unsharded) state dicts are gathered from DDP/FSDP2 throu
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import torch
@@ -24,23 +22,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-CKPT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
-
-
-def atomic_write(path: Path, write_fn) -> None:
-    """write_fn(tmp_path) then fsync + rename onto path (and fsync the directory)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: writers may check it
-    write_fn(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+# The naming and reading of run checkpoints are the run-folder reader's (aimv2.weights); the trainer uses them
+# through this module as ckpt.CKPT_DIR, ckpt.list_checkpoints, ckpt.load_latest and ckpt.atomic_write.
+from ..weights.atomic import atomic_write
+from ..weights.run_folder import CKPT_DIR, checkpoint_path, list_checkpoints, load_latest  # noqa: F401
 
 
 def rng_state() -> dict:
@@ -56,13 +41,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    d = Path(out_dir) / CKPT_DIR
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
-
-
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full state dicts on CPU (collective under DDP/FSDP: every rank must call it)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -71,19 +49,12 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 def save_checkpoint(out_dir: str | Path, step: int, model_sd: dict, optim_sd: dict, extra: dict, keep_last: int):
     """Write checkpoints/step_XXXXXXXX.pt atomically and keep only the last ``keep_last``. Rank 0 only."""
-    d = Path(out_dir) / CKPT_DIR
-    d.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(out_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model_sd, "optimizer": optim_sd, **extra}
-    atomic_write(d / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(out_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
-
-
-def load_latest(out_dir: str | Path) -> dict | None:
-    ckpts = list_checkpoints(out_dir)
-    if not ckpts:
-        return None
-    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, stateless: nn.Module | None = None):

@@ -5,11 +5,11 @@ Sources, told apart by what is on disk:
 
 - a training run folder (``config.yaml`` + ``checkpoints/step_*.pt``): the encoder and, with
   ``model.init_decoder`` (default), the decoder of its latest checkpoint;
-- anything ``checkpoints.read_checkpoint`` reads: an encoder ``.safetensors`` file in Apple's, transformers'
+- anything ``aimv2.weights.read_checkpoint`` reads: an encoder ``.safetensors`` file in Apple's, transformers'
   or our layout, or a transformers ``save_pretrained`` folder. These hold no decoder: it starts fresh (see
   ``train.freeze_encoder_steps`` to warm it up on the frozen encoder).
 
-The encoder goes through ``checkpoints.build_from_checkpoint`` with this run's model and ``img_size``, so a
+The encoder goes through ``aimv2.create_model`` with this run's model and ``img_size``, so a
 learned position embedding is resized to the new grid (224 -> 336: 16x16 -> 24x24) and anything else that
 does not fit (width, depth, patch size, heads) is an error naming both sides; the decoder is checked
 strictly too. Nothing is loaded unless everything fits. The caller applies this only to a run with no
@@ -23,35 +23,16 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import Checkpoint, CheckpointError, build_from_checkpoint, check_state_dict, read_checkpoint
-from ..config import Config, ConfigError, load_config
-from ..models.registry import model_config
+from ..config import Config, ConfigError
 from ..objectives.aimv2 import AIMv2Pretrainer
-from . import checkpointing as ckpt
+from ..weights import CheckpointError, create_model, is_run_folder, read_checkpoint, read_run
+from ..weights.resolve import check_state_dict
 
 log = logging.getLogger("aimv2.train")
 
 
 class InitFromError(ConfigError):
     """model.init_from names something that cannot start this run; the message says what and why."""
-
-
-def is_run_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file() and bool(ckpt.list_checkpoints(path))
-
-
-def _read_run(path: Path) -> tuple[Checkpoint, dict[str, torch.Tensor], int]:
-    """A run folder's latest checkpoint: the encoder as a Checkpoint (with the run's config), the decoder's
-    state dict and the step."""
-    src_cfg = load_config(path / "config.yaml")
-    state = ckpt.load_latest(path)  # our own file: torch.load(weights_only=True)
-    model_sd = state["model"]
-    enc_sd = {k.removeprefix("encoder."): v for k, v in model_sd.items() if k.startswith("encoder.")}
-    dec_sd = {k.removeprefix("decoder."): v for k, v in model_sd.items() if k.startswith("decoder.")}
-    enc_cfg = model_config(src_cfg.model.encoder, **src_cfg.model.encoder_overrides)
-    step = int(state["step"])
-    source = f"{path} (run, step {step})"
-    return Checkpoint(enc_sd, "aimv2", source, enc_cfg, src_cfg.model.encoder), dec_sd, step
 
 
 def init_from(model: AIMv2Pretrainer, cfg: Config) -> dict:
@@ -67,8 +48,10 @@ def init_from(model: AIMv2Pretrainer, cfg: Config) -> dict:
         )
     decoder_sd, step = None, None
     try:
-        if is_run_folder(path):
-            enc_ckpt, decoder_sd, step = _read_run(path)
+        if is_run_folder(path):  # its latest step checkpoint: the encoder and the decoder
+            run = read_run(path)
+            state = run.latest()
+            enc_ckpt, decoder_sd, step = run.encoder(state), state.part("decoder."), state.step
             kind = "run"
         else:
             enc_ckpt = read_checkpoint(path)
@@ -76,10 +59,10 @@ def init_from(model: AIMv2Pretrainer, cfg: Config) -> dict:
         target = model.encoder.cfg
         # this run's model, with its own img_size: a learned embedding of another grid is resized
         overrides = {**cfg.model.encoder_overrides, "img_size": target.img_size}
-        encoder = build_from_checkpoint(enc_ckpt, cfg.model.encoder, **overrides)
+        encoder = create_model(cfg.model.encoder, checkpoint=enc_ckpt, **overrides)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise InitFromError(f"{key}: {e}") from e
-    if encoder.cfg != target:  # build_from_checkpoint took this run's name and overrides: a bug if it differs
+    if encoder.cfg != target:  # create_model took this run's name and overrides: a bug if it differs
         raise InitFromError(f"{key}: built {encoder.cfg} but this run's encoder is {target}")
     src_grid = None
     if enc_ckpt.state_dict.get("pos_embed") is not None:

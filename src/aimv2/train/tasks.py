@@ -20,12 +20,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..checkpoints import load_encoder, save_encoder
 from ..config import Config, LitConfig
 from ..data.tokenizer import Tokenizer
-from ..lit_checkpoints import LIT_FILE, save_lit
 from ..models.encoder import VisionEncoder
 from ..objectives import LiT, build_lit_model, build_model
+from ..weights import LIT_FILE, load_encoder, save_encoder, save_lit
 from . import checkpointing as ckpt
 from .init_from import init_from
 from .trainer import fit

@@ -1,0 +1,99 @@
+"""Getting an encoder with weights: reading an encoder checkpoint, ``create_model`` and ``load_encoder``.
+
+``create_model(name, checkpoint=...)`` is the library's way (the public contract); ``load_encoder(spec)`` is
+the command line's ENCODER argument, where one string is a model name, a checkpoint file or folder, or a run
+folder. Both end in the same strict load (``resolve.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..models.encoder import EncoderConfig, VisionEncoder
+from ..models.registry import build_encoder
+from .errors import CheckpointError, RunError
+from .hf_config import encoder_config_from_hf
+from .layout import detect_layout, encoder_part, to_ours
+from .resolve import Checkpoint, encoder_from_checkpoint, name_of
+from .run_folder import RunFolder, is_run_folder, read_run
+from .safetensors_io import PICKLE_SUFFIXES, checkpoint_files, read_safetensors
+
+logger = logging.getLogger(__name__)
+
+RUN_ENCODER = "encoder.safetensors"  # what a pretraining run writes when it ends
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read an encoder checkpoint into our layout: a ``.safetensors`` file, a transformers ``save_pretrained``
+    folder (single or sharded) or a training run folder (its ``encoder.safetensors``, else, while the run has
+    not finished, the encoder of its latest step checkpoint)."""
+    path = Path(path)
+    if path.is_dir() and not (path / RUN_ENCODER).is_file() and (run := _pretraining_run(path)) is not None:
+        try:
+            return run.encoder(run.latest())
+        except RunError as e:  # an unreadable step checkpoint
+            raise CheckpointError(str(e)) from e
+    files, hf_config = checkpoint_files(path, RUN_ENCODER)
+    raw, metadata = read_safetensors(files)
+    layout = detect_layout(raw)
+    sd = to_ours(encoder_part(raw, layout, str(path)), layout)
+    config, name = None, None
+    if "config" in metadata:
+        try:
+            config = EncoderConfig(**json.loads(metadata["config"]))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its metadata config does not describe an encoder ({e})") from e
+        name = metadata.get("name") or name_of(config)
+    elif hf_config is not None:
+        config = encoder_config_from_hf(hf_config, learned="pos_embed" in sd)
+        name = name_of(config)
+    return Checkpoint(sd, layout, str(path), config, name)
+
+
+def _pretraining_run(path: Path) -> RunFolder | None:
+    """The pretraining run at ``path``, or None: not a run, or another kind (a LiT run's config is not a
+    pretraining config), which then fails as a folder without the file it should hold."""
+    if not is_run_folder(path):
+        return None
+    try:
+        return read_run(path)
+    except RunError:
+        return None
+
+
+def create_model(
+    name: str | None, *, checkpoint: str | os.PathLike | Checkpoint | None = None, **overrides
+) -> VisionEncoder:
+    """The AIMv2 vision encoder ``name`` (``aimv2-{size}-patch{p}-{res|native}``).
+
+    checkpoint: a ``.safetensors`` file in Apple's, transformers', timm's or our layout, a transformers
+        ``save_pretrained`` folder, or a training run folder (or a :class:`Checkpoint` already read); the
+        layout is detected and every key must match (no silent partial load). ``name`` None takes the model
+        from the checkpoint (our metadata, a config.json, a run's config, or the shapes of a named size).
+    overrides: config fields, e.g. ``img_size=336`` (a learned position embedding is resized on load)
+        or ``depth=6``.
+
+    Without a checkpoint the weights are random (``init_weights``), as for pretraining from scratch.
+    """
+    if checkpoint is None:
+        if name is None:
+            raise ValueError("create_model needs a model name or a checkpoint")
+        return build_encoder(name, **overrides)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    return encoder_from_checkpoint(ckpt, name, **overrides)
+
+
+def load_encoder(spec: str | os.PathLike, *, name: str | None = None, **overrides) -> VisionEncoder:
+    """An encoder from what a user types: a checkpoint file, a transformers folder, a run folder, or a model
+    name (random weights, with a warning). ``name`` states the model when the checkpoint cannot tell."""
+    if Path(spec).exists() or str(spec).endswith(".safetensors") or str(spec).endswith(PICKLE_SUFFIXES):
+        return create_model(name, checkpoint=spec, **overrides)
+    try:
+        model = build_encoder(str(spec), **overrides)
+    except ValueError as e:
+        raise CheckpointError(f"{spec!r} is neither a checkpoint file or folder nor a model name: {e}") from e
+    logger.warning("%s: no checkpoint given, the weights are random (untrained)", spec)
+    return model
