@@ -23,6 +23,7 @@ demo: $(DEMO_STAMP)
 	$(PY) -m aimv2 demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 # The benchmark suite on this machine (CPU: about 6-8 minutes on 2 cores): encoder inference vs timm and
@@ -33,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 

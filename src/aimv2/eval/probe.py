@@ -20,33 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..models.heads import AttentionPoolHead
+
 METHODS = ("attentive", "linear", "knn")
 
 
 class AttentiveProbe(nn.Module):
-    """Cross-attention pooling of tokens [B, N, D] by learned queries, then a linear classifier -> [B, C]."""
+    """Non-affine BatchNorm of the tokens [B, N, D], then attentive pooling by learned queries straight into the
+    classes (models/heads.py, the same head as LiT's) -> [B, C]."""
 
     def __init__(self, dim: int, num_classes: int, num_heads: int, num_queries: int = 1, batchnorm: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"feature width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
-        self.query = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.linear = nn.Linear(dim, num_classes)
+        self.head = AttentionPoolHead(dim, num_heads, num_queries=num_queries, out_dim=num_classes)
+        with torch.no_grad():
+            self.head.cls_token.normal_(std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        H, Q = self.num_heads, self.query.shape[1]
         x = self.bn(x.transpose(1, 2)).transpose(1, 2)  # [B, N, D], statistics over batch and tokens
-        q = self.query.expand(B, Q, D).reshape(B, Q, H, D // H).transpose(1, 2)  # [B, H, Q, hd]
-        k = self.k(x).reshape(B, N, H, D // H).transpose(1, 2)  # [B, H, N, hd]
-        v = self.v(x).reshape(B, N, H, D // H).transpose(1, 2)  # [B, H, N, hd]
-        pooled = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, hd]
-        pooled = pooled.transpose(1, 2).reshape(B, Q, D).mean(dim=1)  # [B, D]
-        return self.linear(pooled)  # [B, C]
+        return self.head(x)  # [B, C]
 
 
 class LinearProbe(nn.Module):

@@ -8,28 +8,30 @@ from torch import nn
 
 
 class AttentionPoolHead(nn.Module):
-    """One learned query attends over the patch features: [B, N, D] -> [B, D].
+    """Learned queries attend over the patch features: [B, N, D] -> [B, out_dim].
 
-    The query is the ``cls_token`` itself (no q projection); k and v are bias-free; the heads split D as in the
-    encoder; the pooled vector goes through ``linear`` (with bias), as in Apple's LiT head.
+    AIMv1/AIMv2's attentive pooling, used by LiT (one query, ``out_dim = D``, Apple's names) and by the attentive
+    probe (``num_queries`` queries, ``out_dim`` = the number of classes). The queries are ``cls_token`` itself (no q
+    projection); k and v are bias-free; the heads split D as in the encoder; the mean over the queries goes through
+    ``linear`` (with bias).
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, num_queries: int = 1, out_dim: int | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"head width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, num_queries, dim))
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
-        self.linear = nn.Linear(dim, dim, bias=True)
+        self.linear = nn.Linear(dim, out_dim or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        H, hd = self.num_heads, D // self.num_heads
-        q = self.cls_token.to(x.dtype).expand(B, -1, -1).view(B, 1, H, hd).transpose(1, 2)  # [B, H, 1, hd]
+        H, hd, Q = self.num_heads, D // self.num_heads, self.cls_token.shape[1]
+        q = self.cls_token.to(x.dtype).expand(B, -1, -1).reshape(B, Q, H, hd).transpose(1, 2)  # [B, H, Q, hd]
         k = self.k(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
         v = self.v(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
-        y = y.transpose(1, 2).reshape(B, 1, D).mean(dim=1)  # [B, D]: the mean over the (one) query
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, hd]
+        y = y.transpose(1, 2).reshape(B, Q, D).mean(dim=1)  # [B, D]: the mean over the queries
         return self.linear(y)
