@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from aimv2.cli import main
 from aimv2.data.faults import FaultCounter, FaultRateError
-from aimv2.data.shard_writer import write_synthetic_shards
 from aimv2.data.shards import CaptionPicker, ShardSamples, expand_urls, parse_caption_spec
-from aimv2.data.synthetic import synthetic_sample
+from aimv2.data.synthetic.dataset import synthetic_sample
+from aimv2.data.synthetic.shards import write_synthetic_shards
 
 REAL_SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"
 needs_real = pytest.mark.skipif(

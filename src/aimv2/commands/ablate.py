@@ -140,7 +140,7 @@ def plot(table: dict[str, dict], tasks: list[str], png: Path) -> None:
 
 def run(args) -> int:
     from ..config import ConfigError, load_config
-    from ..data.synthetic import write_probe_splits
+    from ..data.synthetic.probes import write_probe_splits
     from ..models.registry import model_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

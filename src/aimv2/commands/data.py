@@ -192,7 +192,7 @@ def _write_sheet(images: list, path: str, img_size: int, seed: int) -> None:
 
 
 def run_synth(args) -> int:
-    from ..data.shard_writer import write_synthetic_shards
+    from ..data.synthetic.shards import write_synthetic_shards
 
     try:
         paths = write_synthetic_shards(

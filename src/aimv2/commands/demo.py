@@ -55,7 +55,7 @@ def _aimv2(*args: str) -> str:
 
 def _captions(run_dir: Path, n: int, seed: int, size: int) -> list[dict]:
     """Caption ``n`` scenes never seen in training (another seed) with `aimv2 caption`; pair them with the truth."""
-    from ..data.synthetic import synthetic_sample
+    from ..data.synthetic.dataset import synthetic_sample
 
     folder = run_dir / "caption-scenes"
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def _captions(run_dir: Path, n: int, seed: int, size: int) -> list[dict]:
 
 def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
     """Train a tiny LiT against the frozen pretrained encoder, then classify the colour split zero-shot."""
-    from ..data.synthetic import write_probe_splits
+    from ..data.synthetic.probes import write_probe_splits
 
     lit_dir = run_dir / "lit"
     split = run_dir / "probe-colour"
@@ -154,7 +154,7 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 
 def run(args) -> int:
     from ..config import ConfigError, load_config
-    from ..data.synthetic import write_probe_splits
+    from ..data.synthetic.probes import write_probe_splits
     from ..train.loop import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -70,7 +70,7 @@ class _NativeSynthetic:
         self.seed = seed
 
     def __call__(self, index: int, global_index: int, hw: tuple[int, int]) -> tuple[torch.Tensor, str]:
-        from ..data.synthetic import synthetic_sample
+        from ..data.synthetic.dataset import synthetic_sample
 
         image, caption = synthetic_sample(index, self.seed, size=tuple(hw))
         return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))), caption
@@ -179,7 +179,7 @@ def build_source(
     tokenizer = _tokenizer(cfg, out_dir, save)
     transform = train_transform(img_size) if cfg.data.augment else eval_transform(img_size)
     if cfg.data.source == "synthetic":
-        from ..data.synthetic import synthetic_sample
+        from ..data.synthetic.dataset import synthetic_sample
 
         get_item = partial(synthetic_sample, seed=cfg.seed, size=max(img_size))
         return Source(
