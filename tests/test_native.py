@@ -233,7 +233,7 @@ def _native_tar(path: Path, sizes: list[tuple[int, int]]) -> None:
 
 
 def _shard_stream(url, rank, world, *, start_step=0, skip=None):
-    from aimv2.data.shards import ShardSamples
+    from aimv2.data.sources.shards import ShardSamples
     from aimv2.data.transforms import NativeDecode, native_max_side
     from aimv2.train.data import ShardStepBatches
 

@@ -14,7 +14,7 @@ from PIL import Image
 import aimv2
 import aimv2.eval.features as features_mod
 from aimv2.cli import main
-from aimv2.data.folders import ReadError
+from aimv2.data.sources.folders import ReadError
 from aimv2.data.transforms import TrainTransform, eval_transform
 from aimv2.eval.datasets import (
     AugmentedViews,

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from aimv2.cli import main
 from aimv2.data.faults import FaultCounter, FaultRateError
-from aimv2.data.shards import CaptionPicker, ShardSamples, expand_urls, parse_caption_spec
+from aimv2.data.sources.shards import CaptionPicker, ShardSamples, parse_caption_spec
+from aimv2.data.sources.tar import expand_urls
 from aimv2.data.synthetic.dataset import synthetic_sample
 from aimv2.data.synthetic.shards import write_synthetic_shards
 

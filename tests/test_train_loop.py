@@ -374,7 +374,7 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
 
-    from aimv2.data.hf import HFImageText
+    from aimv2.data.sources.hf import HFImageText
 
     ds = HFImageText(str(tmp_path / "pairs.parquet"))
     assert ds.get_item(3) is None and ds.faults.counts == {"bad_image": 1}

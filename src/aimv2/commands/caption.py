@@ -72,7 +72,7 @@ def add_arguments(parser) -> None:
 
 def _image_paths(items: list[str]) -> list[Path]:
     """Files as given, folders expanded (recursively, sorted); raises FileNotFoundError/ValueError."""
-    from ..data.folders import list_images
+    from ..data.sources.folders import list_images
 
     paths: list[Path] = []
     for item in items:
@@ -99,7 +99,7 @@ def run(args) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from ..data.folders import ImageFiles, collate_skip
+    from ..data.sources.folders import ImageFiles, collate_skip
     from ..data.transforms import eval_transform
     from ..eval.captioning import Captioner, parse_prefix
     from ..train.runs import RunError

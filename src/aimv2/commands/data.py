@@ -116,7 +116,7 @@ def _line(name: str, stats: dict) -> str:
 
 def run_inspect(args) -> int:
     from ..data.faults import FaultRateError
-    from ..data.shards import ShardSamples
+    from ..data.sources.shards import ShardSamples
 
     try:
         reader = ShardSamples(

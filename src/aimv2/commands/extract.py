@@ -82,7 +82,7 @@ def write_features(out: Path, features, paths: list[str], settings: dict, extra:
 def run(args) -> int:
     import torch
 
-    from ..data.folders import ImageFiles
+    from ..data.sources.folders import ImageFiles
     from ..data.transforms import eval_transform
     from ..eval.features import extract_features, extract_native_features, native_shape_groups
 

@@ -73,7 +73,7 @@ def _tokenizer(args, model, source: Path):
 
 def run(args) -> int:
     from ..checkpoints import CheckpointError
-    from ..data.folders import find_classes
+    from ..data.sources.folders import find_classes
     from ..eval.zeroshot import DEFAULT_TEMPLATES, read_classnames, read_templates, zeroshot_classify
     from ..lit_checkpoints import build_lit, read_lit
     from ._features_args import plain_warnings, resolve_device

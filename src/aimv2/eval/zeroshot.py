@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.folders import ImageFiles
+from ..data.sources.folders import ImageFiles
 from ..data.transforms import eval_transform
 from ..models.lit import LiT
 from .features import DTYPES, default_device, extract_features
