@@ -179,7 +179,8 @@ def add_arguments(parser) -> None:
 
 
 def _datasets(args, transform):
-    from ..eval.datasets import align_classes, open_labeled_source, read_classnames
+    from ..data.classnames import read_classnames
+    from ..eval.datasets import align_classes, open_labeled_source
 
     classnames = read_classnames(args.classnames) if args.classnames else None
     kw = dict(

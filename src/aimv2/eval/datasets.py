@@ -16,8 +16,8 @@ label) are left out when the source is indexed, and named in a warning.
 - a ``save_to_disk`` folder, ``.parquet`` / ``.arrow`` files (or a folder or glob of them) ->
   :class:`HFClassSamples`; class names come from a ``ClassLabel`` feature when the label column has one.
 
-Class names: ``classnames`` (a file, one name per line, line ``c`` naming label ``c``) wins; else integer labels
-are named ``"0" .. "max"`` and text labels get sorted-unique names, as folders do.
+Class names: ``classnames`` (the lines of a class names file, see :mod:`aimv2.data.classnames`) wins; else integer
+labels are named ``"0" .. "max"`` and text labels get sorted-unique names, as folders do.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..data.classnames import class_labels, folder_labels
 from ..data.sources.folders import IMAGE_EXTENSIONS, ImageFiles, ReadError, read_image
 from ..data.sources.hf import image_source
 from ..data.sources.tar import IMAGE_KEYS, MemberSpan, expand_urls, member_names, shard_samples
@@ -63,54 +64,6 @@ def _warn_skipped(skipped: Sequence[ReadError], total: int, what: str, show: int
     if len(skipped) > show:
         lines.append(f"  ... and {len(skipped) - show} more")
     warnings.warn("\n".join(lines), SkippedSamplesWarning, stacklevel=3)
-
-
-def read_classnames(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file, one per line (line c names label c); trailing blank lines ignored."""
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise ValueError(f"class names file {str(path)!r} is empty")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"class names file {str(path)!r} repeats {dup[:5]}")
-    return names
-
-
-def _as_int(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
-
-
-def labels_and_classes(values: Sequence, classnames: Sequence[str] | None, what: str) -> tuple[list[int], list[str]]:
-    """Raw label values (ints, integer text, or class-name text) -> (labels 0..C-1, class names).
-
-    With ``classnames``, integers index it and text must be one of its names. Without, integers are named
-    ``"0" .. str(max)``; text values get their sorted unique names.
-    """
-    ints = [_as_int(v) for v in values]
-    if all(i is not None for i in ints):
-        if any(i < 0 for i in ints):
-            raise ValueError(f"{what}: negative label {min(ints)}")
-        top = max(ints, default=-1)
-        if classnames is None:
-            return ints, [str(c) for c in range(top + 1)]
-        if top >= len(classnames):
-            raise ValueError(f"{what}: label {top} but the class names file has only {len(classnames)} names")
-        return ints, list(classnames)
-    names = [str(v).strip() for v in values]
-    classes = list(classnames) if classnames is not None else sorted(set(names))
-    index = {n: c for c, n in enumerate(classes)}
-    unknown = sorted({n for n in names if n not in index})
-    if unknown:
-        raise ValueError(f"{what}: labels {unknown[:5]} are not in the class names file")
-    return [index[n] for n in names], classes
 
 
 # --- webdataset shards ---------------------------------------------------------------------------------------------
@@ -192,8 +145,8 @@ class ShardClassSamples(Dataset):
             raise ValueError(f"no labelled image in shards {urls!r}{why}; check --label-key (now {label_key!r})")
         self.entries = entries
         self.skipped = list(skipped)
-        self.labels, self.classes = labels_and_classes(raw_labels, classnames, f"shards {urls}")
-        self.classes_named = classnames is not None or _as_int(raw_labels[0]) is None
+        named = class_labels(raw_labels, classnames, f"shards {urls}")
+        self.labels, self.classes, self.classes_named = named.labels, named.classes, named.named
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -307,8 +260,8 @@ class HFClassSamples(Dataset):
             self.labels, self.classes = [int(v) for v in raw], list(feature.names)
             self.classes_named = True
         else:
-            self.labels, self.classes = labels_and_classes(raw, classnames, repr(self.path))
-            self.classes_named = classnames is not None or _as_int(raw[0]) is None
+            named = class_labels(raw, classnames, repr(self.path))
+            self.labels, self.classes, self.classes_named = named.labels, named.classes, named.named
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -385,12 +338,9 @@ def open_labeled_source(
     if kind == "folder":
         ds = ImageFiles.from_class_folders(spec, transform)
         ds.classes_named = True
-        if classnames is not None and list(classnames) != ds.classes:  # the file's order defines the labels
-            extra = sorted(set(ds.classes) - set(classnames))
-            if extra:
-                raise ValueError(f"{str(spec)!r}: class sub-folders {extra[:10]} are not in the class names file")
-            index = {name: c for c, name in enumerate(classnames)}
-            ds.labels = [index[ds.classes[label]] for label in ds.labels]
+        if classnames is not None:  # folders are named by the file: their labels follow its order
+            relabel = folder_labels(ds.classes, classnames, repr(str(spec)))
+            ds.labels = [relabel[label] for label in ds.labels]
             ds.classes = list(classnames)  # names the file has and the folder lacks just have no image here
         return ds
     if kind == "shards":
