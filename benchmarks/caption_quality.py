@@ -27,9 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aimv2.data.captions import PLURALS
-from aimv2.data.scenes import COLOURS, SHAPES
-from aimv2.data.synthetic import synthetic_sample
+from aimv2.data.synthetic.captions import PLURALS
+from aimv2.data.synthetic.dataset import synthetic_sample
+from aimv2.data.synthetic.vocabulary import COLOURS, SHAPES
 from aimv2.data.transforms import eval_transform
 from aimv2.eval.captioning import Captioner, greedy_decode
 

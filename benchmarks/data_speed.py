@@ -1,7 +1,8 @@
 """Images/s per data worker: our training pipeline against a plain torchvision PIL pipeline, on the same files.
 
-- ours: :class:`~aimv2.data.shards.ShardSamples` (tar reading, sample grouping, caption choice, fault accounting)
-  with :class:`~aimv2.data.transforms.TrainTransform`, which decodes JPEGs at reduced scale when the crop allows.
+- ours: :class:`~aimv2.data.sources.shards.ShardSamples` (tar reading, sample grouping, caption choice, fault
+  accounting) with :class:`~aimv2.data.transforms.TrainTransform`, which decodes JPEGs at reduced scale when the
+  crop allows.
 - plain: ``tarfile`` reads the same shards; ``Image.open().convert("RGB")``, torchvision v2
   ``RandomResizedCrop(size, scale=(0.4, 1), ratio=(3/4, 4/3), bicubic)``, flip, ``PILToTensor``.
 
@@ -35,7 +36,8 @@ from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_f
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from aimv2.data.shards import ShardSamples, expand_urls
+from aimv2.data.sources.shards import ShardSamples
+from aimv2.data.sources.tar import expand_urls
 from aimv2.data.transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aimv2.cli import main
-from aimv2.data.synthetic import synthetic_sample
+from aimv2.data.synthetic.dataset import synthetic_sample
 from aimv2.eval.captioning import beam_search, greedy_decode
 from aimv2.objectives.aimv2 import create_pretraining_model
 from aimv2.weights import RunError, load_pretraining_run

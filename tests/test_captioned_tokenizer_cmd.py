@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from aimv2.cli import main
-from aimv2.data.captioned import CaptionedImages, collate_skip_none
+from aimv2.data.sources.captioned import CaptionedImages, collate_skip_none
 from aimv2.data.tokenizer import Tokenizer
 
 SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"

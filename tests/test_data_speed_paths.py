@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aimv2.data.shards import ShardSamples
+from aimv2.data.sources.shards import ShardSamples
 from aimv2.data.transforms import TrainTransform, native_resize, train_transform
 
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import aimv2
 from aimv2.cli import main
-from aimv2.data.folders import ImageFiles, ReadError, list_images
+from aimv2.data.sources.folders import ImageFiles, ReadError, list_images
 from aimv2.data.transforms import eval_transform, normalize
 from aimv2.eval.feature_cache import cached_features
 from aimv2.eval.features import UnreadableImagesWarning, extract_features

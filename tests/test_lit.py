@@ -366,7 +366,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 
 def test_lit_run_writes_outputs_resumes_and_zeroshot_runs(tmp_path, tiny_encoder):
-    from aimv2.data.synthetic import write_probe_splits
+    from aimv2.data.synthetic.probes import write_probe_splits
 
     out = tmp_path / "lit"
     steps = ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=2"]

@@ -134,7 +134,7 @@ def test_ranks_share_each_steps_area_but_not_images_or_prefixes():
 
 
 def test_synthetic_scenes_render_at_any_aspect():
-    from aimv2.data.synthetic import synthetic_sample
+    from aimv2.data.synthetic.dataset import synthetic_sample
 
     sq, cap = synthetic_sample(5, seed=1, size=48)
     sq2, cap2 = synthetic_sample(5, seed=1, size=(48, 48))
@@ -241,7 +241,7 @@ def _native_tar(path: Path, sizes: list[tuple[int, int]]) -> None:
 
 
 def _shard_stream(url, rank, world, *, start_step=0, skip=None):
-    from aimv2.data.shards import ShardSamples
+    from aimv2.data.sources.shards import ShardSamples
     from aimv2.data.transforms import NativeDecode, native_max_side
     from aimv2.train.data import ShardStepBatches
 
@@ -335,7 +335,7 @@ def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, sour
 
     data = []
     if source == "shards":  # the same run reading webdataset shards: the resumed streams continue exactly
-        from aimv2.data.shard_writer import write_synthetic_shards
+        from aimv2.data.synthetic.shards import write_synthetic_shards
 
         write_synthetic_shards(tmp_path / "shards", 240, shard_size=60, size=48)
         data = ["data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.shuffle_buffer=16"]
@@ -418,7 +418,8 @@ def test_extract_native_keeps_aspect_groups_by_shape_and_matches_the_encoder(tmp
 
 def test_probe_native_on_folders_of_mixed_aspect_ratios(tmp_path, capsys):
     from aimv2.cli import main
-    from aimv2.data.synthetic import probe_scene, render
+    from aimv2.data.synthetic.probes import probe_scene
+    from aimv2.data.synthetic.scenes import render
 
     for split, n in (("train", 18), ("val", 9)):
         for i in range(n):

@@ -14,7 +14,7 @@ from PIL import Image
 import aimv2
 import aimv2.eval.features as features_mod
 from aimv2.cli import main
-from aimv2.data.folders import ReadError
+from aimv2.data.sources.folders import ReadError
 from aimv2.data.transforms import TrainTransform, eval_transform
 from aimv2.eval.datasets import (
     AugmentedViews,
@@ -273,6 +273,24 @@ def test_corrupt_and_unlabelled_shard_samples_are_counted_not_fatal(tmp_path):
     assert out["features"].shape[0] == 1 and len(out["errors"]) == 1
     with pytest.warns(SkippedSamplesWarning), pytest.raises(ValueError, match="no labelled image.*--label-key"):
         ShardClassSamples(str(tmp_path / "s.tar"), label_key="json:label")
+
+
+def test_cut_off_probe_shard_keeps_the_samples_before_the_cut(tmp_path):
+    import tarfile
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "full.tar")) as sink:
+        for k in range(4):
+            sink.write({"__key__": f"k{k}", "cls": str(k % 2), "png": png_bytes((10 * k, 0, 0), (8, 8))})
+    full = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        cut_at = tar.getmember("k3.png").offset_data + 10  # inside the last image
+    (tmp_path / "cut.tar").write_bytes(full[:cut_at])
+    with pytest.warns(SkippedSamplesWarning, match=r"(?s)cut.tar: truncated_shard: ReadError"):
+        ds = ShardClassSamples(str(tmp_path / "cut.tar"), eval_transform(8))
+    assert len(ds) == 3 and ds.labels == [0, 1, 0] and not isinstance(ds[2][0], ReadError)
+    torch.testing.assert_close(ds[2][0][:, 0, 0], torch.tensor([20, 0, 0], dtype=torch.uint8))
 
 
 # --- cache ------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aimv2.data.synthetic import synthetic_scene
+from aimv2.data.synthetic.dataset import synthetic_scene
 from aimv2.data.tokenizer import Tokenizer
 
 spm = pytest.importorskip("sentencepiece")

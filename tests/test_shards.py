@@ -2,6 +2,7 @@
 crash, never an empty epoch without an error), disjoint and complete splits over ranks x workers, caption choice, and
 the ``aimv2 data synth`` -> ``aimv2 data inspect`` round trip."""
 
+import gzip
 import io
 import json
 import logging
@@ -16,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from aimv2.cli import main
 from aimv2.data.faults import FaultCounter, FaultRateError
-from aimv2.data.shard_writer import write_synthetic_shards
-from aimv2.data.shards import CaptionPicker, ShardSamples, expand_urls, parse_caption_spec
-from aimv2.data.synthetic import synthetic_sample
+from aimv2.data.sources.shards import CaptionPicker, ShardSamples, parse_caption_spec, shard_captions
+from aimv2.data.sources.tar import MemberSpan, expand_urls, member_names, shard_samples
+from aimv2.data.synthetic.dataset import synthetic_sample
+from aimv2.data.synthetic.shards import write_synthetic_shards
 
 REAL_SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"
 needs_real = pytest.mark.skipif(
@@ -130,6 +132,35 @@ def test_duplicate_member_is_dropped_and_counted(tmp_path):
     reader = ShardSamples(str(path), min_samples=1000)
     assert [(k.rsplit(":", 1)[1], c) for _, c, k in reader] == [("k0", "caption of k0"), ("k1", "caption of k1")]
     assert reader.faults.counts == {"bad_member": 1} and "k0.txt" in reader.faults.first["bad_member"]
+
+
+def test_one_tar_reader_loads_only_what_it_is_asked_and_spans_the_rest(faulty_shards, tmp_path):
+    """The reader under every shard user: samples grouped per shard, shard faults counted once, members declined by
+    read= left in the file as spans that read back the member's exact bytes."""
+    faults = FaultCounter(max_rate=1.0)
+    samples = list(shard_samples(faulty_shards, faults, read=lambda ext, size: ext == "txt"))
+    assert [s["__key__"] for s in samples][:2] == ["good0", "trunc"] and samples[-1]["__key__"] == "good6"
+    assert "good5" not in [s["__key__"] for s in samples]  # cut off inside its image: dropped, not half-read
+    assert faults.counts == {"unreadable_shard": 1, "truncated_shard": 1} and faults.samples == 0
+    first = samples[0]
+    assert first["txt"] == b"caption of good0" and isinstance(first["jpg"], MemberSpan)
+    assert first["jpg"].read() == _jpeg(0) and first["jpg"].url == faulty_shards[0]
+    assert member_names(first) == "jpg, txt, json" and member_names({"__key__": "k"}) == "nothing"
+    # everything loaded by default; a compressed shard streams, but cannot be spanned
+    with gzip.open(tmp_path / "z.tar.gz", "wb") as f:
+        f.write(_tar_bytes(_good("z0")))
+    loaded = list(shard_samples([str(tmp_path / "z.tar.gz")], faults))
+    assert [s["json"] for s in loaded] == [json.dumps({"caption": "caption of z0", "key": "z0"}).encode()]
+    assert list(shard_samples([str(tmp_path / "z.tar.gz")], faults, read=lambda ext, size: True)) == []
+    assert faults.counts["unreadable_shard"] == 2
+
+
+def test_shard_captions_reads_captions_and_counts_the_rest(faulty_shards):
+    faults = FaultCounter(max_rate=1.0)
+    texts = list(shard_captions(faulty_shards, "txt", faults))
+    assert texts[:3] == ["caption of good0", "a truncated jpeg", "an html page"]  # images are not decoded
+    assert faults.counts == {"no_caption": 1, "empty_caption": 1, "unreadable_shard": 1, "truncated_shard": 1}
+    assert faults.samples == len(texts) == 8
 
 
 def test_skip_rate_above_threshold_raises(faulty_shards):

@@ -11,8 +11,8 @@ import pytest
 import tokenizers
 import torch
 
-from aimv2.data.captions import caption_tokens
-from aimv2.data.synthetic import synthetic_scene
+from aimv2.data.synthetic.captions import caption_tokens
+from aimv2.data.synthetic.dataset import synthetic_scene
 from aimv2.data.tokenizer import Tokenizer, default_synthetic_tokenizer, train_bpe
 
 TEXTS = [

@@ -297,7 +297,7 @@ def test_skipped_shard_samples_are_counted_in_metrics(tmp_path):
 
     import webdataset as wds
 
-    from aimv2.data.synthetic import synthetic_sample
+    from aimv2.data.synthetic.dataset import synthetic_sample
 
     (tmp_path / "shards").mkdir()
     with wds.TarWriter(str(tmp_path / "shards" / "00000.tar")) as sink:
@@ -322,7 +322,7 @@ def test_skipped_shard_samples_are_counted_in_metrics(tmp_path):
 
 def test_pretrain_on_a_captioned_image_folder(tmp_path):
     """Images with sidecar captions (one unreadable file, counted and replaced) train through data.source=folder."""
-    from aimv2.data.synthetic import synthetic_sample
+    from aimv2.data.synthetic.dataset import synthetic_sample
 
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -350,7 +350,7 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
     import io
 
     datasets = pytest.importorskip("datasets")
-    from aimv2.data.synthetic import synthetic_sample
+    from aimv2.data.synthetic.dataset import synthetic_sample
 
     rows = {"image": [], "text": []}
     for i in range(10):
@@ -374,7 +374,7 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
 
-    from aimv2.data.hf import HFImageText
+    from aimv2.data.sources.hf import HFImageText
 
     ds = HFImageText(str(tmp_path / "pairs.parquet"))
     assert ds.get_item(3) is None and ds.faults.counts == {"bad_image": 1}

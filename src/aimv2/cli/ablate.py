@@ -97,7 +97,7 @@ def _probe_top1(run_dir: Path, split: Path, epochs: int | None) -> float:
 
 def run(args) -> int:
     from ..config import ConfigError, load_config
-    from ..data.synthetic import write_probe_splits
+    from ..data.synthetic.probes import write_probe_splits
     from ..eval.experiment_report import plot_ablation, read_metrics, summarize, to_markdown
     from ..models.registry import model_config
     from ..train import TrainingError, train

@@ -114,7 +114,7 @@ def _line(name: str, stats: dict) -> str:
 
 def run_inspect(args) -> int:
     from ..data.faults import FaultRateError
-    from ..data.shards import ShardSamples
+    from ..data.sources.shards import ShardSamples
 
     try:
         reader = ShardSamples(
@@ -190,7 +190,7 @@ def _write_sheet(images: list, path: str, img_size: int, seed: int) -> None:
 
 
 def run_synth(args) -> int:
-    from ..data.shard_writer import write_synthetic_shards
+    from ..data.synthetic.shards import write_synthetic_shards
 
     try:
         paths = write_synthetic_shards(

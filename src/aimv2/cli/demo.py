@@ -57,7 +57,7 @@ def _probe(encoder, split_dir: Path, report: Path) -> dict:
 
 def _captions(run_dir: Path, n: int, seed: int, size: int) -> list[dict]:
     """Caption ``n`` scenes never seen in training (another seed), beam 3; pair them with the true captions."""
-    from ..data.synthetic import synthetic_sample
+    from ..data.synthetic.dataset import synthetic_sample
     from ..eval.caption_images import caption_images
     from ..eval.captioning import Captioner
     from ..eval.features import default_device
@@ -79,7 +79,7 @@ def _captions(run_dir: Path, n: int, seed: int, size: int) -> list[dict]:
 def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
     """Train a tiny LiT against the frozen pretrained encoder, then classify the colour split zero-shot."""
     from ..config import LitConfig, load_config
-    from ..data.synthetic import write_probe_splits
+    from ..data.synthetic.probes import write_probe_splits
     from ..eval.zeroshot import load_lit_classifier, zeroshot_classify
     from ..train import train_lit
 
@@ -98,7 +98,7 @@ def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
 
 def run(args) -> int:
     from ..config import ConfigError, load_config
-    from ..data.synthetic import write_probe_splits
+    from ..data.synthetic.probes import write_probe_splits
     from ..eval.experiment_report import plot_losses, plot_probe_comparison, read_metrics
     from ..eval.frozen_encoder import load_frozen_encoder
     from ..models.registry import model_config

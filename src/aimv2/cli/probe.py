@@ -174,7 +174,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..eval.datasets import read_classnames
+    from ..data.classnames import read_classnames
     from ..eval.probe import ProbeConfig
     from ..eval.probe_protocol import ProbeSettings, run_probe
     from ..eval.report import write_report

@@ -81,31 +81,9 @@ def _is_shards(source: str) -> bool:
     return p.is_dir() and any(p.glob("*.tar"))
 
 
-def shard_captions(source: str, caption: str, faults) -> Iterator[str]:
-    """Captions of the samples in shards, parsing only the caption members (images are never decoded)."""
-    from webdataset.tariterators import group_by_keys
-
-    from ..data.shards import CaptionFault, CaptionPicker, _shard_members, expand_urls
-
-    picker = CaptionPicker(caption)
-
-    def members():
-        for url in expand_urls(source):
-            yield from _shard_members(url, faults)
-
-    for sample in group_by_keys(members()):
-        try:
-            text = picker(sample)
-        except CaptionFault as e:
-            faults.fault(e.kind, f"{sample.get('__url__')}:{sample.get('__key__')}", str(e))
-            continue
-        faults.ok()
-        yield text
-
-
 def folder_captions(source: str, faults) -> Iterator[str]:
-    """Captions of a sidecar folder or a CSV/JSONL index (see :class:`aimv2.data.captioned.CaptionedImages`)."""
-    from ..data.captioned import CaptionedImages
+    """Captions of a sidecar folder or a CSV/JSONL index (see :class:`aimv2.data.sources.captioned.CaptionedImages`)."""
+    from ..data.sources.captioned import CaptionedImages
 
     data = CaptionedImages(source)
     faults.merge(data.listing_faults)
@@ -128,10 +106,12 @@ def text_captions(source: str, faults) -> Iterator[str]:
 
 def read_captions(sources: list[str], caption: str, limit: int | None, faults) -> list[str]:
     """Captions from every source in order, at most ``limit`` of them."""
+    from ..data.sources.shards import shard_captions
+
     out: list[str] = []
     for source in sources:
         if _is_shards(source):
-            it = shard_captions(source, caption, faults)
+            it = shard_captions(source, caption, faults)  # caption members only: no image is decoded
         elif Path(source).is_dir() or Path(source).suffix.lower() in (".csv", ".jsonl", ".json"):
             it = folder_captions(source, faults)
         else:

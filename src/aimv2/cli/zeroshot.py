@@ -25,7 +25,12 @@ examples:
 def add_arguments(p) -> None:
     p.add_argument("lit", metavar="LIT", help="LiT run folder or checkpoint (ours, Apple's or transformers')")
     p.add_argument("--images", required=True, help="image folder with one sub-folder per class")
-    p.add_argument("--classnames", help="class names: 'folder<TAB>name' lines, or one name per line in folder order")
+    p.add_argument(
+        "--classnames",
+        metavar="FILE",
+        help="class names file, one name per line: a display name for each class folder, in sorted folder order "
+        "(the format of probe --classnames)",
+    )
     p.add_argument("--templates", help="prompt templates, one per line with {} for the class name")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the LiT run folder)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -40,21 +45,19 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..data.folders import find_classes
-    from ..eval.zeroshot import (
-        DEFAULT_TEMPLATES,
-        load_lit_classifier,
-        read_classnames,
-        read_templates,
-        zeroshot_classify,
-    )
+    from ..data.classnames import folder_labels, read_classnames
+    from ..data.sources.folders import find_classes
+    from ..eval.zeroshot import DEFAULT_TEMPLATES, load_lit_classifier, read_templates, zeroshot_classify
     from ..weights import CheckpointError
     from .encoder_args import plain_warnings, resolve_device
 
     try:
         lit = load_lit_classifier(args.lit, tokenizer=args.tokenizer, mean_std=args.mean_std)
         templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
-        names = read_classnames(args.classnames, find_classes(args.images)) if args.classnames else None
+        names = None
+        if args.classnames:  # one name per class folder, in folder order
+            listed = read_classnames(args.classnames)
+            names = [listed[c] for c in folder_labels(find_classes(args.images), listed, args.images)]
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

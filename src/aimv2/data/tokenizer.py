@@ -26,6 +26,9 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .synthetic.captions import caption, caption_words
+from .synthetic.scenes import sample_scene
+
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 in tokenizers we train
 DEFAULT_CONTEXT_LENGTH = 77
 
@@ -282,11 +285,8 @@ def train_bpe(
 
 def synthetic_corpus(n_captions: int = 1000, seed: int = 0) -> list[str]:
     """Captions of random synthetic scenes plus every caption word once, alone and after a space."""
-    from .captions import caption_words
-    from .scenes import sample_scene
-
     rng = np.random.default_rng(seed)
-    texts = [sample_scene(rng).caption(rng) for _ in range(n_captions)]
+    texts = [caption(sample_scene(rng), rng) for _ in range(n_captions)]
     words = caption_words()
     return texts + words + [" ".join(words)]
 

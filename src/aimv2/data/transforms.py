@@ -151,8 +151,8 @@ class TrainTransform:
     bicubic filter, and the result differs from the full decode only by the small difference between libjpeg's
     scaled IDCT and a bicubic downscale. Non-JPEG images, and crops too small to reduce, take the full decode.
 
-    ``accepts_undecoded`` tells :class:`~aimv2.data.shards.ShardSamples` to hand over the lazily opened image, so
-    decode errors raised here are counted as bad images there.
+    ``accepts_undecoded`` tells :class:`~aimv2.data.sources.shards.ShardSamples` to hand over the lazily opened image,
+    so decode errors raised here are counted as bad images there.
     """
 
     accepts_undecoded = True

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.folders import ImageFiles, ReadError, collate_skip, list_images
+from ..data.sources.folders import ImageFiles, ReadError, collate_skip, list_images
 from ..data.transforms import eval_transform
 from .captioning import Caption, Captioner
 

@@ -1,23 +1,23 @@
 """Labelled image sources for probes: image folders, webdataset shards with a class field, local HF ``datasets``.
 
-Every source is a map-style Dataset with the sample contract of :class:`~aimv2.data.folders.ImageFiles`:
+Every source is a map-style Dataset with the sample contract of :class:`~aimv2.data.sources.folders.ImageFiles`:
 ``dataset[i] -> (uint8 [3, H, W] | ReadError, label, i)``, plus ``classes`` (names, label ``c`` is
 ``classes[c]``), a ``transform`` attribute and ``fingerprint()`` (what the feature cache keys the data by). All of
-them decode through :func:`~aimv2.data.folders.read_image`, so a corrupt image is a ``ReadError`` (counted and named
-by the feature extractor), never a crash. Samples that cannot be used at all (no image member, no or bad label) are
-left out when the source is indexed, and named in a warning.
+them decode through :func:`~aimv2.data.sources.folders.read_image`, so a corrupt image is a ``ReadError`` (counted
+and named by the feature extractor), never a crash. Samples that cannot be used at all (no image member, no or bad
+label) are left out when the source is indexed, and named in a warning.
 
 :func:`open_labeled_source` picks the kind from the path:
 
-- a folder with class sub-folders -> :class:`~aimv2.data.folders.ImageFiles` (``train/cat/1.jpg``, ...);
+- a folder with class sub-folders -> :class:`~aimv2.data.sources.folders.ImageFiles` (``train/cat/1.jpg``, ...);
 - a ``.tar`` file, a brace pattern (``shards/{000..009}.tar``) or a folder of ``.tar`` files ->
   :class:`ShardClassSamples`; the label is the ``cls`` member (webdataset's convention: integer text) or any
   ``--label-key`` (a member extension, or ``json:NAME`` for a key of the sample's ``.json``);
 - a ``save_to_disk`` folder, ``.parquet`` / ``.arrow`` files (or a folder or glob of them) ->
   :class:`HFClassSamples`; class names come from a ``ClassLabel`` feature when the label column has one.
 
-Class names: ``classnames`` (a file, one name per line, line ``c`` naming label ``c``) wins; else integer labels
-are named ``"0" .. "max"`` and text labels get sorted-unique names, as folders do.
+Class names: ``classnames`` (the lines of a class names file, see :mod:`aimv2.data.classnames`) wins; else integer
+labels are named ``"0" .. "max"`` and text labels get sorted-unique names, as folders do.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,9 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.folders import IMAGE_EXTENSIONS, ImageFiles, ReadError, read_image
-from ..data.hf import image_source
-from ..data.shards import IMAGE_KEYS, expand_urls
+from ..data.classnames import class_labels, folder_labels
+from ..data.sources.folders import IMAGE_EXTENSIONS, ImageFiles, ReadError, read_image
+from ..data.sources.hf import image_source
+from ..data.sources.tar import IMAGE_KEYS, MemberSpan, expand_urls, member_names, shard_samples
 from ..data.transforms import to_rgb
 
 KINDS = ("folder", "shards", "hf")
@@ -49,6 +49,7 @@ EXPECTED = (
     "brace pattern such as shards/{000..009}.tar, or a folder of .tar files), or a local Hugging Face dataset (a "
     "save_to_disk folder, or .parquet / .arrow files)"
 )
+LABEL_MEMBER_MAX_BYTES = 1 << 20  # a shard member larger than this is never a label (it is not read to look)
 
 
 class SkippedSamplesWarning(UserWarning):
@@ -65,81 +66,46 @@ def _warn_skipped(skipped: Sequence[ReadError], total: int, what: str, show: int
     warnings.warn("\n".join(lines), SkippedSamplesWarning, stacklevel=3)
 
 
-def read_classnames(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file, one per line (line c names label c); trailing blank lines ignored."""
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise ValueError(f"class names file {str(path)!r} is empty")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"class names file {str(path)!r} repeats {dup[:5]}")
-    return names
-
-
-def _as_int(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
-
-
-def labels_and_classes(values: Sequence, classnames: Sequence[str] | None, what: str) -> tuple[list[int], list[str]]:
-    """Raw label values (ints, integer text, or class-name text) -> (labels 0..C-1, class names).
-
-    With ``classnames``, integers index it and text must be one of its names. Without, integers are named
-    ``"0" .. str(max)``; text values get their sorted unique names.
-    """
-    ints = [_as_int(v) for v in values]
-    if all(i is not None for i in ints):
-        if any(i < 0 for i in ints):
-            raise ValueError(f"{what}: negative label {min(ints)}")
-        top = max(ints, default=-1)
-        if classnames is None:
-            return ints, [str(c) for c in range(top + 1)]
-        if top >= len(classnames):
-            raise ValueError(f"{what}: label {top} but the class names file has only {len(classnames)} names")
-        return ints, list(classnames)
-    names = [str(v).strip() for v in values]
-    classes = list(classnames) if classnames is not None else sorted(set(names))
-    index = {n: c for c, n in enumerate(classes)}
-    unknown = sorted({n for n in names if n not in index})
-    if unknown:
-        raise ValueError(f"{what}: labels {unknown[:5]} are not in the class names file")
-    return [index[n] for n in names], classes
-
-
 # --- webdataset shards ---------------------------------------------------------------------------------------------
 
 
-def _label_value(members: dict[str, bytes], label_key: str):
-    """The raw label of a sample (text or int) from its member bytes, or raise ValueError saying why not."""
-    if label_key.startswith("json:"):
-        raw = members.get("json")
-        if raw is None:
-            raise LookupError("no .json member")
-        meta = json.loads(raw)
-        field = label_key[5:]
-        if not isinstance(meta, dict) or meta.get(field) is None:
-            raise LookupError(f"no {field!r} in .json")
-        return meta[field]
-    raw = members.get(label_key)
+def _label_value(sample: dict, label_key: str):
+    """The raw label of a sample (text or int) from its members, or raise LookupError / ValueError saying why not."""
+    ext, field = ("json", label_key[5:]) if label_key.startswith("json:") else (label_key, None)
+    raw = sample.get(ext)
     if raw is None:
-        raise LookupError(f"no .{label_key} member")
-    return raw.decode("utf-8").strip()
+        raise LookupError(f"no .{ext} member")
+    if not isinstance(raw, bytes):
+        raise LookupError(f"its .{ext} member is over {LABEL_MEMBER_MAX_BYTES} bytes")
+    if field is None:
+        return raw.decode("utf-8").strip()
+    meta = json.loads(raw)
+    if not isinstance(meta, dict) or meta.get(field) is None:
+        raise LookupError(f"no {field!r} in .json")
+    return meta[field]
+
+
+def _is_label_member(ext: str, size: int) -> bool:
+    """The members an index of a shard reads: small ones that may hold the label, never the images."""
+    return ext not in IMAGE_KEYS and size <= LABEL_MEMBER_MAX_BYTES
+
+
+class _ShardFaults(list):
+    """The tar reader's shard faults (cut off, unreadable, bad member) as ReadErrors, to warn with the skipped
+    samples (a :class:`~aimv2.data.sources.tar.FaultSink`)."""
+
+    def fault(self, kind: str, where: str, what: str = "") -> None:
+        self.append(ReadError(where, f"{kind}: {what}" if what else kind))
 
 
 class ShardClassSamples(Dataset):
     """Labelled images from local webdataset shards, read at random positions (map-style).
 
-    The shards are indexed once (tar headers, plus the small label members): each sample is ``(shard, offset,
-    size)`` of its image member. A sample's image is the first of ``jpg, jpeg, png, webp`` it has, its label the
-    ``label_key`` member (``cls`` by default) or ``json:NAME``. Samples without an image or a label are left out and
-    named in a :class:`SkippedSamplesWarning`; so is the rest of a shard that is cut off.
+    The shards are indexed once by the tar reader (:func:`~aimv2.data.sources.tar.shard_samples`), which loads only
+    the small members that may hold the label: each sample is the :class:`~aimv2.data.sources.tar.MemberSpan` of
+    its image member. A sample's image is the first of ``jpg, jpeg, png, webp`` it has, its label the ``label_key``
+    member (``cls`` by default) or ``json:NAME``. Samples without an image or a label are left out and named in a
+    :class:`SkippedSamplesWarning`; so is a shard that is cut off (the samples before the cut are kept).
     """
 
     def __init__(
@@ -150,8 +116,6 @@ class ShardClassSamples(Dataset):
         label_key: str = "cls",
         classnames: Sequence[str] | None = None,
     ):
-        from webdataset.tariterators import base_plus_ext
-
         self.urls = expand_urls(urls)
         remote = [u for u in self.urls if u.startswith("pipe:") or "://" in u]
         if remote:
@@ -159,56 +123,37 @@ class ShardClassSamples(Dataset):
         if not label_key or label_key == "json:":
             raise ValueError("label key must be a member extension (cls) or json:NAME")
         self.label_key, self.transform = label_key, transform
-        entries: list[tuple[str, int, int, str]] = []  # (shard, offset, size, where)
+        entries: list[tuple[MemberSpan, str]] = []  # (image member, where)
         raw_labels: list = []
-        skipped: list[ReadError] = []
-        for url in self.urls:
-            samples: dict[str, dict] = {}
+        skipped = _ShardFaults()
+        for sample in shard_samples(self.urls, skipped, read=_is_label_member):
+            where = f"{sample['__url__']}:{sample['__key__']}"
+            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+            if image_key is None:
+                skipped.append(ReadError(where, f"no image member (has {member_names(sample)})"))
+                continue
             try:
-                with tarfile.open(url, "r:") as tf:
-                    for m in tf:
-                        if not m.isfile():
-                            continue
-                        key, ext = base_plus_ext(m.name)
-                        if key is None:
-                            continue
-                        s = samples.setdefault(key, {"offsets": {}, "small": {}})
-                        s["offsets"][ext.lower()] = (m.offset_data, m.size)
-                        if ext.lower() not in IMAGE_KEYS and m.size < 1 << 20:
-                            s["small"][ext.lower()] = tf.extractfile(m).read()
-            except (OSError, tarfile.TarError, EOFError) as e:
-                skipped.append(ReadError(url, f"shard cut off or unreadable after {len(samples)} samples: {e}"))
-            for key, s in samples.items():
-                where = f"{url}:{key}"
-                image_key = next((k for k in IMAGE_KEYS if k in s["offsets"]), None)
-                if image_key is None:
-                    skipped.append(ReadError(where, f"no image member (has {', '.join(s['offsets'])})"))
-                    continue
-                try:
-                    value = _label_value(s["small"], label_key)
-                except (LookupError, ValueError) as e:
-                    skipped.append(ReadError(where, f"no label: {e}"))
-                    continue
-                raw_labels.append(value)
-                entries.append((url, *s["offsets"][image_key], f"{where}.{image_key}"))
+                value = _label_value(sample, label_key)
+            except (LookupError, ValueError) as e:
+                skipped.append(ReadError(where, f"no label: {e}"))
+                continue
+            raw_labels.append(value)
+            entries.append((sample[image_key], f"{where}.{image_key}"))
         _warn_skipped(skipped, len(entries) + len(skipped), f"shards {urls}")
         if not entries:
             why = f" ({skipped[0]})" if skipped else ""
             raise ValueError(f"no labelled image in shards {urls!r}{why}; check --label-key (now {label_key!r})")
         self.entries = entries
-        self.skipped = skipped
-        self.labels, self.classes = labels_and_classes(raw_labels, classnames, f"shards {urls}")
-        self.classes_named = classnames is not None or _as_int(raw_labels[0]) is None
+        self.skipped = list(skipped)
+        named = class_labels(raw_labels, classnames, f"shards {urls}")
+        self.labels, self.classes, self.classes_named = named.labels, named.classes, named.named
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int):
-        url, offset, size, where = self.entries[index]
-        with open(url, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        return read_image(io.BytesIO(data), self.transform, where), self.labels[index], index
+        image, where = self.entries[index]
+        return read_image(io.BytesIO(image.read()), self.transform, where), self.labels[index], index
 
     def fingerprint(self) -> list:
         shards = _file_stats(self.urls)
@@ -315,8 +260,8 @@ class HFClassSamples(Dataset):
             self.labels, self.classes = [int(v) for v in raw], list(feature.names)
             self.classes_named = True
         else:
-            self.labels, self.classes = labels_and_classes(raw, classnames, repr(self.path))
-            self.classes_named = classnames is not None or _as_int(raw[0]) is None
+            named = class_labels(raw, classnames, repr(self.path))
+            self.labels, self.classes, self.classes_named = named.labels, named.classes, named.named
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -393,12 +338,9 @@ def open_labeled_source(
     if kind == "folder":
         ds = ImageFiles.from_class_folders(spec, transform)
         ds.classes_named = True
-        if classnames is not None and list(classnames) != ds.classes:  # the file's order defines the labels
-            extra = sorted(set(ds.classes) - set(classnames))
-            if extra:
-                raise ValueError(f"{str(spec)!r}: class sub-folders {extra[:10]} are not in the class names file")
-            index = {name: c for c, name in enumerate(classnames)}
-            ds.labels = [index[ds.classes[label]] for label in ds.labels]
+        if classnames is not None:  # folders are named by the file: their labels follow its order
+            relabel = folder_labels(ds.classes, classnames, repr(str(spec)))
+            ds.labels = [relabel[label] for label in ds.labels]
             ds.classes = list(classnames)  # names the file has and the folder lacks just have no image here
         return ds
     if kind == "shards":

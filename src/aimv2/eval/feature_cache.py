@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.folders import ReadError
+from ..data.sources.folders import ReadError
 from ..data.transforms import mean_std as resolve_mean_std
 from .features import UnreadableImagesWarning, describe_errors, extract_features
 

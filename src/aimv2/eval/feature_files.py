@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.folders import ImageFiles, ReadError
+from ..data.sources.folders import ImageFiles, ReadError
 from .features import default_device, extract_features, extract_native_features, native_shape_groups
 from .frozen_encoder import FeatureSettings, feature_transform, image_size
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.folders import ReadError, collate_skip
+from ..data.sources.folders import ReadError, collate_skip
 from ..data.transforms import normalize
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

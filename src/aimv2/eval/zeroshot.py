@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.folders import ImageFiles
+from ..data.sources.folders import ImageFiles
 from ..data.tokenizer import Tokenizer, UnknownSpecialToken
 from ..data.transforms import eval_transform
 from ..objectives.lit import LiT
@@ -49,23 +49,6 @@ def read_templates(path: str | os.PathLike) -> list[str]:
             else f"{path}: no templates in it"
         )
     return templates
-
-
-def read_classnames(path: str | os.PathLike, folders: Sequence[str]) -> list[str]:
-    """Class names for ``folders`` (sorted folder names): lines ``folder<TAB>name`` / ``folder=name`` (folders not
-    listed keep their name), or exactly one name per line in folder order."""
-    lines = [ln.rstrip("\n") for ln in open(path, encoding="utf-8")]
-    lines = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
-    if any("\t" in ln or "=" in ln for ln in lines):
-        pairs = dict(ln.split("\t" if "\t" in ln else "=", 1) for ln in lines)
-        pairs = {k.strip(): v.strip() for k, v in pairs.items()}
-        unknown = sorted(set(pairs) - set(folders))
-        if unknown:
-            raise ValueError(f"{path}: names for folders that are not classes here: {unknown[:5]}")
-        return [pairs.get(f, f) for f in folders]
-    if len(lines) != len(folders):
-        raise ValueError(f"{path}: {len(lines)} names for {len(folders)} class folders (one per line, in sorted order)")
-    return [ln.strip() for ln in lines]
 
 
 @dataclass

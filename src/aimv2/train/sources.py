@@ -70,7 +70,7 @@ class _NativeSynthetic:
         self.seed = seed
 
     def __call__(self, index: int, global_index: int, hw: tuple[int, int]) -> tuple[torch.Tensor, str]:
-        from ..data.synthetic import synthetic_sample
+        from ..data.synthetic.dataset import synthetic_sample
 
         image, caption = synthetic_sample(index, self.seed, size=tuple(hw))
         return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))), caption
@@ -128,7 +128,7 @@ _MIXTURE_KEYS = {"name", "shards", "weight", "caption"}
 
 def _shard_source(cfg: Config, entry: dict, i: int, rank: int, world_size: int, transform) -> tuple[str, object, float]:
     """One (name, ShardSamples, weight) of data.shards or of a data.mixture entry."""
-    from ..data.shards import ShardSamples
+    from ..data.sources.shards import ShardSamples
 
     where = f"data.mixture[{i}]" if cfg.data.mixture else "data.shards"
     unknown = sorted(set(entry) - _MIXTURE_KEYS)
@@ -179,7 +179,7 @@ def build_source(
     tokenizer = _tokenizer(cfg, out_dir, save)
     transform = train_transform(img_size) if cfg.data.augment else eval_transform(img_size)
     if cfg.data.source == "synthetic":
-        from ..data.synthetic import synthetic_sample
+        from ..data.synthetic.dataset import synthetic_sample
 
         get_item = partial(synthetic_sample, seed=cfg.seed, size=max(img_size))
         return Source(
@@ -201,7 +201,7 @@ def build_source(
             raise ConfigError(f"data.mixture: source names must be distinct, got {names}")
         return Source(None, None, tokenizer, shards=sources)
     if cfg.data.source == "folder":
-        from ..data.captioned import CaptionedImages
+        from ..data.sources.captioned import CaptionedImages
 
         try:
             ds = CaptionedImages(cfg.data.folder, max_fault_rate=cfg.data.max_fault_rate)
@@ -210,7 +210,7 @@ def build_source(
         get_item = _FirstReadable(ds)
         return Source(_SeededSample(get_item, transform, cfg.seed), len(ds), tokenizer, native_fn=_NativeFit(get_item))
     if cfg.data.source == "hf":
-        from ..data.hf import HFImageText
+        from ..data.sources.hf import HFImageText
 
         try:
             ds = HFImageText(

@@ -1,4 +1,4 @@
-"""Captions generated from a :class:`~aimv2.data.scenes.SceneSpec`: true by construction, varied in form.
+"""Captions generated from a :class:`~aimv2.data.synthetic.scenes.SceneSpec`: true by construction, varied in form.
 
 The captioning half of the AIMv2 objective only teaches the encoder what the text makes it predict, so the captions
 name what is in the image (colours, shapes, sizes, counts, the background) and where things are relative to each
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, SceneObject, SceneSpec
+from .scenes import Background, SceneObject, SceneSpec
+from .vocabulary import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 PLURALS = {s: (s + "es" if s.endswith(("s", "x", "sh", "ch")) else s + "s") for s in SHAPES}

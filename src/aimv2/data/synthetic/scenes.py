@@ -1,9 +1,10 @@
 """Procedural scenes of 1-4 coloured shapes: what a scene holds, how one is drawn at random, and how it is rendered.
 
-The built-in dataset (:mod:`aimv2.data.synthetic`) needs images whose content is known exactly, so that captions
-can be generated from the scene and probe labels re-derived from it, and which cost next to nothing to make: a tiny
-model on two cores must never wait for data. A :class:`SceneSpec` is that exact content, in image-size-independent
-units (positions and radii are fractions of the image side), so one scene renders at any resolution.
+The built-in dataset (:mod:`.dataset`) needs images whose content is known exactly, so that captions
+(:mod:`.captions`) can be generated from the scene and probe labels (:mod:`.probes`) re-derived from it, and which
+cost next to nothing to make: a tiny model on two cores must never wait for data. A :class:`SceneSpec` is that exact
+content, in image-size-independent units (positions and radii are fractions of the image side), so one scene renders
+at any resolution. Text about a scene is made elsewhere, from the spec: this module knows nothing of words.
 
 Everything random is drawn from a ``numpy.random.Generator`` handed in by the caller; the same generator state gives
 the same scene, on any machine and in any process. :func:`render` itself is a pure function of the spec and size.
@@ -18,43 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Object colours: name -> base RGB. Each object gets this plus a small per-channel jitter, so "red" is a family of
-# reds and the name (not an exact pixel value) is what a model has to learn.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "orange": (245, 140, 30),
-    "yellow": (240, 215, 40),
-    "green": (45, 165, 65),
-    "blue": (40, 90, 225),
-    "purple": (140, 60, 190),
-    "pink": (245, 135, 195),
-    "white": (245, 245, 245),
-    "black": (25, 25, 25),
-}
+from .vocabulary import BACKGROUND_KINDS, BACKGROUNDS, COLOURS, SHAPES, SIZES
+
 COLOUR_JITTER = 18  # max per-channel offset from the base colour
-
-# Background hues: name -> base RGB. Object colours too close to the background (MIN_CONTRAST, Euclidean RGB) are not
-# drawn on it, so every object stays visible.
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "grey": (128, 128, 128),
-    "black": (22, 22, 26),
-    "white": (238, 238, 238),
-    "beige": (222, 206, 170),
-    "navy": (28, 36, 92),
-    "teal": (28, 112, 112),
-    "olive": (112, 112, 40),
-    "maroon": (98, 26, 36),
-    "lavender": (196, 186, 228),
-}
-MIN_CONTRAST = 120.0
-BACKGROUND_KINDS = ("solid", "gradient", "noise")
-
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
-
-# Size name -> radius as a fraction of the image side (before a +-8% jitter). The ranges do not overlap, so the
-# largest object of a scene with a single "large" one is unambiguous.
-SIZES: dict[str, float] = {"small": 0.075, "medium": 0.11, "large": 0.16}
-SIZE_JITTER = 0.08
+MIN_CONTRAST = 120.0  # least Euclidean RGB distance between an object colour and the background it is drawn on
+SIZE_JITTER = 0.08  # radii vary by this fraction around their size's SIZES entry
 # Shapes reach at most this far (in radii) from their centre; placement keeps them inside the image.
 EXTENT = 1.1
 # Centres of two objects are at least OVERLAP * (extent_a + extent_b) apart: < 1 allows a light overlap of corners.
@@ -105,12 +74,6 @@ class SceneSpec:
 
     objects: list[SceneObject]
     background: Background
-
-    def caption(self, rng: np.random.Generator) -> str:
-        """A lowercase caption of this scene, in a template family chosen with ``rng``."""
-        from .captions import caption  # captions.py needs the types above; import here to keep the modules acyclic
-
-        return caption(self, rng)
 
     def largest(self) -> SceneObject:
         """The object with the largest radius (the subject of the ``shape`` and ``colour`` probes)."""

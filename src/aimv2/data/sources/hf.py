@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from .faults import FaultCounter, caption_fault
-from .transforms import to_rgb
+from ..faults import FaultCounter, caption_fault
+from ..transforms import to_rgb
 
 _BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 

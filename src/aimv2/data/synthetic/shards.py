@@ -15,7 +15,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .synthetic import synthetic_sample
+from .dataset import synthetic_sample
 
 
 def write_synthetic_shards(
@@ -28,8 +28,8 @@ def write_synthetic_shards(
     image_format: str = "jpg",
     overwrite: bool = False,
 ) -> list[str]:
-    """Write samples ``0 .. n-1`` of :func:`~aimv2.data.synthetic.synthetic_sample` (``seed``, ``size``) as shards
-    of ``shard_size`` samples under ``out_dir``; returns the shard paths.
+    """Write samples ``0 .. n-1`` of :func:`~aimv2.data.synthetic.dataset.synthetic_sample` (``seed``, ``size``) as
+    shards of ``shard_size`` samples under ``out_dir``; returns the shard paths.
 
     ``image_format`` is ``jpg`` (quality 95, as img2dataset's default) or ``png`` (lossless). Refuses to write into
     a folder that already holds ``.tar`` files unless ``overwrite`` (which deletes them first).

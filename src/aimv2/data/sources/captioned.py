@@ -3,7 +3,7 @@
 Three layouts are common when data does not come as webdataset shards:
 
 - ``sidecar``: every image ``x.jpg`` has its caption in ``x.txt`` next to it (found recursively, sorted as
-  :func:`aimv2.data.folders.list_images` sorts, so indices are the same on every machine);
+  :func:`aimv2.data.sources.folders.list_images` sorts, so indices are the same on every machine);
 - ``csv``: an index file with a ``path`` and a ``caption`` column;
 - ``jsonl``: an index file with one JSON object per line, with ``path`` and ``caption`` keys.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .faults import FaultCounter, caption_fault
+from ..faults import FaultCounter, caption_fault
+from ..transforms import to_rgb
 from .folders import list_images
-from .transforms import to_rgb
 
 log = logging.getLogger(__name__)
 

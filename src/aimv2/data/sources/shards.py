@@ -3,9 +3,9 @@
 A shard holds, per sample, ``KEY.jpg`` (or png/webp), ``KEY.txt`` with the caption and ``KEY.json`` with the
 caption and metadata. :class:`ShardSamples` yields ``(RGB PIL image, caption, key)`` from a list of shards:
 
-- Tar reading, URL handling (local paths, ``pipe:`` commands, brace patterns) and grouping of members into samples
-  are the ``webdataset`` library's; this module adds the split, the shuffle, the caption choice and the fault
-  accounting around them.
+- Tar reading, URL handling (local paths, ``pipe:`` commands, brace patterns), grouping of members into samples and
+  shard faults are :mod:`~aimv2.data.sources.tar`'s, the one shard reader; this module adds the split, the shuffle,
+  the caption choice and the sample faults around it. :func:`shard_captions` reads only the captions (tokenizers).
 - Shards are split by rank and DataLoader worker (arguments, not ``torch.distributed``, so the reader runs and is
   tested in one process), after a per-epoch shuffle of the shard list that every consumer computes alike, so one
   epoch reads each shard exactly once across all consumers. ``resampled=True`` instead draws shards with
@@ -25,46 +25,17 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls as _wds_expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from .faults import FaultCounter, FaultRateError
-from .transforms import to_rgb
+from ..faults import FaultCounter, FaultRateError
+from ..transforms import to_rgb
+from .tar import IMAGE_KEYS, expand_urls, member_names, shard_samples
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image member of a sample: the first of these it has
-
-
-# --- shard lists -----------------------------------------------------------------------------------------------------
-
-
-def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard URLs from a spec: a path, a folder (its ``*.tar``, sorted), a brace pattern, a ``pipe:`` command,
-    a ``::``-separated list of those, or a list of those.
-
-    ``data-{000000..000009}.tar`` -> ten paths; ``pipe:curl -s https://host/data-{000..009}.tar`` -> ten commands
-    (webdataset expands braces and ``$WDS_*`` variables). Raises ``ValueError`` if the spec expands to nothing.
-    """
-    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    urls: list[str] = []
-    for item in items:
-        for url in _wds_expand_urls(os.fspath(item)):
-            if not url.startswith("pipe:") and "://" not in url and Path(url).is_dir():
-                urls += sorted(str(p) for p in Path(url).glob("*.tar"))
-            else:
-                urls.append(url)
-    if not urls:
-        raise ValueError(f"no shards in {spec!r} (a folder must contain *.tar files)")
-    return urls
-
 
 # --- captions --------------------------------------------------------------------------------------------------------
 
@@ -158,70 +129,26 @@ class CaptionPicker:
                 if not text:
                     raise CaptionFault("empty_caption", f"{name} is empty")
                 return text
-        raise CaptionFault("no_caption", f"none of {', '.join(self.weights)} present (has {_members(sample)})")
+        raise CaptionFault("no_caption", f"none of {', '.join(self.weights)} present (has {member_names(sample)})")
 
 
-def _members(sample: dict) -> str:
-    return ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
+def shard_captions(
+    urls: str | os.PathLike | Sequence[str | os.PathLike], caption: str | Mapping[str, float], faults: FaultCounter
+) -> Iterator[str]:
+    """The caption of every sample of the shards ``urls`` in order, chosen by ``caption`` (see :class:`CaptionPicker`),
+    decoding no image: what a tokenizer is trained on. Samples without a usable caption are counted in ``faults``."""
+    picker = CaptionPicker(caption)
+    for sample in shard_samples(expand_urls(urls), faults):
+        try:
+            text = picker(sample)
+        except CaptionFault as e:
+            faults.fault(e.kind, f"{sample.get('__url__')}:{sample.get('__key__')}", str(e))
+            continue
+        faults.ok()
+        yield text
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
-
-
-def _shard_members(url: str, faults: FaultCounter) -> Iterator[dict]:
-    """The members of one shard as webdataset file dicts, then webdataset's end-of-shard marker ``{}``.
-
-    If the shard is cut off, the sample being read at that point is dropped and the shard is counted once as
-    ``truncated_shard``; a shard that cannot be opened or is not a tar at all counts as ``unreadable_shard``.
-    """
-    try:
-        stream = gopen(url)
-    except Exception as e:
-        faults.fault("unreadable_shard", url, f"{type(e).__name__}: {e}")
-        return
-    errors: list[BaseException] = []
-
-    def stop(exn: BaseException) -> bool:  # webdataset's handler protocol: False = stop reading this stream
-        errors.append(exn)
-        return False
-
-    pending: list[dict] = []  # members of the current key, released once the next key starts
-    headers: list[str] = []  # the name of the last member whose header was read, even if its data was not
-
-    def note(name: str) -> bool:  # webdataset's select_files hook, called before a member's data is read
-        headers[:] = [name]
-        return True
-
-    seen = 0
-    try:
-        for member in tar_file_iterator(stream, handler=stop, select_files=note):
-            member["__url__"] = url
-            seen += 1
-            if pending and _prefix(member["fname"]) != _prefix(pending[0]["fname"]):
-                yield from pending
-                pending = []
-            pending.append(member)
-    except Exception as e:  # raised outside webdataset's handler: a bad header, an empty or non-tar file
-        errors.append(e)
-    finally:
-        try:
-            stream.close()
-        except Exception as e:  # a pipe: command that exited with an error status
-            errors.append(e)
-    if errors:  # members read, then an error: the shard is cut off; none read: not a (readable) tar at all
-        e = errors[0]
-        kind = "truncated_shard" if seen else "unreadable_shard"
-        faults.fault(kind, url, f"{type(e).__name__}: {e.args[0] if e.args else e}")
-        # the sample being read when the shard ended may lack members: keep it only if a later key had begun
-        if pending and headers and _prefix(headers[0]) != _prefix(pending[0]["fname"]):
-            yield from pending
-    else:
-        yield from pending
-    yield {}  # end of shard: group_by_keys never joins samples across shards
-
-
-def _prefix(name: str) -> str:
-    return base_plus_ext(name)[0]
 
 
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -324,21 +251,14 @@ class ShardSamples(IterableDataset):
     def samples(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple]:
         """What ``iter(self)`` yields in DataLoader worker ``worker`` of ``num_workers`` (callable directly)."""
         faults = self.faults = self._counter()
-        shards = self.shards(worker, num_workers)
-        first_shard: list[str] = []
+        first_shard: list[str] = []  # named in the error when nothing at all came through
 
-        def members():
-            for url in shards:
-                if not first_shard:
-                    first_shard.append(url)
-                yield from _shard_members(url, faults)
+        def shards() -> Iterator[str]:
+            for url in self.shards(worker, num_workers):
+                first_shard[:] = first_shard or [url]
+                yield url
 
-        def on_group_error(exn: BaseException) -> bool:
-            where = first_shard[-1] if first_shard else "?"  # webdataset's message names the member, not the shard
-            faults.fault("bad_member", f"{where} (or a later shard)", str(exn.args[0] if exn.args else exn))
-            return True
-
-        raw = group_by_keys(members(), handler=on_group_error)
+        raw = shard_samples(shards(), faults)
         if self.shuffle > 0:
             raw = _shuffled(raw, self.shuffle, random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}"))
         skip, position = self.skip.get(worker, 0), 0
@@ -368,7 +288,7 @@ class ShardSamples(IterableDataset):
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
-            faults.fault("no_image", where, f"members: {_members(sample)}")
+            faults.fault("no_image", where, f"members: {member_names(sample)}")
             return None
         try:
             caption = self.picker(sample)

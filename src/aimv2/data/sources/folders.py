@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .transforms import to_rgb
+from ..transforms import to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
