@@ -398,34 +398,3 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert detect_layout(back) == "aimv2" and detect_layout(orig) == "apple"
     orig = convert_state_dict(orig, "apple", "aimv2")
     assert orig.keys() == back.keys() and all(torch.equal(orig[k], back[k]) for k in orig)
-
-
-def test_layering_models_do_no_io_and_weights_import_no_trainer():
-    """models/ are pure modules (no weights, no safetensors); weights/ sit below train, eval and the CLI, and never
-    touch torch.distributed (read from the source, so a lazy import inside a function counts too)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(aimv2.__file__).parent
-
-    def imports(package: str) -> dict[str, set[str]]:
-        found = {}
-        for f in sorted((root / package).glob("*.py")):
-            names = set()
-            for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, ast.Import):
-                    names |= {a.name for a in node.names}
-                elif isinstance(node, ast.ImportFrom):  # relative: resolved against aimv2.<package>
-                    base = f"aimv2.{package}" if node.level == 1 else "aimv2" if node.level == 2 else ""
-                    mod = ".".join(x for x in (base, node.module or "") if x)
-                    names |= {mod} | {f"{mod}.{a.name}" for a in node.names}
-            found[f.name] = names
-        return found
-
-    def offending(package: str, banned: tuple[str, ...]) -> dict[str, list[str]]:
-        bad = {f: sorted(n for n in names if n.startswith(banned)) for f, names in imports(package).items()}
-        return {f: names for f, names in bad.items() if names}
-
-    assert offending("models", ("aimv2.weights", "safetensors", "aimv2.config")) == {}
-    banned = ("aimv2.train", "aimv2.eval", "aimv2.commands", "aimv2.cli", "torch.distributed")
-    assert offending("weights", banned) == {}
