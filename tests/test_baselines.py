@@ -3,13 +3,13 @@ against naive loops, and a 3-step `aimv2 pretrain` run of each objective."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN, perturb_from, subprocess_env
 
 import aimv2
 from aimv2.config import ConfigError, load_config
@@ -52,16 +52,6 @@ def _batch(B=3, T=7):
     text[0, 3] = EOS
     text[0, 4:] = 0
     return images, text
-
-
-def _perturb_from(images, first_patch):
-    """Noise on every patch with raster index >= first_patch."""
-    x = images.clone()
-    gw = x.shape[-1] // P
-    for k in range(first_patch, N):
-        r, c = divmod(k, gw)
-        x[..., r * P : (r + 1) * P, c * P : (c + 1) * P] += 2 * torch.randn(x.shape[0], 3, P, P)
-    return x
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -142,13 +132,13 @@ def test_captioning_with_prefix_attention_keeps_prefix_features_blind_to_the_res
     M = 6
     prefix = torch.full((3,), M)
     base = _features_seen_by_the_decoder(model, images, text, prefix)
-    out = _features_seen_by_the_decoder(model, _perturb_from(images, M), text, prefix)
+    out = _features_seen_by_the_decoder(model, perturb_from(images, M, P), text, prefix)
     torch.testing.assert_close(out[:, :M], base[:, :M], rtol=0, atol=1e-5)
     assert (out[:, M:] - base[:, M:]).abs().amax() > 1e-3
     # the bidirectional variant ignores the prefix it is given: every feature sees every patch
     bi = _model("cap-bidirectional")
     a = _features_seen_by_the_decoder(bi, images, text, prefix)
-    b = _features_seen_by_the_decoder(bi, _perturb_from(images, N - 1), text, prefix)
+    b = _features_seen_by_the_decoder(bi, perturb_from(images, N - 1, P), text, prefix)
     assert ((a[:, 0] - b[:, 0]).abs().amax(-1) > 1e-4).all()
 
 
@@ -161,7 +151,7 @@ def test_patch_prediction_ignores_target_and_later_patches(name):
     prefix = torch.full((3,), M)
     base = model(images, text, prefix_len=prefix).image_pred
     for j in (M, M + 1, N // 2 + 1, N - 1):
-        out = model(_perturb_from(images, j), text, prefix_len=prefix).image_pred
+        out = model(perturb_from(images, j, P), text, prefix_len=prefix).image_pred
         torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-5)  # predictions of patches 1..j
         if j < N - 1:
             assert (out[:, j:] - base[:, j:]).abs().amax() > 1e-3  # later predictions do see patch j
@@ -193,7 +183,7 @@ def test_clip_towers_and_loss_match_naive_loops_and_sharded_batches(name):
     assert out.terms.loss().item() == pytest.approx(_naive_clip_loss(out.image_embeds, out.text_embeds, 20.0), rel=1e-5)
     # the image tower is bidirectional: the first patch's feature (and so the embedding) sees the last patch
     a = _features_seen_by_the_decoder(model, images, text, None)
-    b = _features_seen_by_the_decoder(model, _perturb_from(images, N - 1), text, None)
+    b = _features_seen_by_the_decoder(model, perturb_from(images, N - 1, P), text, None)
     assert ((a[:, 0] - b[:, 0]).abs().amax(-1) > 1e-4).all()
     # the text tower pools at the first EOS: tokens after it change nothing, a token before it does
     after, before = text.clone(), text.clone()
@@ -251,19 +241,7 @@ def test_config_selects_the_model_and_rejects_mismatches(tmp_path):
             _config(tmp_path, *bad)
 
 
-BASE = [
-    "model.encoder=aimv2-tiny-patch8-64",
-    "model.encoder_overrides={depth: 2, img_size: 32}",
-    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
-    "data.context_length=24",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.steps=3",
-    "train.log_every=1",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "optim.warmup_steps=2",
-]
+BASE = [*TINY_RUN, "train.steps=3"]
 RUNS = {
     "cap-prefix": ["model.objective=cap"],
     "cap-bidirectional": ["model.objective=cap", "model.encoder_attention=bidirectional"],
@@ -277,7 +255,7 @@ RUNS = {
 def test_three_step_pretrain_run(tmp_path, name):
     out = tmp_path / name
     cmd = [sys.executable, "-m", "aimv2", "pretrain", str(ROOT / "configs/tiny-synthetic.yaml"), *BASE, *RUNS[name]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     r = subprocess.run([*cmd, f"out_dir={out}"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -292,7 +270,7 @@ def test_three_step_pretrain_run(tmp_path, name):
 @pytest.mark.slow
 def test_clip_two_processes_train_like_one(tmp_path):
     """Under torchrun the embeddings are all-gathered: 2 ranks x 4 pairs train like 1 process x 8 pairs."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     args = ["pretrain", str(ROOT / "configs/tiny-synthetic.yaml"), *BASE, *RUNS["clip"]]
     single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
@@ -337,7 +315,7 @@ def test_ablate_tiny_grid_tabulates_and_resumes(tmp_path):
     cmd += [o for o in BASE if "steps" not in o]  # overrides for every point: after CONFIG, before the options
     cmd += ["--grid", "objective=aimv2,cap", "--seeds", "0", "--steps", "2", f"--out-dir={out}", "--probe-tasks=count"]
     cmd += ["--probe-train=16", "--probe-val=8", "--probe-epochs=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.loads((out / "ablation.json").read_text())

@@ -2,13 +2,13 @@
 a naive reference, causality and EOS pooling, 2-process all-gather vs one process, zero-shot scoring, CLI help."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from safetensors.torch import load_file, save_file
 
 from aimv2.models.encoder import EncoderConfig
@@ -324,14 +324,14 @@ def test_zeroshot_scores_are_cosine_argmax(tmp_path):
     assert res["chance"] == pytest.approx(100 / 6)
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-
-
 def test_cli_help():
     for cmd in ("lit", "zeroshot"):
         r = subprocess.run(
-            [sys.executable, "-m", "aimv2", cmd, "--help"], env=_env(), capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "aimv2", cmd, "--help"],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert r.returncode == 0, r.stderr
         assert cmd in r.stdout
@@ -370,7 +370,9 @@ def test_lit_run_writes_outputs_resumes_and_zeroshot_runs(tmp_path, tiny_encoder
 
     out = tmp_path / "lit"
     steps = ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=2"]
-    r = subprocess.run(_lit_cmd(out, tiny_encoder, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _lit_cmd(out, tiny_encoder, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("config.yaml", "metrics.jsonl", "tokenizer.json", "lit.safetensors"):
         assert (out / f).is_file(), f
@@ -382,14 +384,16 @@ def test_lit_run_writes_outputs_resumes_and_zeroshot_runs(tmp_path, tiny_encoder
     assert torch.equal(lit["encoder.blocks.0.attn.qkv.weight"], enc["trunk.blocks.0.attn.qkv.weight"])  # frozen
     # raising the steps resumes from the checkpoint
     steps[0] = "train.steps=6"
-    r = subprocess.run(_lit_cmd(out, tiny_encoder, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _lit_cmd(out, tiny_encoder, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     assert model.cfg.encoder.img_size == 32
     write_probe_splits(tmp_path / "probe", task="colour", n_train=0, n_val=18, size=32)
     r = subprocess.run(
         [sys.executable, "-m", "aimv2", "zeroshot", str(out), "--images", str(tmp_path / "probe" / "val")],
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -405,11 +409,13 @@ def test_two_process_all_gather_matches_one_process(tmp_path, tiny_encoder):
     loss and weights of one process on the whole batch."""
     steps = ["train.steps=3", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3"]
     single, multi = tmp_path / "single", tmp_path / "multi"
-    r = subprocess.run(_lit_cmd(single, tiny_encoder, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _lit_cmd(single, tiny_encoder, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
     cmd = torchrun + ["-m", "aimv2"] + _lit_cmd(multi, tiny_encoder, *steps)[3:]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     a = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (multi / "metrics.jsonl").read_text().splitlines()]

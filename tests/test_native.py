@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -442,11 +443,10 @@ def test_probe_native_on_folders_of_mixed_aspect_ratios(tmp_path, capsys):
 def test_two_process_native_training_matches_single_process(tmp_path):
     """2-process DDP (gloo): both ranks take the same grid and half of each step's varying batch; the global-batch
     losses and the weights match one process."""
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     args = ["pretrain", str(ROOT / "configs/native-tiny.yaml"), *NATIVE_RUN, "train.steps=3"]
     single, multi = tmp_path / "single", tmp_path / "ddp"
     subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUN, subprocess_env
 
 import aimv2
 from aimv2.cli import main
@@ -23,24 +24,12 @@ from aimv2.weights import RunError, convert_checkpoint, read_checkpoint, read_ru
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-synthetic.yaml"
-BASE = [
-    "model.encoder=aimv2-tiny-patch8-64",
-    "model.encoder_overrides={depth: 2, img_size: 32}",
-    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
-    "data.context_length=24",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "optim.warmup_steps=2",
-]
 AT48 = ["model.encoder_overrides={depth: 2, img_size: 48}"]  # continue the 32 px (4x4) source at 48 px (6x6)
 VOCAB = None
 
 
 def _cfg(out, *extra, path=TINY):
-    return load_config(path, [*BASE, f"out_dir={out}", *extra])
+    return load_config(path, [*TINY_RUN, f"out_dir={out}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +313,6 @@ def test_extract_at_a_higher_resolution_resizes_positions(tmp_path):
 def test_frozen_warmup_under_fsdp_matches_single_process(source, tmp_path):
     """2-process FSDP2 (gloo): the encoder stays bit-identical through the warm-up and the run trains like one
     process (the encoder's gradients are reduce-scattered like all others, then dropped)."""
-    import os
     import subprocess
     import sys
 
@@ -332,7 +320,7 @@ def test_frozen_warmup_under_fsdp_matches_single_process(source, tmp_path):
 
     _, apple, _ = source
     common = [
-        *BASE,
+        *TINY_RUN,
         f"model.init_from={apple}",
         *AT48,
         "train.steps=3",
@@ -341,12 +329,12 @@ def test_frozen_warmup_under_fsdp_matches_single_process(source, tmp_path):
         "train.keep_last=5",
         "optim.lr_mult={encoder: 0.5}",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
     cmd = [*run, "pretrain", str(TINY), *common, f"out_dir={tmp_path / 'fsdp'}", "train.parallel=fsdp"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    train(_cfg(tmp_path / "single", *common[len(BASE) :]))
+    train(_cfg(tmp_path / "single", *common[len(TINY_RUN) :]))
     for step in (1, 2):
         a, _ = _encoder_at(tmp_path / "fsdp", step)
         b, _ = _encoder_at(tmp_path / "single", step)

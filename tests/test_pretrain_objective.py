@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import perturb_from
 
 import aimv2
 from aimv2.objectives.aimv2 import PrefixSampler, image_regression_terms, patchify
@@ -23,17 +24,6 @@ def _batch(B=2, H=32, W=32, T=7):
     text = torch.randint(3, V, (B, T))
     text[0, 5:] = 0  # right padding
     return images, text
-
-
-def _perturb_from(images, first_patch, patch=P):
-    """Noise on every patch with raster index >= first_patch."""
-    x = images.clone()
-    gw = x.shape[-1] // patch
-    n = (x.shape[-2] // patch) * gw
-    for k in range(first_patch, n):
-        r, c = divmod(k, gw)
-        x[..., r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] += 2 * torch.randn(x.shape[0], 3, patch, patch)
-    return x
 
 
 def test_contract_shapes_and_fields():
@@ -62,7 +52,7 @@ def test_patch_prediction_ignores_target_and_later_patches(hw):
     prefix = torch.full((2,), M)
     base = model(images, text, prefix_len=prefix).image_pred
     for j in (M, M + 1, N // 2, N - 1):
-        out = model(_perturb_from(images, j), text, prefix_len=prefix).image_pred
+        out = model(perturb_from(images, j, P), text, prefix_len=prefix).image_pred
         torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-5)  # preds of patches 1..j
         if j < N - 1:
             assert (out[:, j:] - base[:, j:]).abs().amax() > 1e-3  # later predictions do see patch j
@@ -74,7 +64,7 @@ def test_prefix_targets_would_leak_and_are_masked():
     images, text = _batch()
     M = 10
     base = model(images, text, prefix_len=M)
-    out = model(_perturb_from(images, M - 1), text, prefix_len=M)  # change patch M-1 (in the prefix) and after
+    out = model(perturb_from(images, M - 1, P), text, prefix_len=M)  # change patch M-1 (in the prefix) and after
     assert (out.image_pred[:, M - 3] - base.image_pred[:, M - 3]).abs().amax() > 1e-3  # pred of patch M-2 moved
     # and the objective's own loss ignores those predictions (positions k < M-1 predict prefix patches), but not
     # the first prediction of a non-prefix patch (position M-1 predicts patch M)
@@ -122,7 +112,7 @@ def test_image_predictions_ignore_caption_and_text_sees_whole_image():
     base = model(images, text, prefix_len=3)
     other = model(images, torch.randint(3, V, text.shape), prefix_len=3)
     torch.testing.assert_close(other.image_pred, base.image_pred, rtol=0, atol=0)
-    moved = model(_perturb_from(images, 15), text, prefix_len=3)  # only the last patch changes
+    moved = model(perturb_from(images, 15, P), text, prefix_len=3)  # only the last patch changes
     assert (moved.text_logits[:, 0] - base.text_logits[:, 0]).abs().amax() > 1e-4
 
 

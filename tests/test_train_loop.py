@@ -2,7 +2,6 @@
 2-process DDP and FSDP2 (gloo) matching single-process training, NaN handling."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,28 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN, subprocess_env
 from safetensors.torch import load_file
 
 import aimv2
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = [
-    "model.encoder=aimv2-tiny-patch8-64",
-    "model.encoder_overrides={depth: 2, img_size: 32}",
-    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
-    "data.context_length=24",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "optim.warmup_steps=2",
-]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    return env
 
 
 def _cmd(out_dir, *extra):
@@ -42,7 +25,7 @@ def _cmd(out_dir, *extra):
         "aimv2",
         "pretrain",
         str(ROOT / "configs/tiny-synthetic.yaml"),
-        *BASE,
+        *TINY_RUN,
         f"out_dir={out_dir}",
         *extra,
     ]
@@ -55,7 +38,11 @@ def _metrics(out_dir):
 def test_outputs_and_encoder_loads(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(
-        _cmd(out, "train.steps=4", "train.checkpoint_every=2"), env=_env(), capture_output=True, text=True, timeout=300
+        _cmd(out, "train.steps=4", "train.checkpoint_every=2"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     for name in ("config.yaml", "metrics.jsonl", "encoder.safetensors", "tokenizer.json"):
@@ -69,7 +56,11 @@ def test_outputs_and_encoder_loads(tmp_path):
     assert enc(torch.randn(1, 3, 32, 32)).shape == (1, 16, 192)
     # re-running a finished run does nothing and keeps the outputs
     r = subprocess.run(
-        _cmd(out, "train.steps=4", "train.checkpoint_every=2"), env=_env(), capture_output=True, text=True, timeout=300
+        _cmd(out, "train.steps=4", "train.checkpoint_every=2"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0 and len(_metrics(out)) == 4
 
@@ -77,10 +68,14 @@ def test_outputs_and_encoder_loads(tmp_path):
 def test_changed_config_on_existing_run_is_refused(tmp_path):
     out = tmp_path / "run"
     subprocess.run(
-        _cmd(out, "train.steps=2", "train.checkpoint_every=2"), env=_env(), check=True, timeout=300, capture_output=True
+        _cmd(out, "train.steps=2", "train.checkpoint_every=2"),
+        env=subprocess_env(),
+        check=True,
+        timeout=300,
+        capture_output=True,
     )
     r = subprocess.run(
-        _cmd(out, "train.steps=2", "optim.lr=0.5"), env=_env(), capture_output=True, text=True, timeout=300
+        _cmd(out, "train.steps=2", "optim.lr=0.5"), env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 2 and "different config" in r.stderr and "optim.lr" in r.stderr
 
@@ -89,11 +84,13 @@ def test_changed_config_on_existing_run_is_refused(tmp_path):
 def test_kill9_and_resume_is_bit_identical(tmp_path):
     steps = ["train.steps=10", "train.checkpoint_every=2"]
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(ref, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
 
     out = tmp_path / "killed"
     for kill_after in (2, 6):  # kill twice, at different moments after a checkpoint exists
-        p = subprocess.Popen(_cmd(out, *steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            _cmd(out, *steps), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 200
         while time.time() < deadline:
             ck = sorted((out / "checkpoints").glob("step_*.pt")) if (out / "checkpoints").exists() else []
@@ -102,7 +99,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
             time.sleep(0.05)
         p.send_signal(signal.SIGKILL)
         p.wait()
-    subprocess.run(_cmd(out, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(out, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
 
     a, b = load_file(ref / "encoder.safetensors"), load_file(out / "encoder.safetensors")
     assert a.keys() == b.keys()
@@ -120,7 +117,7 @@ def test_two_process_training_matches_single_process(tmp_path, parallel):
     train like one eager process on the same batch."""
     steps = ["train.steps=3", "train.checkpoint_every=3"]
     single = tmp_path / "single"
-    subprocess.run(_cmd(single, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(single, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     multi = tmp_path / parallel
     if parallel == "grad_accum":
         cmd = _cmd(multi, *steps, "train.grad_accum=2")
@@ -138,7 +135,7 @@ def test_two_process_training_matches_single_process(tmp_path, parallel):
             "pretrain",
         ]
         cmd = torchrun + _cmd(multi, *steps, f"train.parallel={parallel}")[4:]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     # compiled kernels fuse and reorder float ops: close, not equal up to summation order only
     rel, wtol = (1e-4, 1e-3) if parallel == "compile" else (1e-5, 1e-5)
@@ -159,7 +156,7 @@ def test_nan_losses_skip_steps_then_stop_with_checkpoint_intact(tmp_path, monkey
     out = tmp_path / "nan"
     cfg = load_config(
         ROOT / "configs/tiny-synthetic.yaml",
-        [*BASE, f"out_dir={out}", "train.steps=8", "train.checkpoint_every=2", "train.max_bad_steps=3"],
+        [*TINY_RUN, f"out_dir={out}", "train.steps=8", "train.checkpoint_every=2", "train.max_bad_steps=3"],
     )
     original = pretrain.pixel_targets
     calls = {"n": 0}
@@ -240,7 +237,7 @@ def test_pretrain_on_real_shard_resumes_the_stream_exactly(tmp_path):
         "data.num_workers=2",
     ]
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(ref, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     resumed = tmp_path / "resumed"
     shutil.copytree(ref, resumed)
     (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after the step-2 checkpoint
@@ -248,7 +245,7 @@ def test_pretrain_on_real_shard_resumes_the_stream_exactly(tmp_path):
     state = torch.load(resumed / "checkpoints" / "step_00000002.pt", weights_only=True)
     assert sorted(state["data_position"][0]) == [0, 1]  # {worker: {source: position}}
     assert all(pos["shards"] > 0 for pos in state["data_position"][0].values())
-    subprocess.run(_cmd(resumed, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(resumed, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -256,7 +253,11 @@ def test_pretrain_on_real_shard_resumes_the_stream_exactly(tmp_path):
     # a different worker layout cannot continue the streams exactly: refused with the fix
     (resumed / "checkpoints" / "step_00000004.pt").unlink()
     r = subprocess.run(
-        _cmd(resumed, *steps[:-1], "data.num_workers=1"), env=_env(), capture_output=True, text=True, timeout=300
+        _cmd(resumed, *steps[:-1], "data.num_workers=1"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 2 and "data.num_workers=2" in r.stderr
 
@@ -276,7 +277,7 @@ def test_pretrain_on_a_weighted_mixture_of_synth_shards_and_resume(tmp_path):
     )
     steps = ["train.steps=4", "train.checkpoint_every=2", "data.source=shards", mixture, "data.augment=false"]
     ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(ref, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(ref, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _metrics(ref)
     assert all(abs(row["mix/a"] + row["mix/b"] - 1) < 1e-9 for row in rows)
@@ -285,7 +286,7 @@ def test_pretrain_on_a_weighted_mixture_of_synth_shards_and_resume(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(ref, resumed)
     (resumed / "checkpoints" / "step_00000004.pt").unlink()
-    subprocess.run(_cmd(resumed, *steps), env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(resumed, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -312,7 +313,9 @@ def test_skipped_shard_samples_are_counted_in_metrics(tmp_path):
                 del sample["txt"]
             sink.write(sample)
     steps = ["train.steps=2", "data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.augment=false"]
-    r = subprocess.run(_cmd(tmp_path / "run", *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cmd(tmp_path / "run", *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     row = _metrics(tmp_path / "run")[-1]
     assert row["data_skipped/bad_image"] >= 1 and row["data_skipped/no_caption"] >= 1
@@ -340,7 +343,7 @@ def test_pretrain_on_a_captioned_image_folder(tmp_path):
         "data.augment=true",
         "data.max_fault_rate=1.0",
     ]
-    r = subprocess.run(_cmd(out, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(out, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
 
@@ -370,7 +373,7 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
         f"data.hf_files={tmp_path}/*.parquet",
         "data.max_fault_rate=1.0",
     ]
-    r = subprocess.run(_cmd(out, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(out, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
 

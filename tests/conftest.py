@@ -1,0 +1,39 @@
+"""Helpers shared by the test files (``from conftest import ...``; pytest puts this folder on sys.path)."""
+
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a run that stays quiet and in one process: no progress bar, no TensorBoard, data read in the main process
+QUIET = ["train.progress=false", "log.tensorboard=false", "data.num_workers=0"]
+
+# the tiny model at 32 px (4 x 4 patches of 8) with a one-block decoder: a training step in well under a second
+TINY_RUN = [
+    "model.encoder=aimv2-tiny-patch8-64",
+    "model.encoder_overrides={depth: 2, img_size: 32}",
+    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
+    "data.context_length=24",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    *QUIET,
+]
+
+
+def subprocess_env() -> dict:
+    """The environment for `python -m aimv2 ...` in a child process: this checkout's sources, one thread."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+
+
+def perturb_from(images: torch.Tensor, first_patch: int, patch: int) -> torch.Tensor:
+    """A copy of ``images`` [B, 3, H, W] with noise on every patch of raster index >= first_patch."""
+    x = images.clone()
+    gw = x.shape[-1] // patch
+    n = (x.shape[-2] // patch) * gw
+    for k in range(first_patch, n):
+        r, c = divmod(k, gw)
+        x[..., r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] += 2 * torch.randn(x.shape[0], 3, patch, patch)
+    return x
