@@ -94,6 +94,17 @@ def caption_terms(text_logits: torch.Tensor, text: torch.Tensor, pad_id: int) ->
     return ce, count((text != pad_id).sum())
 
 
+def pretraining_terms(
+    image_sum: torch.Tensor, image_count: torch.Tensor, text_sum: torch.Tensor, text_count: torch.Tensor, alpha: float
+) -> LossTerms:
+    """The two parts of every generative pretraining loss: ``text_loss + alpha * image_loss``."""
+    return LossTerms(
+        sums={"image_loss": image_sum, "text_loss": text_sum},
+        counts={"image_loss": image_count, "text_loss": text_count},
+        weights={"image_loss": alpha, "text_loss": 1.0},
+    )
+
+
 def image_target_count(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
     """How many patches image_regression_terms sums over, from the prefix lengths alone: sum_b (N - M_b)."""
     return count((num_patches - prefix_len).sum())
@@ -159,11 +170,7 @@ class AIMv2Pretrainer(nn.Module):
         image_sum, image_count = image_regression_terms(image_pred, images, prefix_len, self.patch_size)
         # text: next-token cross-entropy over non-pad tokens
         text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
-        terms = LossTerms(
-            sums={"image_loss": image_sum, "text_loss": text_sum},
-            counts={"image_loss": image_count, "text_loss": text_count},
-            weights={"image_loss": self.alpha, "text_loss": 1.0},
-        )
+        terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
         means = terms.means()
         return PretrainOutput(
             terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms

@@ -28,9 +28,10 @@ from .aimv2 import (
     caption_terms,
     image_regression_terms,
     image_target_count,
+    pretraining_terms,
     resolve_prefix_len,
 )
-from .base import LossTerms, count
+from .base import count
 from .lit import CLIPBaseline, LiTConfig
 
 OBJECTIVES = ("aimv2", "cap", "aimv1", "clip")
@@ -95,11 +96,7 @@ class GenerativeBaseline(nn.Module):
             _, text_logits = self.text_decoder(feats, text)  # [B, T, V]: position t predicts text[:, t]
             text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
 
-        terms = LossTerms(
-            sums={"image_loss": image_sum, "text_loss": text_sum},
-            counts={"image_loss": image_count, "text_loss": text_count},
-            weights={"image_loss": self.alpha, "text_loss": 1.0},
-        )
+        terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
         means = terms.means()
         return PretrainOutput(
             terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms
