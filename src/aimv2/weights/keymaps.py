@@ -11,7 +11,7 @@ Four layouts name the same encoder tensors:
 - ``aimv2``: our module names (``models/encoder.py``), the identity map.
 
 A map is a tuple of :class:`Rename` rows, (our name, their name) with ``{i}`` for the block index; a row whose
-"their name" is a triple splits our fused qkv on dim 0. The LiT maps (``models/lit.py``) reuse the encoder rows
+"their name" is a triple splits our fused qkv on dim 0. The LiT maps (``objectives/lit.py``) reuse the encoder rows
 under the image prefix and the block rows under the text prefix. :func:`to_aimv2` and :func:`from_aimv2` apply
 a map; everything else about layouts (telling them apart, the extras of two-tower files) is in ``layout.py``.
 """

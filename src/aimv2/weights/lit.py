@@ -7,7 +7,7 @@ Layouts (the maps are in ``keymaps.py``):
   ``image_projector``, ``text_projector``, ``log_logit_scale``.
 - ``hf``: ``vision_model.*`` (with ``head.{k_proj,v_proj,output_proj,cls_token}``), ``text_model.*``,
   ``visual_projection``, ``text_projection``, ``logit_scale``.
-- ``aimv2``: our module names (``models/lit.py``): ``encoder.*``, ``head.*``, ``text.*``, ``image_proj``,
+- ``aimv2``: our module names (``objectives/lit.py``): ``encoder.*``, ``head.*``, ``text.*``, ``image_proj``,
   ``text_proj``, ``logit_scale``.
 
 Files we write carry the LiT config as JSON metadata, so a checkpoint loads from its path alone; an Apple file is
