@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import DistInfo
+from .guard import TrainingError
+
 _BLOCK = 1024  # steps per vectorized draw
 _TAG = 11  # keeps these generators apart from the other (seed, ...) keyed ones
 
@@ -122,3 +125,24 @@ class NativeSchedule:
         areas, grids, sizes, starts = self._block(b)
         gh, gw = (int(v) for v in grids[i])
         return StepShape(step, int(areas[i]), (gh, gw), int(sizes[i]), self._block_start(b) + int(starts[i]))
+
+
+def native_schedule(cfg, info: DistInfo) -> NativeSchedule | None:
+    """The run's per-step areas and batch sizes (data.native), or None for fixed-resolution training."""
+    nat = cfg.data.native
+    if not nat.enabled:
+        return None
+    quantum = info.world_size * cfg.train.grad_accum
+    if nat.batch_multiple % quantum:
+        raise TrainingError(
+            f"data.native.batch_multiple={nat.batch_multiple} is not divisible by ranks x train.grad_accum = "
+            f"{info.world_size} x {cfg.train.grad_accum}: every step's batch must split into equal micro-batches"
+        )
+    return NativeSchedule(
+        seed=cfg.seed,
+        min_patches=nat.min_patches,
+        max_patches=nat.max_patches,
+        tokens_per_batch=nat.tokens_per_batch,
+        max_aspect=nat.max_aspect,
+        batch_multiple=nat.batch_multiple,
+    )

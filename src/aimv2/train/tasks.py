@@ -1,7 +1,9 @@
 """The kinds of run the one trainer (train/trainer.py) knows: what each brings beyond the loop they share.
 
-A task says how its objective is built (after the data source, whose tokenizer sizes it), which extra fields its
-checkpoints keep, and which weights file it exports after every checkpoint:
+A task says what its data is (the source, the step stream, a batch as the objective's inputs, the work a batch is),
+how its objective is built (after the data source, whose tokenizer sizes it), which extra fields its checkpoints
+keep, and which weights file it exports after every checkpoint. ``ImageTextTask`` holds what the image-caption
+objectives share (train/sources.py, train/data.py):
 
     PretrainTask   ``aimv2 pretrain``: AIMv2 or a baseline from ``cfg.model`` (optionally ``model.init_from``);
                    exports encoder.safetensors (the encoder in Apple's layout)
@@ -15,21 +17,36 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from ..config import Config, LitConfig
-from ..data.tokenizer import Tokenizer
+from ..data.transforms import normalize
 from ..models.encoder import VisionEncoder
 from ..objectives import LiT, build_lit_model, build_model
 from ..weights import LIT_FILE, load_encoder, save_encoder, save_lit
 from . import checkpointing as ckpt
+from .data import Batch, ShardStepBatches, StepBatches
+from .distributed import DistInfo
 from .init_from import init_from
+from .metrics import flops_per_sample
+from .native import native_schedule
+from .sources import Source, build_source
 from .trainer import fit
 
 ENCODER_FILE = "encoder.safetensors"  # what a pretraining run exports
+
+
+class Work(NamedTuple):
+    """What one rank's batch is, for the throughput metrics."""
+
+    samples: int
+    tokens: int  # image patches + text tokens (the objective's sequence positions)
+    flops: float  # training FLOPs (forward + backward)
+    patches: int  # patches per image (varies per step with data.native)
 
 
 class Task(Protocol):
@@ -37,11 +54,24 @@ class Task(Protocol):
     show: dict[str, str]  # metric -> short name, for the log line and the progress bar
     weights_file: str  # the file export writes into out_dir
 
-    def prepare(self) -> dict:
-        """Runs on every rank before the data source is built; returns build_source keyword arguments."""
+    def prepare(self) -> None:
+        """Runs on every rank before the data source is built (LiT reads its encoder here)."""
 
-    def build(self, tokenizer: Tokenizer, fresh: bool) -> nn.Module:
+    def data(self, out_dir: Path, info: DistInfo, save: bool):
+        """The data source (rank 0 first with ``save``: it may write files, e.g. the tokenizer, into out_dir). A
+        source with ``shards`` (webdataset readers) has its read positions saved and restored with the run."""
+
+    def build(self, source, fresh: bool) -> nn.Module:
         """The objective, on CPU; ``fresh``: out_dir holds no checkpoint (a resumed run keeps its own weights)."""
+
+    def stream(self, source, model: nn.Module, start_step: int, info: DistInfo) -> IterableDataset:
+        """This rank's batches from ``start_step`` on, one per step (train/data.py's contract: ``batch.step``)."""
+
+    def inputs(self, batch, device: torch.device) -> dict[str, torch.Tensor]:
+        """A batch as the objective's inputs, on ``device`` (the objective picks ``input_names`` from them)."""
+
+    def work(self, model: nn.Module, batch) -> Work:
+        """The batch's samples, tokens and FLOPs, for samples/s, tokens/s and MFU."""
 
     def resumed(self, state: dict) -> None:
         """Called with the checkpoint a run resumes from."""
@@ -53,20 +83,74 @@ class Task(Protocol):
         """Rank 0, after each checkpoint: write ``weights_file`` from the gathered full state dict."""
 
 
-class PretrainTask:
+class ImageTextTask:
+    """Image-caption data for an objective with an ``encoder``: sources and tokenizer from ``cfg.data``, step
+    streams with prefix lengths, images normalized on the device."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def source_options(self) -> dict:
+        return {}
+
+    def data(self, out_dir: Path, info: DistInfo, save: bool) -> Source:
+        opts = self.source_options()
+        return build_source(self.cfg, out_dir, save=save, rank=info.rank, world_size=info.world_size, **opts)
+
+    def stream(self, source: Source, model: nn.Module, start_step: int, info: DistInfo) -> IterableDataset:
+        cfg = self.cfg
+        common = dict(
+            global_batch=cfg.train.batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            start_step=start_step,
+            steps=cfg.train.steps,
+            encode_text=source.tokenizer.encode,
+            seed=cfg.seed,
+            patch_size=model.encoder.cfg.patch_size,
+            native=native_schedule(cfg, info),
+        )
+        if source.shards is not None:
+            return ShardStepBatches(source.shards, **common)
+        return StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
+
+    def inputs(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            "images": normalize(batch.images, self.cfg.data.mean_std, device),  # [B, 3, H, W] float
+            "text": batch.text.to(device, non_blocking=True),  # [B, T]
+            "prefix_len": batch.prefix_len.to(device),  # [B]
+        }
+
+    def work(self, model: nn.Module, batch: Batch) -> Work:
+        p = model.encoder.cfg.patch_size
+        n_patches = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
+        B = len(batch.text)
+        tokens = n_patches * B + int((batch.text != self.pad_id).sum())
+        return Work(B, tokens, flops_per_sample(model, n_patches, self.cfg.data.context_length) * B, n_patches)
+
+    def resumed(self, state: dict) -> None:
+        pass
+
+    def checkpoint_extra(self) -> dict:
+        return {}
+
+
+class PretrainTask(ImageTextTask):
     name = "pretrain"
     show = {"loss": "loss", "image_loss": "img", "text_loss": "txt"}
     weights_file = ENCODER_FILE
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.origin = None  # where the weights came from (model.init_from); every checkpoint of the run keeps it
 
-    def prepare(self) -> dict:
-        return {}
+    def prepare(self) -> None:
+        pass
 
-    def build(self, tokenizer: Tokenizer, fresh: bool) -> nn.Module:
-        model = build_model(self.cfg, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id)
+    def build(self, source: Source, fresh: bool) -> nn.Module:
+        tok = source.tokenizer
+        self.pad_id = tok.pad_id
+        model = build_model(self.cfg, tok.vocab_size, tok.pad_id, tok.eos_id)
         if self.cfg.model.init_from and fresh:  # resume wins: never re-apply init_from
             self.origin = init_from(model, self.cfg)
         return model
@@ -87,28 +171,25 @@ class PretrainTask:
         ckpt.atomic_write(out_dir / ENCODER_FILE, lambda tmp: save_encoder(enc, tmp, layout="apple"))
 
 
-class LiTTask:
+class LiTTask(ImageTextTask):
     name = "lit"
     show = {"loss": "loss", "acc": "acc", "logit_scale": "scale"}
     weights_file = LIT_FILE
 
     def __init__(self, cfg: LitConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.encoder: VisionEncoder | None = None
 
-    def prepare(self) -> dict:
+    def prepare(self) -> None:
         # every rank reads the encoder itself; a model name is a random one, the same on every rank under the seed
         self.encoder = load_encoder(self.cfg.lit.encoder, **self.cfg.lit.encoder_overrides)
+
+    def source_options(self) -> dict:
         return {"img_size": self.encoder.cfg.image_hw}
 
-    def build(self, tokenizer: Tokenizer, fresh: bool) -> nn.Module:
-        return build_lit_model(self.cfg, self.encoder, tokenizer.vocab_size, tokenizer.eos_id)
-
-    def resumed(self, state: dict) -> None:
-        pass
-
-    def checkpoint_extra(self) -> dict:
-        return {}
+    def build(self, source: Source, fresh: bool) -> nn.Module:
+        self.pad_id = source.tokenizer.pad_id
+        return build_lit_model(self.cfg, self.encoder, source.tokenizer.vocab_size, source.tokenizer.eos_id)
 
     def export(self, model: nn.Module, model_sd: dict, out_dir: Path) -> None:
         """lit.safetensors (the whole model in our layout, its config in the header), through a meta-device copy."""

@@ -1,7 +1,7 @@
 """The one training loop, for every objective: one process or many under torchrun, resumable bit for bit.
 
-A run is a config plus a :class:`~aimv2.train.tasks.Task` (pretraining, LiT, ...: how its objective is built and
-which weights file it exports). Everything else is here, the same for every objective:
+A run is a config plus a :class:`~aimv2.train.tasks.Task` (pretraining, LiT, ...: its data, how its objective is
+built, which weights file it exports). Everything else is here, the same for every objective:
 
     resume       the newest checkpoint of out_dir: weights, optimizer, step, skip counters, RNG, data positions
     data stream  step-indexed batches (train/data.py): the data position is the step and every random draw is
@@ -17,7 +17,8 @@ which weights file it exports). Everything else is here, the same for every obje
 The path of one batch:
 
     loader -> Batch (uint8 images [B, 3, H, W], token ids [B, T], prefix lengths [B]; this rank's slice)
-      -> normalize on the device -> objective.loss_counts per micro-batch, summed over ranks (the global counts)
+      -> task.inputs (images normalized on the device)
+      -> objective.loss_counts per micro-batch, summed over ranks: the global batch's valid targets
       -> per micro-batch: objective(...) -> LossTerms -> terms.loss(global counts) * world -> backward
          (DDP/FSDP average gradients over ranks, hence the * world)
       -> the logged sums all-reduced -> clip -> guard -> AdamW step -> metrics -> checkpoint
@@ -34,18 +35,15 @@ import torch
 from torch import nn
 
 from ..data.faults import FAULT_KINDS
-from ..data.transforms import normalize
 from ..objectives.base import LossTerms
 from . import checkpointing as ckpt
-from .data import ShardStepBatches, StepBatches, make_loader
+from .data import make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, row_gatherer
 from .guard import NonFiniteGuard, TrainingError
-from .metrics import MetricsLogger, flops_per_sample, peak_flops
-from .native import NativeSchedule
+from .metrics import MetricsLogger, peak_flops
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import parallelize
 from .resume import check_same_config, save_run_state, shard_positions
-from .sources import build_source
 
 log = logging.getLogger("aimv2.train")
 
@@ -60,15 +58,15 @@ def fit(cfg, task) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_same_config(cfg, out_dir)
         ckpt.atomic_write(out_dir / "config.yaml", cfg.save)
-    source_kw = task.prepare()  # every rank itself (no broadcast of a large encoder)
-    if info.is_main:
-        source = build_source(cfg, out_dir, save=True, rank=info.rank, world_size=info.world_size, **source_kw)
+    task.prepare()  # every rank itself (no broadcast of a large encoder)
+    if info.is_main:  # rank 0 writes what the data needs in the run folder (the tokenizer) before the others read it
+        source = task.data(out_dir, info, save=True)
     barrier(info)
     if not info.is_main:
-        source = build_source(cfg, out_dir, save=False, rank=info.rank, world_size=info.world_size, **source_kw)
-    tok = source.tokenizer
+        source = task.data(out_dir, info, save=False)
+    shards = getattr(source, "shards", None)  # webdataset sources: resumed by their saved read positions
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = task.build(tok, fresh=not ckpt.list_checkpoints(out_dir))  # resume wins over any init_from
+    model = task.build(source, fresh=not ckpt.list_checkpoints(out_dir))  # resume wins over any init_from
     model.to(device)
     if model.whole_batch and cfg.train.grad_accum > 1:
         raise TrainingError(
@@ -90,9 +88,9 @@ def fit(cfg, task) -> dict:
         start_step, bad_in_row, skipped = state["step"], state["bad_in_row"], state["skipped_steps"]
         task.resumed(state)
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
-        if source.shards is not None:
+        if shards is not None:
             saved = shard_positions(state, info, cfg.data.num_workers)  # {worker: {source: position}}
-            for name, samples, _ in source.shards:
+            for name, samples, _ in shards:
                 samples.skip = {w: pos.get(name, 0) for w, pos in saved.items()}
         if info.is_main:
             log.info("resuming %s from step %d", out_dir, start_step)
@@ -103,28 +101,14 @@ def fit(cfg, task) -> dict:
                 task.export(model, {k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir)
         return {}
 
-    common = dict(
-        global_batch=cfg.train.batch_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        start_step=start_step,
-        steps=cfg.train.steps,
-        encode_text=tok.encode,
-        seed=cfg.seed,
-        patch_size=model.encoder.cfg.patch_size,
-        native=native_schedule(cfg, info),
-    )
-    if source.shards is not None:
-        stream = ShardStepBatches(source.shards, **common)
-    else:
-        stream = StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
+    stream = task.stream(source, model, start_step, info)
     positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)
     mix = None  # shards: samples per source since the last log line
     data_skipped: dict[int, torch.Tensor] = {}  # shards: {worker: samples skipped by kind since this process started}
-    if source.shards is not None:
+    if shards is not None:
         workers = range(max(1, cfg.data.num_workers))
-        positions = {w: {name: s.skip.get(w, 0) for name, s, _ in source.shards} for w in workers}
-        mix = torch.zeros(len(source.shards), dtype=torch.long)
+        positions = {w: {name: s.skip.get(w, 0) for name, s, _ in shards} for w in workers}
+        mix = torch.zeros(len(shards), dtype=torch.long)
     loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
     autocast = autocast_for(cfg, device)
     peak = peak_flops(device, bf16=autocast is not contextlib.nullcontext)
@@ -148,12 +132,7 @@ def fit(cfg, task) -> dict:
             data_skipped[batch.worker] = batch.skipped
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(optimizer, lr)
-        inputs = {
-            "images": normalize(batch.images, cfg.data.mean_std, device),  # [B, 3, H, W] float
-            "text": batch.text.to(device, non_blocking=True),  # [B, T]
-            "prefix_len": batch.prefix_len.to(device),  # [B]
-        }
-        values = train_step(step_model, model, inputs, cfg.train.grad_accum, info, autocast)
+        values = train_step(step_model, model, task.inputs(batch, device), cfg.train.grad_accum, info, autocast)
         frozen = step < cfg.train.freeze_encoder_steps
         if frozen:  # the encoder's gradients were reduced like all others; drop them: no clip share, no AdamW step
             for p in model.encoder.parameters():
@@ -164,13 +143,11 @@ def fit(cfg, task) -> dict:
         finite = all(bool(torch.isfinite(v)) for v in values.values()) and bool(torch.isfinite(grad_norm))
         guard.step(optimizer, finite, step)
 
-        global_batch = len(batch.text) * info.world_size  # varies per step with data.native
-        p = model.encoder.cfg.patch_size
-        n_patches = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
+        work = task.work(model, batch)  # this rank's samples, tokens and training FLOPs
+        global_batch = work.samples * info.world_size  # varies per step with data.native
         samples_since += global_batch
-        text_tokens = int((batch.text != tok.pad_id).sum())
-        tokens_since += (n_patches * len(batch.text) + text_tokens) * info.world_size
-        flops_since += flops_per_sample(model, n_patches, cfg.data.context_length) * global_batch
+        tokens_since += work.tokens * info.world_size
+        flops_since += work.flops * info.world_size
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             dt = time.perf_counter() - t_last
@@ -184,11 +161,11 @@ def fit(cfg, task) -> dict:
                 "mfu": (flops_since / dt / info.world_size / peak) if peak else None,
                 "skipped_steps": guard.skipped,
                 **({"encoder_frozen": frozen} if cfg.train.freeze_encoder_steps else {}),
-                **mix_fractions(mix, source, info, device),
+                **mix_fractions(mix, shards, info, device),
                 **skipped_samples(data_skipped, info, device),
             }
             if cfg.data.native.enabled:
-                last["patches"] = n_patches  # this step's grid, gh * gw
+                last["patches"] = work.patches  # this step's grid, gh * gw
                 last["batch_size"] = global_batch
             metrics.log(last)
             t_last, samples_since, tokens_since, flops_since = time.perf_counter(), 0, 0, 0.0
@@ -285,34 +262,13 @@ def autocast_for(cfg, device: torch.device):
     return contextlib.nullcontext
 
 
-def native_schedule(cfg, info: DistInfo) -> NativeSchedule | None:
-    """The run's per-step areas and batch sizes (data.native), or None for fixed-resolution training."""
-    nat = cfg.data.native
-    if not nat.enabled:
-        return None
-    quantum = info.world_size * cfg.train.grad_accum
-    if nat.batch_multiple % quantum:
-        raise TrainingError(
-            f"data.native.batch_multiple={nat.batch_multiple} is not divisible by ranks x train.grad_accum = "
-            f"{info.world_size} x {cfg.train.grad_accum}: every step's batch must split into equal micro-batches"
-        )
-    return NativeSchedule(
-        seed=cfg.seed,
-        min_patches=nat.min_patches,
-        max_patches=nat.max_patches,
-        tokens_per_batch=nat.tokens_per_batch,
-        max_aspect=nat.max_aspect,
-        batch_multiple=nat.batch_multiple,
-    )
-
-
-def mix_fractions(mix: torch.Tensor | None, source, info: DistInfo, device: torch.device) -> dict:
+def mix_fractions(mix: torch.Tensor | None, shards, info: DistInfo, device: torch.device) -> dict:
     """{"mix/NAME": share of the samples since the last log line} for a shard mixture (all ranks)."""
-    if mix is None or len(source.shards) < 2:
+    if mix is None or len(shards) < 2:
         return {}
     counts = all_reduce_sum(mix.to(device), info)
     total = max(1, int(counts.sum()))
-    return {f"mix/{name}": int(c) / total for (name, _, _), c in zip(source.shards, counts, strict=True)}
+    return {f"mix/{name}": int(c) / total for (name, _, _), c in zip(shards, counts, strict=True)}
 
 
 def skipped_samples(skipped: dict[int, torch.Tensor], info: DistInfo, device: torch.device) -> dict:
