@@ -15,12 +15,12 @@ from aimv2.cli import main
 from aimv2.config import ConfigError, load_config
 from aimv2.models.encoder import resize_pos_embed, sincos_pos_embed_2d
 from aimv2.objectives import build_model
-from aimv2.train import checkpointing as ckpt
 from aimv2.train import train
 from aimv2.train.init_from import InitFromError, init_from
 from aimv2.train.optim import build_optimizer, param_groups, set_lr
 from aimv2.train.parallelize import apply_activation_checkpointing
 from aimv2.weights import RunError, convert_checkpoint, read_checkpoint, read_run
+from aimv2.weights.run_folder import list_checkpoints, load_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-synthetic.yaml"
@@ -52,7 +52,7 @@ def _model(cfg):
 
 
 def _source_state(run):
-    return ckpt.load_latest(run)["model"]
+    return load_latest(run)["model"]
 
 
 def _check_encoder(model, src_sd, resized):
@@ -132,7 +132,7 @@ def test_run_folder_reader_and_a_run_without_its_encoder_file(source, tmp_path):
     run = read_run(run_dir)
     state = run.latest()
     assert run.config.model.encoder == "aimv2-tiny-patch8-64" and run.tokenizer_file.name == "tokenizer.json"
-    assert state.step == 2 and state.path == run.checkpoints()[-1] == ckpt.list_checkpoints(run_dir)[-1]
+    assert state.step == 2 and state.path == run.checkpoints()[-1] == list_checkpoints(run_dir)[-1]
     full = _source_state(run_dir)
     assert state.part("decoder.").keys() == {k.removeprefix("decoder.") for k in full if k.startswith("decoder.")}
     enc = run.encoder(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +61,31 @@ def flops_per_sample(model, num_patches: int, text_len: int) -> float:
     return 3 * fwd + (1 if frozen else 3) * enc
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Cut ``metrics.jsonl`` after its last line of a step <= ``step``: the lines past the resumed step were logged
+    by the killed run after its last checkpoint and will be logged again. The file is only ever appended to and
+    truncated, never rewritten, so a kill here leaves it whole; a torn last line (a crash mid-write, a full disk)
+    or any line that is not JSON ends what is kept, with a warning naming the file and the line."""
+    keep = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                if line.strip():
+                    log.warning("%s line %d is not a metrics record (a torn write?); it and what follows are dropped",
+                                path, number)  # fmt: skip
+                break
+            if not line.endswith(b"\n") or row_step > step:
+                break
+            keep += len(line)
+    if keep < path.stat().st_size:
+        os.truncate(path, keep)
+
+
 class MetricsLogger:
-    """Writes metrics on rank 0 only. On resume, drops lines past the resumed step (they were logged
-    by the killed run after its last checkpoint and will be logged again)."""
+    """Writes metrics on rank 0 only. On resume, drops lines past the resumed step (keep_metrics_until)."""
 
     def __init__(
         self,
@@ -82,10 +105,7 @@ class MetricsLogger:
         if not enabled:
             return
         if self.path.exists():
-            kept = [
-                ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            keep_metrics_until(self.path, start_step)
         self.file = open(self.path, "a")
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

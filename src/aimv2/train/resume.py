@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from ..weights.atomic import crash_point
+from ..weights.run_folder import list_checkpoints
 from . import checkpointing as ckpt
 from .distributed import DistInfo, all_gather_objects, barrier
 from .guard import NonFiniteGuard, TrainingError
@@ -28,7 +30,7 @@ def check_same_config(cfg, out_dir: Path) -> None:
     """Resuming with a different model or data would silently mix two runs: refuse unless only the length,
     cadence, worker count or logging changed."""
     path = out_dir / "config.yaml"
-    if not path.exists() or not ckpt.list_checkpoints(out_dir):
+    if not path.exists() or not list_checkpoints(out_dir):
         return
     old = yaml.safe_load(path.read_text())
     new = cfg.to_dict()
@@ -78,9 +80,19 @@ def save_run_state(
             **(extra or {}),
         }
         ckpt.save_checkpoint(out_dir, step, model_sd, optim_sd, state, keep_last)
+        crash_point(f"before-export:{step}")
         if export is not None:
             export(model_sd)
     barrier(info)
+
+
+def weights_file_stale(out_dir: Path, name: str) -> bool:
+    """The run's exported weights (encoder.safetensors, lit.safetensors) are missing or older than its newest
+    checkpoint: a run killed between writing a checkpoint and exporting from it. Every consumer (probe, extract,
+    convert) reads the export, so it must always be the newest checkpoint's weights."""
+    ckpts = list_checkpoints(out_dir)
+    path = out_dir / name
+    return bool(ckpts) and (not path.exists() or path.stat().st_mtime < ckpts[-1].stat().st_mtime)
 
 
 def shard_positions(state: dict, info: DistInfo, num_workers: int) -> dict:

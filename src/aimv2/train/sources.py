@@ -7,6 +7,7 @@ ranks produce it and whenever the run is resumed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -114,6 +115,8 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
                 pad = isinstance(e, UnknownSpecialToken) and e.what == "pad"
                 fix = " (set data.pad_token to the token to pad with)" if pad else ""
                 raise ConfigError(f"data.tokenizer={path}: {e}{fix}") from e
+        if saved is not None and saved.exists():  # resuming: the file must still be the one the run trained with
+            check_same_tokenizer(tok, path, saved)
     elif saved is not None and saved.exists():
         tok = Tokenizer.from_file(saved, context_length=cfg.data.context_length)
     else:
@@ -121,6 +124,19 @@ def _tokenizer(cfg: Config, out_dir: Path | None, save: bool) -> Tokenizer:
     if save and saved is not None and not saved.exists():
         atomic_write(saved, tok.save)
     return tok
+
+
+def check_same_tokenizer(tok: Tokenizer, configured: Path, saved: Path) -> None:
+    """A resumed run keeps the token ids it trained with: refuse a ``data.tokenizer`` file that changed since (e.g.
+    retrained in place by ``aimv2 tokenizer train``), compared by content hash with the copy in the run."""
+    now = hashlib.sha256(tok.to_str().encode()).hexdigest()
+    then = hashlib.sha256(saved.read_bytes()).hexdigest()
+    if now != then:
+        raise ConfigError(
+            f"data.tokenizer={configured} is not the tokenizer this run trained with (sha256 {now[:12]} vs "
+            f"{then[:12]} of the copy in {saved}); resuming would change the token ids mid-run: restore the original "
+            f"file (the run's copy is {saved}), or start a new run in another out_dir"
+        )
 
 
 _MIXTURE_KEYS = {"name", "shards", "weight", "caption"}

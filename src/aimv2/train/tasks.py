@@ -28,7 +28,6 @@ from ..data.transforms import normalize
 from ..models.encoder import VisionEncoder
 from ..objectives import LiT, build_lit_model, build_model
 from ..weights import LIT_FILE, load_encoder, save_encoder, save_lit
-from . import checkpointing as ckpt
 from .data import Batch, ShardStepBatches, StepBatches
 from .distributed import DistInfo
 from .init_from import init_from
@@ -168,7 +167,7 @@ class PretrainTask(ImageTextTask):
             enc = VisionEncoder(model.encoder.cfg, name=model.encoder.name)
         sd = {k.removeprefix("encoder."): v for k, v in model_sd.items() if k.startswith("encoder.")}
         enc.load_state_dict(sd, strict=True, assign=True)
-        ckpt.atomic_write(out_dir / ENCODER_FILE, lambda tmp: save_encoder(enc, tmp, layout="apple"))
+        save_encoder(enc, out_dir / ENCODER_FILE, layout="apple")  # atomic
 
 
 class LiTTask(ImageTextTask):

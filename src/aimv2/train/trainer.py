@@ -3,7 +3,9 @@
 A run is a config plus a :class:`~aimv2.train.tasks.Task` (pretraining, LiT, ...: its data, how its objective is
 built, which weights file it exports). Everything else is here, the same for every objective:
 
-    resume       the newest checkpoint of out_dir: weights, optimizer, step, skip counters, RNG, data positions
+    run folder   one run at a time (train/run_lock.py); temporary files of killed writers removed; resume from
+                 the newest *readable* checkpoint (weights, optimizer, step, skip counters, RNG, data positions);
+                 the task's weights file re-exported whenever it is older than the newest checkpoint
     data stream  step-indexed batches (train/data.py): the data position is the step and every random draw is
                  keyed by step or sample index, so a run killed at any moment resumes to the same weights
     one step     the batch split into train.grad_accum micro-batches; each micro-batch's loss sums are divided
@@ -36,6 +38,8 @@ from torch import nn
 
 from ..data.faults import FAULT_KINDS
 from ..objectives.base import LossTerms
+from ..weights.atomic import atomic_write, remove_temp_files
+from ..weights.run_folder import CKPT_DIR, list_checkpoints, load_latest_readable
 from . import checkpointing as ckpt
 from .data import make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, row_gatherer
@@ -43,7 +47,8 @@ from .guard import NonFiniteGuard, TrainingError
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import parallelize
-from .resume import check_same_config, save_run_state, shard_positions
+from .resume import check_same_config, save_run_state, shard_positions, weights_file_stale
+from .run_lock import RunLock
 
 log = logging.getLogger("aimv2.train")
 
@@ -54,10 +59,25 @@ def fit(cfg, task) -> dict:
     device = pick_device(cfg, info)
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)  # a task that builds weights before the data (LiT's encoder) builds them alike
-    if info.is_main:  # rank 0 checks the folder and writes config and tokenizer before the others read them
-        out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir)
+    if info.is_main:  # rank 0 owns the folder: it locks and checks it, writes config and tokenizer before the others
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except PermissionError as e:
+            raise TrainingError(f"cannot write to out_dir={out_dir} ({e.strerror}); choose a writable folder") from e
+        for tmp in remove_temp_files(out_dir):
+            log.info("removed %s, left by a writer that was killed", tmp)
         check_same_config(cfg, out_dir)
-        ckpt.atomic_write(out_dir / "config.yaml", cfg.save)
+        atomic_write(out_dir / "config.yaml", cfg.save)
+    try:
+        return fit_in_folder(cfg, task, info, device, out_dir)
+    finally:
+        lock.release()
+
+
+def fit_in_folder(cfg, task, info: DistInfo, device: torch.device, out_dir: Path) -> dict:
+    """The run itself, once the folder is this process's (see fit)."""
     task.prepare()  # every rank itself (no broadcast of a large encoder)
     if info.is_main:  # rank 0 writes what the data needs in the run folder (the tokenizer) before the others read it
         source = task.data(out_dir, info, save=True)
@@ -66,7 +86,7 @@ def fit(cfg, task) -> dict:
         source = task.data(out_dir, info, save=False)
     shards = getattr(source, "shards", None)  # webdataset sources: resumed by their saved read positions
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = task.build(source, fresh=not ckpt.list_checkpoints(out_dir))  # resume wins over any init_from
+    model = task.build(source, fresh=not list_checkpoints(out_dir))  # resume wins over any init_from
     model.to(device)
     if model.whole_batch and cfg.train.grad_accum > 1:
         raise TrainingError(
@@ -80,7 +100,9 @@ def fit(cfg, task) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
 
     start_step, bad_in_row, skipped = 0, 0, 0
-    state = ckpt.load_latest(out_dir)
+    state, unreadable = load_latest_readable(out_dir, set_aside=info.is_main)
+    for path, why in unreadable if info.is_main else []:
+        log.warning("skipped the unreadable checkpoint %s (%s), kept as %s.unreadable", path, why, path.name)
     if state is not None:
         # written during the frozen-encoder warm-up: the encoder has no AdamW state yet (it never took a step)
         warming = state["step"] <= cfg.train.freeze_encoder_steps
@@ -94,11 +116,12 @@ def fit(cfg, task) -> dict:
                 samples.skip = {w: pos.get(name, 0) for w, pos in saved.items()}
         if info.is_main:
             log.info("resuming %s from step %d", out_dir, start_step)
+            if weights_file_stale(out_dir, task.weights_file):  # killed between a checkpoint and its export
+                log.info("re-exporting %s from the step-%d checkpoint", task.weights_file, start_step)
+                task.export(model, {k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir)
     if start_step >= cfg.train.steps:
         if info.is_main:
             log.info("%s already finished (%d steps); nothing to do", out_dir, start_step)
-            if not (out_dir / task.weights_file).exists():
-                task.export(model, {k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir)
         return {}
 
     stream = task.stream(source, model, start_step, info)
@@ -115,7 +138,7 @@ def fit(cfg, task) -> dict:
     metrics = MetricsLogger(
         out_dir, cfg, start_step, enabled=info.is_main, total_steps=cfg.train.steps, desc=task.name, show=task.show
     )
-    guard = NonFiniteGuard(bad_in_row, skipped, cfg.train.max_bad_steps, out_dir / ckpt.CKPT_DIR, info.is_main, metrics)
+    guard = NonFiniteGuard(bad_in_row, skipped, cfg.train.max_bad_steps, out_dir / CKPT_DIR, info.is_main, metrics)
 
     model.train()
     for child in model.children():  # a wholly frozen part (LiT's encoder) behaves as at inference
@@ -172,6 +195,8 @@ def fit(cfg, task) -> dict:
             if mix is not None:
                 mix.zero_()
         metrics.advance(done, last)
+        if done == cfg.train.steps:
+            guard.check_finished(done)  # never save (nor report done) a run whose last steps were skipped
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             save_run_state(
                 model,

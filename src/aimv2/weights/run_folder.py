@@ -50,6 +50,25 @@ def load_latest(out_dir: str | Path) -> dict | None:
     return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
 
 
+def load_latest_readable(out_dir: str | Path, set_aside: bool = True) -> tuple[dict | None, list[tuple[Path, str]]]:
+    """The newest training state that can be read, for resuming, and the newer checkpoints it had to pass over
+    (path, why). Each unreadable one (a truncated file from a crash, a full disk) is renamed to ``NAME.unreadable``,
+    so that it is kept for inspection but never listed again (nor counted by ``train.keep_last``); ``set_aside=False``
+    (the other ranks of a torchrun job) only passes over them."""
+    skipped = []
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "model" not in state or "step" not in state:
+                raise ValueError("not a training checkpoint (no model or step)")
+            return state, skipped
+        except Exception as e:  # torch.load reports a torn file in many ways (zip, pickle, EOF errors)
+            skipped.append((path, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+            if set_aside:
+                path.rename(path.with_name(path.name + ".unreadable"))
+    return None, skipped
+
+
 def is_run_folder(path: str | Path) -> bool:
     """A folder with a run config and at least one step checkpoint."""
     path = Path(path)
