@@ -141,7 +141,7 @@ def test_tokenizer_train_on_text_and_folder_round_trips(tmp_path, capsys):
     tok = Tokenizer.from_file(out)
     for text in [*set(captions), *GOOD.values(), "an unseen Caption: 42 zebras!"]:
         assert tok.decode(tok.encode(text)[0]) == text.lower()
-    cased = _train(capsys, *src, "--vocab-size", "300", "--out", str(out), "--no-lowercase")
+    cased = _train(capsys, *src, "--vocab-size", "300", "--out", str(out), "--no-lowercase", "--overwrite")
     assert cased["captions"] == 63
     assert Tokenizer.from_file(out).decode(Tokenizer.from_file(out).encode("A Cat")[0]) == "A Cat"
 
@@ -149,7 +149,7 @@ def test_tokenizer_train_on_text_and_folder_round_trips(tmp_path, capsys):
 def test_tokenizer_train_errors(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n \n")
     opts = ["--vocab-size", "100", "--out", str(tmp_path / "x.json")]
-    assert main(["tokenizer", "train", str(tmp_path / "empty.txt"), *opts]) == 1
+    assert main(["tokenizer", "train", str(tmp_path / "empty.txt"), *opts]) == 2
     assert "no captions" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(tmp_path / "nope.txt"), *opts]) == 2
     assert not (tmp_path / "x.json").exists()

@@ -16,6 +16,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 # kind -> what it means; the kinds a shard reader reports.
@@ -42,7 +44,7 @@ def caption_fault(value, name: str) -> tuple[str, str] | None:
     return None
 
 
-class FaultRateError(RuntimeError):
+class FaultRateError(UserError, RuntimeError):
     """Too many samples were skipped: the input is probably not what the reader was told it is."""
 
 

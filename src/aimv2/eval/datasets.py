@@ -41,6 +41,7 @@ from ..data.sources.folders import IMAGE_EXTENSIONS, ImageFiles, ReadError, read
 from ..data.sources.hf import image_source
 from ..data.sources.tar import IMAGE_KEYS, MemberSpan, expand_urls, member_names, shard_samples
 from ..data.transforms import to_rgb
+from ..errors import MissingPackageError
 
 KINDS = ("folder", "shards", "hf")
 HF_FILE_EXTENSIONS = (".parquet", ".arrow")
@@ -185,7 +186,7 @@ def _load_hf(path: str):
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("Hugging Face dataset sources need the datasets package: pip install datasets") from e
+        raise MissingPackageError("Hugging Face dataset sources need the datasets package: pip install datasets") from e
     p = Path(path)
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         splits = sorted(d.name for d in p.iterdir() if (d / "state.json").is_file())
