@@ -32,7 +32,7 @@ _OS_HINTS: dict[int, tuple[str, str]] = {
     errno.EDQUOT: ("disk quota exceeded", "free disk space or write to another disk"),
     errno.EISDIR: ("is a directory", "give a file path, not a folder"),
     errno.ENOTDIR: ("not a directory", "a part of the path is a file; check the path"),
-    errno.EEXIST: ("already exists", "pass --overwrite or choose another path"),
+    errno.EEXIST: ("already exists", "remove it or choose another path"),
     errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
 }
 

@@ -137,7 +137,7 @@ def run_train(args) -> int:
         raise UserError("--vocab-size must be >= 4 and --context-length >= 1")
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # a run may be training with it: its token ids must not change
-        raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        raise UserError(f"--out exists ({out}); pass --overwrite to replace it, or choose another --out")
     faults = FaultCounter(max_rate=1.0)  # report skipped captions, never stop on them: an empty result fails below
     captions = read_captions(args.sources, args.caption, args.limit, faults)
     if not captions:

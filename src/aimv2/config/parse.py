@@ -155,7 +155,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found (see configs/ for examples)")
+            raise ConfigError(f"config file not found ({path}); give a YAML file, e.g. one of configs/")
         data = read_yaml(path)
     for ov in overrides:
         apply_override(data, ov)

@@ -46,6 +46,9 @@ def check_feature_file(out: str | os.PathLike, settings: FeatureSettings, pool: 
         raise UserError(f"OUT is a folder ({out}); give a .safetensors or .npy file path")
     if out.exists() and not overwrite:
         raise UserError(f"OUT exists ({out}); pass --overwrite to replace it, or choose another path")
+    blocking = next((p for p in out.parents if p.is_file()), None)
+    if blocking is not None:
+        raise UserError(f"OUT's folder is a file ({blocking}); choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=out.parent):  # PermissionError / read-only file system now, not after the work
         pass

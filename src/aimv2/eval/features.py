@@ -138,10 +138,10 @@ def extract_features(
                 bar.update(len(batch_labels) + len(batch_errors))
     finally:
         encoder.train(was_training)
+    if out is None:  # the error says it all: no warning listing the same files first
+        raise _nothing_readable(errors, total)
     if errors:
         warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
-    if out is None:
-        raise _nothing_readable(errors, total)
     if filled < total:  # copy so the result does not keep the unused tail alive
         out, labels, indices = out[:filled].clone(), labels[:filled].clone(), indices[:filled].clone()
     return {"features": out, "labels": labels, "indices": indices, "errors": errors}
@@ -199,10 +199,10 @@ def extract_native_features(encoder: nn.Module, dataset: Dataset, groups: dict, 
         labels.append(r["labels"])
         indices.append(r["indices"])  # the samples carry their dataset index
         grids += [grid] * len(r["labels"])
-    if errors:
-        warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
     if not feats:
         raise _nothing_readable(errors, total)
+    if errors:
+        warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
     order = torch.cat(indices).argsort()
     feats = [feats[i] for i in order.tolist()]
     pooled = feats[0].ndim == 1 or kw.get("pool") == "mean"
