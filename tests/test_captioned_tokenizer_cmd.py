@@ -124,7 +124,7 @@ def test_tokenizer_train_on_real_shard(tmp_path, capsys):
     assert 0 < summary["truncated"] < 1 and summary["mean_tokens"] > 5
     tok = Tokenizer.from_file(out)
     assert tok.context_length == 32 and tok.vocab_size == summary["vocab_size"]
-    limited = _train(capsys, str(SHARD), "--vocab-size", "600", "--out", str(out), "--limit", "5")
+    limited = _train(capsys, str(SHARD), "--vocab-size", "600", "--out", str(out), "--limit", "5", "--overwrite")
     assert limited["captions"] == 5
 
 

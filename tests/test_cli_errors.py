@@ -231,3 +231,27 @@ def test_fault_rate_in_a_dataloader_worker_is_one_line(tmp_path):
     assert len(errors) == 1 and LINE.fullmatch(errors[0]), r.stderr[-3000:]
     assert "bad_image" in errors[0] and "DataLoader worker" not in errors[0] and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1] == errors[0]  # the line ends the output, after the skipped-sample warnings
+
+
+def test_a_stalled_pipe_command_is_named_while_it_hangs(tmp_path, monkeypatch, caplog, capsys):
+    """`pipe:` shards run a shell command; one that sends nothing for a while is named in a warning (the read
+    goes on: a slow network is no fault), and its data is read as usual once it comes."""
+    import aimv2.data.sources.tar as tar
+
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as t:
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
+        for name, data in (("0.png", png.getvalue()), ("0.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(tar, "PIPE_STALL_S", 0.2)
+    url = f"pipe:sleep 0.8; cat {good}"
+    with caplog.at_level("WARNING", logger="aimv2.data.sources.tar"):
+        assert main(["data", "inspect", url, "--min-samples", "1"]) == 0
+    stalls = [r.getMessage() for r in caplog.records if "has sent no data" in r.getMessage()]
+    assert stalls and url in stalls[0]
+    assert '"samples": 1' in capsys.readouterr().out

@@ -16,9 +16,8 @@ label) are left out when the source is indexed, and named in a warning.
 - a ``save_to_disk`` folder, ``.parquet`` / ``.arrow`` files (or a folder or glob of them) ->
   :class:`HFClassSamples`; class names come from a ``ClassLabel`` feature when the label column has one.
 
-Class names: ``classnames`` (the lines of a class names file, see :mod:`aimv2.data.classnames`) wins; else integer
-labels are named ``"0" .. "max"`` and text labels get sorted-unique names, as folders do.
-"""
+Class names: ``classnames`` (a class names file, :mod:`aimv2.data.classnames`) wins; else integer labels are named
+``"0" .. "max"``, text labels sorted-unique, as folders do."""
 
 from __future__ import annotations
 
