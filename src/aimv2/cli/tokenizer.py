@@ -42,7 +42,8 @@ The tokenizer keeps ids 0, 1, 2 for <pad>, <eos>, <unk>, lowercases (unless --no
 stores the context length, so training and `Tokenizer.from_file` agree. After training it prints the
 vocabulary size, the mean tokens per caption and the fraction of captions that do not fit the
 context length with their end-of-sequence token (truncated). The last line of stdout is JSON:
-{"vocab_size", "captions", "mean_tokens", "truncated", "out"}.
+{"vocab_size", "captions", "mean_tokens", "truncated", "out"}. An existing --out is kept unless --overwrite
+is given: a run trained with it would otherwise resume with other token ids.
 
 examples:
   aimv2 tokenizer train cc12m/{00000..00099}.tar --vocab-size 32000 --out tokenizer.json --limit 1000000
