@@ -98,7 +98,8 @@ class FaultCounter:
         if self.samples + self.skipped >= self.min_samples and self.rate > self.max_rate:
             raise FaultRateError(
                 f"skipped {self.skipped} of {self.samples + self.skipped} samples ({100 * self.rate:.0f}% > "
-                f"{100 * self.max_rate:.0f}% allowed): {self.describe()}"
+                f"{100 * self.max_rate:.0f}% allowed: {self.describe()}); check the data's path and format (caption "
+                "field, image members), or allow more with data.max_fault_rate"
             )
 
     def describe(self) -> str:
