@@ -124,7 +124,7 @@ def test_tokenizer_train_on_real_shard(tmp_path, capsys):
     assert 0 < summary["truncated"] < 1 and summary["mean_tokens"] > 5
     tok = Tokenizer.from_file(out)
     assert tok.context_length == 32 and tok.vocab_size == summary["vocab_size"]
-    limited = _train(capsys, str(SHARD), "--vocab-size", "600", "--out", str(out), "--limit", "5")
+    limited = _train(capsys, str(SHARD), "--vocab-size", "600", "--out", str(out), "--limit", "5", "--overwrite")
     assert limited["captions"] == 5
 
 
@@ -141,7 +141,7 @@ def test_tokenizer_train_on_text_and_folder_round_trips(tmp_path, capsys):
     tok = Tokenizer.from_file(out)
     for text in [*set(captions), *GOOD.values(), "an unseen Caption: 42 zebras!"]:
         assert tok.decode(tok.encode(text)[0]) == text.lower()
-    cased = _train(capsys, *src, "--vocab-size", "300", "--out", str(out), "--no-lowercase")
+    cased = _train(capsys, *src, "--vocab-size", "300", "--out", str(out), "--no-lowercase", "--overwrite")
     assert cased["captions"] == 63
     assert Tokenizer.from_file(out).decode(Tokenizer.from_file(out).encode("A Cat")[0]) == "A Cat"
 
@@ -149,7 +149,7 @@ def test_tokenizer_train_on_text_and_folder_round_trips(tmp_path, capsys):
 def test_tokenizer_train_errors(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n \n")
     opts = ["--vocab-size", "100", "--out", str(tmp_path / "x.json")]
-    assert main(["tokenizer", "train", str(tmp_path / "empty.txt"), *opts]) == 1
+    assert main(["tokenizer", "train", str(tmp_path / "empty.txt"), *opts]) == 2
     assert "no captions" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(tmp_path / "nope.txt"), *opts]) == 2
     assert not (tmp_path / "x.json").exists()

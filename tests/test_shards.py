@@ -384,6 +384,6 @@ def test_cli_inspect_reports_faults_and_fails_on_all_bad(faulty_shards, tmp_path
     report = _last_json(capsys)
     assert report["samples"] == 6 and report["skipped"] == 6
     assert report["skipped_by_kind"]["bad_image"] == 2 and report["skipped_by_kind"]["unreadable_shard"] == 1
-    assert main(["data", "inspect", str(tmp_path / "nowhere.tar")]) == 1
+    assert main(["data", "inspect", str(tmp_path / "nowhere.tar")]) == 2
     captured = capsys.readouterr()
     assert "nowhere.tar" in captured.err and json.loads(captured.out.splitlines()[-1])["samples"] == 0

@@ -34,7 +34,11 @@ EPILOG = """examples:
   aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors images/ feats.safetensors
   aimv2 convert model.safetensors --to hf hf-model/
 
-run `aimv2 COMMAND --help` for the options of each command."""
+run `aimv2 COMMAND --help` for the options of each command.
+
+errors: a command that cannot go on (a bad config value, a missing or unreadable file, a full disk ...) prints
+one line, `aimv2 COMMAND: error: <what> (<where>); <what to do>`, and exits with status 2. For the traceback
+behind it, run `aimv2 --debug COMMAND ...` or set AIMV2_DEBUG=1."""
 
 
 def build_parser(only: str | None = None, subparsers: dict | None = None) -> argparse.ArgumentParser:
@@ -49,6 +53,9 @@ def build_parser(only: str | None = None, subparsers: dict | None = None) -> arg
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"aimv2 {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, print the traceback too (also: AIMV2_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_) in COMMANDS.items():
         if only is not None and name != only:
@@ -69,7 +76,11 @@ def build_parser(only: str | None = None, subparsers: dict | None = None) -> arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = False
+    while argv[:1] == ["--debug"]:  # the top-level flag, before COMMAND
+        debug = True
+        argv = argv[1:]
     command = next((a for a in argv if not a.startswith("-")), None)
     subparsers: dict[str, argparse.ArgumentParser] = {}
     parser = build_parser(only=command if command in COMMANDS else "", subparsers=subparsers)
@@ -82,4 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if not argv else 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (Exception, KeyboardInterrupt) as e:
+        from .errors import debug_requested, report  # only now: `aimv2 --help` imports no command module
+
+        name = argv[0] + (f" {args.action}" if getattr(args, "_parser", None) and getattr(args, "action", None) else "")
+        status = report(e, name, debug_requested(debug or getattr(args, "debug", False)))
+        if status is None:  # not an anticipated error but a bug: its traceback is the report
+            raise
+        return status

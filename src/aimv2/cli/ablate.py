@@ -98,18 +98,15 @@ def _probe_top1(run_dir: Path, split: Path, epochs: int | None) -> float:
 def run(args) -> int:
     from ..config import ConfigError, load_config
     from ..data.synthetic.probes import write_probe_splits
+    from ..errors import UserError
     from ..eval.experiment_report import plot_ablation, read_metrics, summarize, to_markdown
     from ..models.registry import model_config
     from ..train import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("aimv2.ablate")
-    try:
-        points = grid_points(args.grid, args.preset)
-        seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    except ValueError as e:
-        log.error("error: %s", e)
-        return 2
+    points = grid_points(args.grid, args.preset)
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     tasks = [t for t in args.probe_tasks.split(",") if t]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,8 +118,7 @@ def run(args) -> int:
         try:
             cfg = load_config(args.config, these)  # checked here, before any run starts
         except ConfigError as e:
-            log.error("error: point %s: %s", name, e)
-            return 2
+            raise ConfigError(f"point {name}: {e}") from e
         done = run_dir / "ablate.json"
         if done.exists() and json.loads(done.read_text()).get("overrides") == these:
             log.info("%s seed %d: done already", name, seed)
@@ -133,8 +129,7 @@ def run(args) -> int:
         try:
             train(cfg)  # resumes an interrupted run
         except TrainingError as e:
-            log.error("error: point %s seed %d: %s", name, seed, e)
-            return 2
+            raise UserError(f"point {name} seed {seed}: {e}") from e
         size = max(model_config(cfg.model.encoder, **cfg.model.encoder_overrides).image_hw)
         top1 = {}
         for task in tasks:

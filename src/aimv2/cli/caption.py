@@ -67,33 +67,25 @@ def add_arguments(parser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
 
 
-def _fail(message: str) -> int:
-    print(f"aimv2 caption: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..errors import UserError
     from ..eval.caption_images import caption_images, image_paths
     from ..eval.captioning import Captioner, parse_prefix
-    from ..weights import RunError
     from .encoder_args import resolve_device
 
     if args.beam < 1:
-        return _fail(f"--beam must be at least 1, got {args.beam}")
+        raise UserError(f"--beam must be at least 1, got {args.beam}")
     if args.batch_size < 1:
-        return _fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    try:
-        prefix = parse_prefix(args.prefix)
-        paths = image_paths(args.images)
-        device = resolve_device(args.device)
-        captioner = Captioner.from_run(args.run, device=device, prefix=prefix, seed=args.seed)
-    except (RunError, ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prefix = parse_prefix(args.prefix)
+    paths = image_paths(args.images)
+    device = resolve_device(args.device)
+    captioner = Captioner.from_run(args.run, device=device, prefix=prefix, seed=args.seed)
     max_len_cap = captioner.decoder.cfg.max_text_len
     if args.max_len is not None and not 1 <= args.max_len <= max_len_cap:
-        return _fail(f"--max-len must be in [1, {max_len_cap}] (the run's context length), got {args.max_len}")
+        raise UserError(f"--max-len must be in [1, {max_len_cap}] (the run's context length), got {args.max_len}")
 
     done, skipped = 0, 0
     for item in caption_images(

@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..weights import LAYOUTS, CheckpointError, convert_checkpoint
+    from ..weights import LAYOUTS, convert_checkpoint
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -62,13 +62,12 @@ def run(args) -> int:
     out = Path(args.out)
     if args.to != "hf" and out.suffix != ".safetensors":
         return fail(f"OUT for --to {args.to} is one file and must end in .safetensors, got {out}")
+    if args.to == "hf" and out.is_file():  # --overwrite replaces a folder, it does not turn a file into one
+        return fail(f"OUT for --to hf is a folder, and {out} is a file; remove it or choose another path")
     if out.exists() and not args.overwrite:
         return fail(f"{out} exists; pass --overwrite to replace it")
     if out.exists() and out.resolve() == Path(args.src).resolve():
         return fail("OUT is SRC; write the conversion elsewhere")
-    try:
-        written = convert_checkpoint(args.src, args.to, out, name=args.name)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    written = convert_checkpoint(args.src, args.to, out, name=args.name)
     print(f"wrote {args.to} layout to {written}")
     return 0

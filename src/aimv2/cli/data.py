@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 from .sub_actions import run_action
 
@@ -116,17 +115,13 @@ def run_inspect(args) -> int:
     from ..data.faults import FaultRateError
     from ..data.sources.shards import ShardSamples
 
-    try:
-        reader = ShardSamples(
-            args.sources,
-            caption=args.caption,
-            seed=args.seed,
-            max_fault_rate=args.max_fault_rate,
-            min_samples=args.min_samples,
-        )
-    except ValueError as e:
-        print(f"aimv2 data inspect: error: {e}", file=sys.stderr)
-        return 2
+    reader = ShardSamples(
+        args.sources,
+        caption=args.caption,
+        seed=args.seed,
+        max_fault_rate=args.max_fault_rate,
+        min_samples=args.min_samples,
+    )
     chars, words, widths, heights, examples, sheet_images = [], [], [], [], [], []
     error = None
     try:
@@ -142,7 +137,7 @@ def run_inspect(args) -> int:
             if args.limit is not None and len(chars) >= args.limit:
                 break
     except FaultRateError as e:
-        error = str(e)
+        error = e  # raised again after the report of what was read
     faults = reader.faults
     summary = {
         "shards": len(reader.urls),
@@ -167,10 +162,11 @@ def run_inspect(args) -> int:
         summary["sheet"] = args.sheet
         print(f"contact sheet         {args.sheet} ({len(sheet_images)} images, {args.img_size} px, augmented)")
     if error:
-        print(f"aimv2 data inspect: error: {error}", file=sys.stderr)
-        summary["error"] = error
+        summary["error"] = str(error)
     print(json.dumps(summary))
-    return 1 if error else 0
+    if error:
+        raise error
+    return 0
 
 
 def _write_sheet(images: list, path: str, img_size: int, seed: int) -> None:
@@ -192,19 +188,15 @@ def _write_sheet(images: list, path: str, img_size: int, seed: int) -> None:
 def run_synth(args) -> int:
     from ..data.synthetic.shards import write_synthetic_shards
 
-    try:
-        paths = write_synthetic_shards(
-            args.out,
-            args.n,
-            shard_size=args.shard_size,
-            size=args.size,
-            seed=args.seed,
-            image_format=args.image_format,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileExistsError) as e:
-        print(f"aimv2 data synth: error: {e}", file=sys.stderr)
-        return 2
+    paths = write_synthetic_shards(
+        args.out,
+        args.n,
+        shard_size=args.shard_size,
+        size=args.size,
+        seed=args.seed,
+        image_format=args.image_format,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.n} samples in {len(paths)} shard(s): {paths[0]} .. {paths[-1]}")
     print(json.dumps({"samples": args.n, "shards": paths}))
     return 0

@@ -88,7 +88,7 @@ def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
     if not (split / "val").is_dir():
         write_probe_splits(split, task="colour", n_train=0, n_val=args.probe_val, size=size, seed=seed, overwrite=True)
     overrides = [f"lit.encoder={run_dir}", f"out_dir={lit_dir}", "train.progress=false"]
-    if args.lit_steps:
+    if args.lit_steps is not None:
         overrides.append(f"train.steps={args.lit_steps}")
     train_lit(load_config(args.lit_config, overrides, cls=LitConfig))
     lit = load_lit_classifier(lit_dir)
@@ -97,26 +97,30 @@ def _zeroshot(run_dir: Path, args, seed: int, size: int) -> dict:
 
 
 def run(args) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     from ..data.synthetic.probes import write_probe_splits
+    from ..errors import UserError
     from ..eval.experiment_report import plot_losses, plot_probe_comparison, read_metrics
     from ..eval.frozen_encoder import load_frozen_encoder
     from ..models.registry import model_config
-    from ..train import TrainingError, train
-    from ..weights import CheckpointError
+    from ..train import train
 
+    for flag, value in (("--steps", args.steps), ("--lit-steps", args.lit_steps)):
+        if value is not None and value < 1:  # 0 must not mean "the config's default": refuse it
+            raise UserError(f"{flag} must be >= 1, got {value}; leave it out for the config's train.steps")
+    for flag, value in (("--probe-train", args.probe_train), ("--probe-val", args.probe_val)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.captions < 0:
+        raise UserError(f"--captions must be >= 0, got {args.captions}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    try:
-        cfg = load_config(args.config, overrides)
-        train(cfg)
-    except (ConfigError, TrainingError) as e:
-        logging.getLogger("aimv2").error("error: %s", e)
-        return 2
+    cfg = load_config(args.config, overrides)
+    train(cfg)
     out = Path(cfg.out_dir)
     metrics = read_metrics(out)
     plot_losses(metrics, out / "loss_curve.png")
@@ -143,16 +147,12 @@ def run(args) -> int:
         result[f"{key}_first"], result[f"{key}_last"] = first[key], last[key]
     result["probe_top1"] = probes
     plot_probe_comparison(probes, out / "probe_top1.png")
-    try:
-        if args.captions > 0:
-            captions = _captions(out, args.captions, cfg.seed + 2000, img)
-            (out / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
-            result["captions"] = captions
-        if not args.no_lit:
-            result["zeroshot"] = _zeroshot(out, args, cfg.seed + 1000, img)
-    except (ConfigError, TrainingError, CheckpointError) as e:
-        logging.getLogger("aimv2").error("error: %s", e)
-        return 2
+    if args.captions > 0:
+        captions = _captions(out, args.captions, cfg.seed + 2000, img)
+        (out / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
+        result["captions"] = captions
+    if not args.no_lit:
+        result["zeroshot"] = _zeroshot(out, args, cfg.seed + 1000, img)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     _print_tables(result, out)
     return 0

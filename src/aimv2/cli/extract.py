@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from .encoder_args import (
     add_encoder_arguments,
     add_native_arguments,
@@ -50,6 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--pool", choices=("none", "mean"), default="none", help="none: keep patch tokens; mean: average them"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_native_arguments(parser)
     add_encoder_arguments(parser)
 
@@ -58,21 +57,17 @@ def run(args) -> int:
     from ..eval.feature_files import check_feature_file, extract_folder, write_features
 
     settings = feature_settings(args)
-    try:
-        check_feature_file(args.out, settings, args.pool)
-        encoder = encoder_from_args(args)
-        with plain_warnings():
-            result = extract_folder(
-                encoder,
-                args.images,
-                settings,
-                pool=args.pool,
-                device=resolve_device(args.device),
-                progress=False if args.no_progress else None,
-            )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"aimv2 extract: error: {e}", file=sys.stderr)
-        return 2
+    check_feature_file(args.out, settings, args.pool, overwrite=args.overwrite)
+    encoder = encoder_from_args(args)
+    with plain_warnings():
+        result = extract_folder(
+            encoder,
+            args.images,
+            settings,
+            pool=args.pool,
+            device=resolve_device(args.device),
+            progress=False if args.no_progress else None,
+        )
     written = write_features(args.out, result, {"encoder": args.encoder, "checkpoint": args.checkpoint})
     shape = "x".join(map(str, result.features.shape))
     skipped = f", {len(result.errors)} unreadable skipped" if result.errors else ""

@@ -34,19 +34,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..config import ConfigError, LitConfig, load_config
-    from ..train import TrainingError, train_lit
-    from ..weights import CheckpointError
+    from ..config import LitConfig, load_config
+    from ..train import train_lit
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides, cls=LitConfig)
-        if args.quiet:
-            cfg.train.progress = False
-        last = train_lit(cfg)
-    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError) as e:
-        logging.getLogger("aimv2").error("error: %s", e)
-        return 2
+    cfg = load_config(args.config, args.overrides, cls=LitConfig)
+    if args.quiet:
+        cfg.train.progress = False
+    last = train_lit(cfg)
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: step {last['step']} loss {last['loss']:.4f} in-batch acc {last['acc']:.3f}; "

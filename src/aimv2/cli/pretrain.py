@@ -36,18 +36,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..config import ConfigError, load_config
-    from ..train import TrainingError, train
+    from ..config import load_config
+    from ..train import train
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.quiet:
-            cfg.train.progress = False
-        last = train(cfg)
-    except (ConfigError, TrainingError) as e:
-        logging.getLogger("aimv2").error("error: %s", e)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.quiet:
+        cfg.train.progress = False
+    last = train(cfg)
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: step {last['step']} loss {last['loss']:.4f} (image {last['image_loss']:.4f}, "

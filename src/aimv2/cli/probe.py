@@ -194,35 +194,31 @@ def run(args) -> int:
         k=args.k,
         temperature=args.temperature,
     )
-    try:
-        settings = ProbeSettings(
-            features=feature_settings(args),
-            label_key=args.label_key,
-            classnames=read_classnames(args.classnames) if args.classnames else None,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            cache_dir=args.cache_dir,
-            use_cache=not args.no_cache,
-            cache_dtype=args.cache_dtype,
-            train_views=args.train_views,
-            grid_lr=args.grid_lr,
-            grid_wd=args.grid_wd,
-            holdout=args.holdout,
+    settings = ProbeSettings(
+        features=feature_settings(args),
+        label_key=args.label_key,
+        classnames=read_classnames(args.classnames) if args.classnames else None,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        cache_dtype=args.cache_dtype,
+        train_views=args.train_views,
+        grid_lr=args.grid_lr,
+        grid_wd=args.grid_wd,
+        holdout=args.holdout,
+    )
+    with plain_warnings():
+        result = run_probe(
+            encoder_from_args(args),
+            args.train,
+            args.val,
+            cfg,
+            settings,
+            device=resolve_device(args.device),
+            progress=False if args.no_progress else None,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
         )
-        with plain_warnings():
-            result = run_probe(
-                encoder_from_args(args),
-                args.train,
-                args.val,
-                cfg,
-                settings,
-                device=resolve_device(args.device),
-                progress=False if args.no_progress else None,
-                log=lambda line: print(line, file=sys.stderr, flush=True),
-            )
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"aimv2 probe: error: {e}", file=sys.stderr)
-        return 2
     metrics = result.metrics
     metrics.update(encoder=args.encoder, checkpoint=args.checkpoint)
     print("\n".join(result.notes))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +42,8 @@ The tokenizer keeps ids 0, 1, 2 for <pad>, <eos>, <unk>, lowercases (unless --no
 stores the context length, so training and `Tokenizer.from_file` agree. After training it prints the
 vocabulary size, the mean tokens per caption and the fraction of captions that do not fit the
 context length with their end-of-sequence token (truncated). The last line of stdout is JSON:
-{"vocab_size", "captions", "mean_tokens", "truncated", "out"}.
+{"vocab_size", "captions", "mean_tokens", "truncated", "out"}. An existing --out is kept unless --overwrite
+is given: a run trained with it would otherwise resume with other token ids.
 
 examples:
   aimv2 tokenizer train cc12m/{00000..00099}.tar --vocab-size 32000 --out tokenizer.json --limit 1000000
@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCES", help="shards, caption folders, CSV/JSONL, text files")
     p.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size (upper bound)")
     p.add_argument("--out", required=True, metavar="JSON", help="where to write tokenizer.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (a run trained with it is not resumable)"
+    )
     p.add_argument("--caption", default="txt", help="caption field of shards: txt | json:FIELD (default: txt)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use at most N captions (default: all)")
     p.add_argument("--context-length", type=int, default=77, metavar="T", help="tokens per caption (default: 77)")
@@ -129,20 +132,17 @@ def read_captions(sources: list[str], caption: str, limit: int | None, faults) -
 def run_train(args) -> int:
     from ..data.faults import FaultCounter
     from ..data.tokenizer import train_bpe
+    from ..errors import DataError, UserError
 
     if args.vocab_size < 4 or args.context_length < 1:
-        print("aimv2 tokenizer train: error: --vocab-size must be >= 4 and --context-length >= 1", file=sys.stderr)
-        return 2
+        raise UserError("--vocab-size must be >= 4 and --context-length >= 1")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # a run may be training with it: its token ids must not change
+        raise UserError(f"--out exists ({out}); pass --overwrite to replace it, or choose another --out")
     faults = FaultCounter(max_rate=1.0)  # report skipped captions, never stop on them: an empty result fails below
-    try:
-        captions = read_captions(args.sources, args.caption, args.limit, faults)
-    except (OSError, ValueError) as e:
-        print(f"aimv2 tokenizer train: error: {e}", file=sys.stderr)
-        return 2
+    captions = read_captions(args.sources, args.caption, args.limit, faults)
     if not captions:
-        print(f"aimv2 tokenizer train: error: no captions in {' '.join(args.sources)} ({faults.describe()})",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        raise DataError(f"no captions ({' '.join(args.sources)}: {faults.describe()}); check the sources and --caption")
     tok = train_bpe(
         captions,
         args.vocab_size,
@@ -153,7 +153,6 @@ def run_train(args) -> int:
     lengths = [len(e.ids) for e in tok.hf_tokenizer.encode_batch_fast(captions, add_special_tokens=False)]
     mean_tokens = sum(lengths) / len(lengths)
     truncated = sum(n >= args.context_length for n in lengths) / len(lengths)  # no room left for <eos>
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tok.save(tmp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 DESCRIPTION = """--images is a folder with one sub-folder per class; folder names are the class names unless
 --classnames renames them.
@@ -48,19 +47,14 @@ def run(args) -> int:
     from ..data.classnames import folder_labels, read_classnames
     from ..data.sources.folders import find_classes
     from ..eval.zeroshot import DEFAULT_TEMPLATES, load_lit_classifier, read_templates, zeroshot_classify
-    from ..weights import CheckpointError
     from .encoder_args import plain_warnings, resolve_device
 
-    try:
-        lit = load_lit_classifier(args.lit, tokenizer=args.tokenizer, mean_std=args.mean_std)
-        templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
-        names = None
-        if args.classnames:  # one name per class folder, in folder order
-            listed = read_classnames(args.classnames)
-            names = [listed[c] for c in folder_labels(find_classes(args.images), listed, args.images)]
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    lit = load_lit_classifier(args.lit, tokenizer=args.tokenizer, mean_std=args.mean_std)
+    templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
+    names = None
+    if args.classnames:  # one name per class folder, in folder order
+        listed = read_classnames(args.classnames)
+        names = [listed[c] for c in folder_labels(find_classes(args.images), listed, args.images)]
     with plain_warnings():
         res = zeroshot_classify(
             lit.model,

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
+from ..errors import UserError
 from .schema import Config, LitConfig
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot be run: the message names the key, the value and the valid range."""
+
+
+def in_range(key: str, value, lo: float, hi: float = math.inf, *, open_lo: bool = False, open_hi: bool = False):
+    """(ok, message) for a number that must be finite and in [lo, hi] (``open_lo``/``open_hi``: the bound itself is
+    excluded). NaN and infinities are refused everywhere: no hyperparameter means anything at inf."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
+    interval = f"{'(' if open_lo else '['}{_num(lo)}, {_num(hi)}{')' if open_hi or hi == math.inf else ']'}"
+    kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a finite number"
+    return ok, f"{key}={value!r} is out of range; give {kind} in {interval}"
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def validate(cfg: Config) -> None:
-    t, o = cfg.train, cfg.optim
+    t, o, d = cfg.train, cfg.optim, cfg.data
     checks = [
-        (t.steps >= 1, "train.steps must be >= 1"),
-        (t.batch_size >= 1, "train.batch_size must be >= 1"),
-        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        in_range("seed", cfg.seed, 0, 2**32 - 1),  # numpy's and every DataLoader worker's seed range
+        in_range("train.steps", t.steps, 1),
+        in_range("train.batch_size", t.batch_size, 1),
+        in_range("train.grad_accum", t.grad_accum, 1),
         (
             t.batch_size % t.grad_accum == 0,
             f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})",
@@ -22,16 +40,28 @@ def validate(cfg: Config) -> None:
         (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}"),
         (t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp|fsdp, got {t.parallel!r}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}"),
-        (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
-        (t.keep_last >= 1, "train.keep_last must be >= 1"),
-        (t.log_every >= 1, "train.log_every must be >= 1"),
-        (o.lr > 0, "optim.lr must be > 0"),
-        (0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]"),
-        (o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (cfg.data.mean_std in ("imagenet", "clip"), "data.mean_std must be imagenet or clip"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (cfg.data.context_length >= 2, "data.context_length must be >= 2"),
+        in_range("train.checkpoint_every", t.checkpoint_every, 1),
+        in_range("train.keep_last", t.keep_last, 1),
+        in_range("train.log_every", t.log_every, 1),
+        in_range("train.max_bad_steps", t.max_bad_steps, 1),  # 0 would stop the run on its first, finite, step
+        in_range("optim.lr", o.lr, 0, open_lo=True),
+        in_range("optim.init_lr", o.init_lr, 0),
+        (0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr!r} is out of range; give a number in [0, optim.lr={o.lr:g}]"),
+        in_range("optim.warmup_steps", o.warmup_steps, 0),
+        in_range("optim.weight_decay", o.weight_decay, 0),
+        in_range("optim.betas[0]", o.betas[0], 0, 1, open_hi=True),
+        in_range("optim.betas[1]", o.betas[1], 0, 1, open_hi=True),
+        in_range("optim.eps", o.eps, 0, open_lo=True),
+        in_range("optim.grad_clip", o.grad_clip, 0),  # 0 disables clipping
+        (d.mean_std in ("imagenet", "clip"), f"data.mean_std must be imagenet or clip, got {d.mean_std!r}"),
+        in_range("data.num_workers", d.num_workers, 0),
+        in_range("data.prefetch_factor", d.prefetch_factor, 1),
+        in_range("data.shuffle_buffer", d.shuffle_buffer, 0),
+        in_range("data.context_length", d.context_length, 2),
+        (
+            d.synthetic_length is None or d.synthetic_length >= 1,
+            f"data.synthetic_length={d.synthetic_length!r} is out of range; give an integer >= 1 or null (endless)",
+        ),
         (
             cfg.data.source in ("synthetic", "shards", "folder", "hf"),
             f"data.source must be synthetic, shards, folder or hf, got {cfg.data.source!r}",
@@ -42,15 +72,15 @@ def validate(cfg: Config) -> None:
             cfg.data.source != "shards" or bool(cfg.data.shards) != bool(cfg.data.mixture),
             "data.source=shards needs either data.shards=PATH_OR_PATTERN or a data.mixture list (not both)",
         ),
-        (0 < cfg.data.max_fault_rate <= 1, "data.max_fault_rate must be in (0, 1]"),
-        (t.freeze_encoder_steps >= 0, "train.freeze_encoder_steps must be >= 0"),
+        in_range("data.max_fault_rate", d.max_fault_rate, 0, 1, open_lo=True),
+        in_range("train.freeze_encoder_steps", t.freeze_encoder_steps, 0),
         (
             t.freeze_encoder_steps == 0 or bool(cfg.model.init_from),
             "train.freeze_encoder_steps warms up a decoder on a pretrained encoder: set model.init_from=PATH too",
         ),
         (
-            all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in o.lr_mult.values()),
-            f"optim.lr_mult values must be numbers >= 0, got {o.lr_mult!r}",
+            all(in_range("", v, 0)[0] for v in o.lr_mult.values()),
+            f"optim.lr_mult values must be finite numbers >= 0, got {o.lr_mult!r}",
         ),
     ]
     if isinstance(cfg, Config):
@@ -71,7 +101,8 @@ def validate(cfg: Config) -> None:
                 "model.separate_decoders applies to model.objective=aimv2 only",
             ),
             (m.clip.pool in ("mean", "attention"), f"model.clip.pool must be mean or attention, got {m.clip.pool!r}"),
-            (m.clip.init_temperature > 0, "model.clip.init_temperature must be > 0"),
+            in_range("model.alpha", m.alpha, 0),  # the pixel loss's weight; 0 is captioning only
+            in_range("model.clip.init_temperature", m.clip.init_temperature, 0, open_lo=True),
             # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
             (m.objective != "clip" or t.grad_accum == 1, "model.objective=clip needs train.grad_accum=1"),
             (m.objective != "clip" or not cfg.data.native.enabled, "model.objective=clip does not support data.native"),
@@ -86,19 +117,19 @@ def validate(cfg: Config) -> None:
             # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
             (t.grad_accum == 1, "LiT needs train.grad_accum=1 (the contrastive batch is the global batch)"),
             (t.parallel == "ddp", "LiT trains with train.parallel=ddp (the frozen encoder is replicated)"),
-            (cfg.lit.projection_dim >= 1, "lit.projection_dim must be >= 1"),
-            (cfg.lit.init_temperature > 0, "lit.init_temperature must be > 0"),
+            in_range("lit.projection_dim", cfg.lit.projection_dim, 1),
+            in_range("lit.init_temperature", cfg.lit.init_temperature, 0, open_lo=True),
         ]
     nat = cfg.data.native
     if nat.enabled:
         checks += [
-            (nat.min_patches >= 2, f"data.native.min_patches must be >= 2, got {nat.min_patches}"),
+            in_range("data.native.min_patches", nat.min_patches, 2),
             (
                 nat.max_patches >= nat.min_patches,
                 f"data.native.max_patches ({nat.max_patches}) must be >= data.native.min_patches ({nat.min_patches})",
             ),
-            (nat.max_aspect >= 1, f"data.native.max_aspect must be >= 1, got {nat.max_aspect}"),
-            (nat.batch_multiple >= 1, "data.native.batch_multiple must be >= 1"),
+            in_range("data.native.max_aspect", nat.max_aspect, 1),
+            in_range("data.native.batch_multiple", nat.batch_multiple, 1),
             (
                 nat.batch_multiple % t.grad_accum == 0,
                 f"data.native.batch_multiple ({nat.batch_multiple}) must be divisible by train.grad_accum "

@@ -100,7 +100,10 @@ def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. train.steps=100)")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r} is not valid YAML ({_yaml_problem(e)}); quote the value") from None
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:
@@ -108,6 +111,30 @@ def apply_override(data: dict, override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {p} is not a section")
     node[parts[-1]] = value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's complaint in a few words, without its multi-line excerpt of the text."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{context}: {problem}" if context else problem
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping in a YAML file; a syntax error names the file and the line (PyYAML counts from 0)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"YAML syntax error: {_yaml_problem(e)} ({where}); fix the file there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a mapping of sections; see configs/")
+    return data
 
 
 REQUIRED = "???"  # a config value that must be given (by an override): e.g. model.init_from in the high-res presets
@@ -128,8 +155,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found (see configs/ for examples)")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config file not found ({path}); give a YAML file, e.g. one of configs/")
+        data = read_yaml(path)
     for ov in overrides:
         apply_override(data, ov)
     missing = _required_left(data)

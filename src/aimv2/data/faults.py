@@ -16,6 +16,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 # kind -> what it means; the kinds a shard reader reports.
@@ -42,7 +44,7 @@ def caption_fault(value, name: str) -> tuple[str, str] | None:
     return None
 
 
-class FaultRateError(RuntimeError):
+class FaultRateError(UserError, RuntimeError):
     """Too many samples were skipped: the input is probably not what the reader was told it is."""
 
 
@@ -96,7 +98,8 @@ class FaultCounter:
         if self.samples + self.skipped >= self.min_samples and self.rate > self.max_rate:
             raise FaultRateError(
                 f"skipped {self.skipped} of {self.samples + self.skipped} samples ({100 * self.rate:.0f}% > "
-                f"{100 * self.max_rate:.0f}% allowed): {self.describe()}"
+                f"{100 * self.max_rate:.0f}% allowed: {self.describe()}); check the data's path and format (caption "
+                "field, image members), or allow more with data.max_fault_rate"
             )
 
     def describe(self) -> str:

@@ -26,6 +26,7 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..errors import MissingPackageError
 from .synthetic.captions import caption, caption_words
 from .synthetic.scenes import sample_scene
 
@@ -199,7 +200,7 @@ class Tokenizer:
         try:
             from sentencepiece import sentencepiece_model_pb2
         except ImportError as e:
-            raise ImportError("reading a SentencePiece model needs: pip install sentencepiece protobuf") from e
+            raise MissingPackageError("reading a SentencePiece model needs: pip install sentencepiece protobuf") from e
         proto = sentencepiece_model_pb2.ModelProto()
         with open(path, "rb") as f:
             proto.ParseFromString(f.read())

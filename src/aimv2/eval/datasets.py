@@ -16,9 +16,8 @@ label) are left out when the source is indexed, and named in a warning.
 - a ``save_to_disk`` folder, ``.parquet`` / ``.arrow`` files (or a folder or glob of them) ->
   :class:`HFClassSamples`; class names come from a ``ClassLabel`` feature when the label column has one.
 
-Class names: ``classnames`` (the lines of a class names file, see :mod:`aimv2.data.classnames`) wins; else integer
-labels are named ``"0" .. "max"`` and text labels get sorted-unique names, as folders do.
-"""
+Class names: ``classnames`` (a class names file, :mod:`aimv2.data.classnames`) wins; else integer labels are named
+``"0" .. "max"``, text labels sorted-unique, as folders do."""
 
 from __future__ import annotations
 
@@ -41,6 +40,7 @@ from ..data.sources.folders import IMAGE_EXTENSIONS, ImageFiles, ReadError, read
 from ..data.sources.hf import image_source
 from ..data.sources.tar import IMAGE_KEYS, MemberSpan, expand_urls, member_names, shard_samples
 from ..data.transforms import to_rgb
+from ..errors import MissingPackageError
 
 KINDS = ("folder", "shards", "hf")
 HF_FILE_EXTENSIONS = (".parquet", ".arrow")
@@ -185,7 +185,7 @@ def _load_hf(path: str):
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("Hugging Face dataset sources need the datasets package: pip install datasets") from e
+        raise MissingPackageError("Hugging Face dataset sources need the datasets package: pip install datasets") from e
     p = Path(path)
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         splits = sorted(d.name for d in p.iterdir() if (d / "state.json").is_file())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data.sources.folders import ImageFiles, ReadError
+from ..errors import UserError
 from .features import default_device, extract_features, extract_native_features, native_shape_groups
 from .frozen_encoder import FeatureSettings, feature_transform, image_size
 
@@ -34,15 +36,39 @@ class FolderFeatures:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # native: grids [n, 2] (+ offsets [n + 1])
 
 
-def check_feature_file(out: str | os.PathLike, settings: FeatureSettings, pool: str) -> None:
-    """ValueError if ``out`` cannot hold these features (checked before any encoder forward)."""
+def check_feature_file(out: str | os.PathLike, settings: FeatureSettings, pool: str, overwrite: bool = False) -> None:
+    """UserError if ``out`` cannot hold these features, exists (unless ``overwrite``) or cannot be written: checked
+    before any encoder forward, so a long extraction never ends in a refusal to write. Creates ``out``'s folder."""
     out = Path(out)
     if out.suffix not in SUFFIXES:
-        raise ValueError(f"OUT must end in .safetensors or .npy, got {str(out)!r}")
+        raise UserError(f"OUT must end in .safetensors or .npy, got {str(out)!r}")
+    if out.is_dir():
+        raise UserError(f"OUT is a folder ({out}); give a .safetensors or .npy file path")
+    if out.exists() and not overwrite:
+        raise UserError(f"OUT exists ({out}); pass --overwrite to replace it, or choose another path")
+    blocking = next((p for p in out.parents if p.is_file()), None)
+    if blocking is not None:
+        raise UserError(f"OUT's folder is a file ({blocking}); choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out.parent):  # PermissionError / read-only file system now, not after the work
+        pass
     if settings.native and out.suffix == ".npy" and pool == "none":
         raise ValueError(
             "--native patch tokens differ in number per image; write a .safetensors file (features + offsets + "
             "grids) or use --pool mean"
+        )
+
+
+def check_blocks(encoder: nn.Module, blocks: list[int] | None) -> None:
+    """UserError unless every index of ``blocks`` names a block of ``encoder`` (negative ones count from the end)."""
+    if not blocks or not hasattr(encoder, "blocks"):
+        return
+    depth = len(encoder.blocks)
+    bad = [b for b in blocks if not -depth <= b < depth]
+    if bad:
+        raise UserError(
+            f"--blocks {','.join(map(str, bad))} out of range (the encoder has {depth} blocks); "
+            f"choose indices in 0..{depth - 1} or -{depth}..-1"
         )
 
 
@@ -57,6 +83,7 @@ def extract_folder(
 ) -> FolderFeatures:
     """Features of every image under ``images`` (recursively, sorted by path) through frozen ``encoder``."""
     settings = settings or FeatureSettings()
+    check_blocks(encoder, settings.blocks)
     dataset = ImageFiles.from_folder(images, feature_transform(encoder, settings))
     extract = extract_features
     if settings.native:

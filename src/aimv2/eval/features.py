@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..data.sources.folders import ReadError, collate_skip
 from ..data.transforms import normalize
+from ..errors import DataError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # how features are kept (memory, cache files)
@@ -137,13 +138,21 @@ def extract_features(
                 bar.update(len(batch_labels) + len(batch_errors))
     finally:
         encoder.train(was_training)
+    if out is None:  # the error says it all: no warning listing the same files first
+        raise _nothing_readable(errors, total)
     if errors:
         warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
-    if out is None:
-        raise RuntimeError(f"none of the {total} images could be read" if total else "the dataset is empty")
     if filled < total:  # copy so the result does not keep the unused tail alive
         out, labels, indices = out[:filled].clone(), labels[:filled].clone(), indices[:filled].clone()
     return {"features": out, "labels": labels, "indices": indices, "errors": errors}
+
+
+def _nothing_readable(errors: list[ReadError], total: int) -> DataError:
+    if not total:
+        return DataError("no images to read; check the folder or dataset given")
+    first = errors[0] if errors else None
+    where = f"first: {first.path}: {first.error}" if first is not None else "no readable file"
+    return DataError(f"none of the {total} images could be read ({where}); check that the files are images")
 
 
 def native_shape_groups(paths: Sequence, max_patches: int, patch_size: int) -> dict[tuple[int, int], list[int]]:
@@ -178,7 +187,7 @@ def extract_native_features(encoder: nn.Module, dataset: Dataset, groups: dict, 
             warnings.simplefilter("ignore", UnreadableImagesWarning)
             try:
                 r = extract_features(encoder, Subset(dataset, idx), **kw)
-            except RuntimeError:
+            except DataError:
                 if grid != (0, 0):
                     raise
                 r = None
@@ -190,10 +199,10 @@ def extract_native_features(encoder: nn.Module, dataset: Dataset, groups: dict, 
         labels.append(r["labels"])
         indices.append(r["indices"])  # the samples carry their dataset index
         grids += [grid] * len(r["labels"])
+    if not feats:
+        raise _nothing_readable(errors, total)
     if errors:
         warnings.warn(describe_errors(errors, total), UnreadableImagesWarning, stacklevel=2)
-    if not feats:
-        raise RuntimeError(f"none of the {total} images could be read" if total else "the dataset is empty")
     order = torch.cat(indices).argsort()
     feats = [feats[i] for i in order.tolist()]
     pooled = feats[0].ndim == 1 or kw.get("pool") == "mean"

@@ -10,6 +10,7 @@ unreadable-file handling and bf16 option as the probes).
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from ..data.sources.folders import ImageFiles
 from ..data.tokenizer import Tokenizer, UnknownSpecialToken
 from ..data.transforms import eval_transform
+from ..errors import DataError
 from ..objectives.lit import LiT
 from ..weights import read_lit
 from .features import DTYPES, default_device, extract_features
@@ -39,16 +41,28 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 
 def read_templates(path: str | os.PathLike) -> list[str]:
     """One template per line with ``{}`` where the class name goes; blank lines and ``#`` comments skipped."""
-    lines = [ln.strip() for ln in open(path, encoding="utf-8")]
-    templates = [ln for ln in lines if ln and not ln.startswith("#")]
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(
-            f"{path}: every template needs a {{}} for the class name (bad: {bad[:3]})"
-            if bad
-            else f"{path}: no templates in it"
-        )
+    templates = []
+    for number, line in enumerate(open(path, encoding="utf-8"), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _fields(line) != [""]:  # str.format would fail on it, or put the name in more than one place
+            raise DataError(
+                f"template {line!r} needs exactly one {{}} for the class name ({path}, line {number}); write "
+                "other braces doubled, {{ and }}"
+            )
+        templates.append(line)
+    if not templates:
+        raise DataError(f"no templates ({path}); write one per line, e.g. 'a photo of a {{}}.'")
     return templates
+
+
+def _fields(template: str) -> list[str] | None:
+    """The replacement fields of a str.format template ('' for each {}), or None if it does not parse."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # a single { or }
+        return None
 
 
 @dataclass

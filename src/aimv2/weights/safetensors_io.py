@@ -72,7 +72,9 @@ def read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[s
                 metadata = metadata or dict(sf.metadata() or {})
             raw.update(load_file(f))
         except Exception as e:  # safetensors raises its own error type for a corrupt header
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+            raise CheckpointError(
+                f"not a readable safetensors file ({f}: {e}); check the file, it may be cut short or not safetensors"
+            ) from e
     return raw, metadata
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from ...errors import DataError
 from ..faults import FaultCounter, caption_fault
 from ..transforms import to_rgb
 from .folders import list_images
@@ -45,12 +46,17 @@ def infer_caption_from(root_or_index: str | os.PathLike) -> str:
     p = Path(root_or_index)
     if p.is_dir():
         return "sidecar"
+    if not p.exists():
+        raise DataError(f"no such file or folder ({p}); {_LAYOUTS}")
     suffix = p.suffix.lower()
     if suffix == ".csv":
         return "csv"
     if suffix in (".jsonl", ".json"):
         return "jsonl"
-    raise ValueError(f"cannot tell the layout of {str(p)!r}: pass caption_from= one of {', '.join(CAPTION_FROM)}")
+    raise DataError(f"cannot tell the layout of {p} from its name; {_LAYOUTS}")
+
+
+_LAYOUTS = "give a folder of images with .txt captions next to them, a .csv or a .jsonl index file"
 
 
 class CaptionedImages(Dataset):
@@ -85,15 +91,15 @@ class CaptionedImages(Dataset):
             self._list_sidecar()
         else:
             if not self.source.is_file():
-                raise FileNotFoundError(f"index file {str(self.source)!r} does not exist")
+                raise DataError(f"index file not found ({self.source}); check the path")
             rows = self._csv_rows() if self.caption_from == "csv" else self._jsonl_rows()
             self._list_index(rows, path_column, caption_column)
         lf = self.listing_faults
         if not self.items:
             kind = lf.most_common()[0][0] if lf.counts else "no items"
-            raise ValueError(
-                f"no usable image-caption pair in {str(self.source)!r} ({self.caption_from}): most were left out as "
-                f"{kind} ({lf.describe()})"
+            raise DataError(
+                f"no usable image-caption pair in {self.source} ({self.caption_from}; most were left out as "
+                f"{kind}: {lf.describe()}); check the layout and the column names"
             )
         if lf.skipped:
             log.warning("%s: left out %d of %d items: %s", self.source, lf.skipped, lf.skipped + lf.samples,
@@ -111,16 +117,28 @@ class CaptionedImages(Dataset):
                 self.listing_faults.fault("no_caption", str(image), f"no {sidecar.name} next to it")
 
     def _csv_rows(self):
-        with open(self.source, newline="", encoding="utf-8-sig") as f:
+        # a byte that is not UTF-8 spoils its row only: kept as a surrogate by the reader, the row left out here
+        with open(self.source, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             for line, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield f"{self.source}:{line}", row
+                where = f"{self.source}:{line}"
+                try:
+                    "".join(map(str, row.values())).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    self.listing_faults.fault("bad_caption", where, f"not UTF-8 text: {e.reason}")
+                    continue
+                yield where, row
 
     def _jsonl_rows(self):
-        with open(self.source, encoding="utf-8") as f:
-            for line, text in enumerate(f, start=1):
+        with open(self.source, "rb") as f:  # decoded line by line: one bad byte spoils its line, not the file
+            for line, raw in enumerate(f, start=1):
+                where = f"{self.source}:{line}"
+                try:
+                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    self.listing_faults.fault("bad_caption", where, f"not UTF-8 text: {e.reason} at byte {e.start}")
+                    continue
                 if not text.strip():
                     continue
-                where = f"{self.source}:{line}"
                 try:
                     row = json.loads(text)
                 except ValueError as e:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from ...errors import MissingPackageError
 from ..faults import FaultCounter, caption_fault
 from ..transforms import to_rgb
 
@@ -69,7 +70,9 @@ class HFImageText:
         try:
             import datasets
         except ImportError as e:
-            raise ImportError("Hugging Face datasets sources need the datasets package: pip install 'aimv2[hf]'") from e
+            raise MissingPackageError(
+                "Hugging Face datasets sources need the datasets package: pip install 'aimv2[hf]'"
+            ) from e
         import glob
 
         patterns = [files] if isinstance(files, str) else list(files)

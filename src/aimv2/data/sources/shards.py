@@ -251,6 +251,7 @@ class ShardSamples(IterableDataset):
     def samples(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple]:
         """What ``iter(self)`` yields in DataLoader worker ``worker`` of ``num_workers`` (callable directly)."""
         faults = self.faults = self._counter()
+        self.check_some_shard_exists()
         first_shard: list[str] = []  # named in the error when nothing at all came through
 
         def shards() -> Iterator[str]:
@@ -283,6 +284,18 @@ class ShardSamples(IterableDataset):
                 f": every sample was skipped, most as {kind} ({faults.describe()}). Check the path, that the shards "
                 f"are webdataset tars, and the caption field ({', '.join(self.picker.weights)})"
             )
+
+    def check_some_shard_exists(self) -> None:
+        """FaultRateError at once if every shard is a local path that does not exist: a wrong path, said once,
+        rather than one ``unreadable_shard`` per draw until the fault rate trips (a resampled stream draws the same
+        missing file again and again). Stops at the first shard found, so a long list costs one ``stat``."""
+        if any(url.startswith("pipe:") or "://" in url or os.path.exists(url) for url in self.urls):
+            return
+        more = f" and the other {len(self.urls) - 1}" if len(self.urls) > 1 else ""
+        raise FaultRateError(
+            f"shard not found ({self.urls[0]}{more}; every shard would be an unreadable_shard); check the path "
+            "(data.shards, or the SOURCES given)"
+        )
 
     def _decode(self, sample: dict, faults: FaultCounter) -> tuple | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"

@@ -12,15 +12,22 @@ here: the training stream (:class:`~aimv2.data.sources.shards.ShardSamples`), to
   interrupted download or copy) counts once as ``truncated_shard``, keeps the samples before the cut and drops the
   one being read at the cut, which may lack members. Members that cannot be grouped (a duplicate name) count as
   ``bad_member``. Faults go to a :class:`FaultSink`, usually a :class:`~aimv2.data.faults.FaultCounter`.
+- A ``pipe:`` URL runs its command through a shell (webdataset's design: a config's shard list is code). A command
+  that hangs (a stalled download, a prompt for a password) would hang the run without a word, so while it sends
+  nothing a warning names it every :data:`PIPE_STALL_S` seconds; the read itself is not cut off, since a slow
+  network is not a fault.
 - A reader that needs only some members' bytes (an index of a shard, for random access later) passes ``read``:
   members it declines are not loaded and stand as a :class:`MemberSpan`, where their bytes lie in the file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tarfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,9 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as _wds_expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+log = logging.getLogger(__name__)
+
+PIPE_STALL_S = 60.0  # a pipe: command silent this long is named in a warning (again every as long)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image member of a sample: the first of these it has
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's names for shard metadata (``__index__`` ...): not members
 
@@ -83,10 +93,39 @@ def _key(name: str) -> str | None:
     return base_plus_ext(name)[0]
 
 
+class _WatchedPipe:
+    """A ``pipe:`` stream whose reads are timed by a watchdog thread: a warning names the command while it stalls."""
+
+    def __init__(self, stream, url: str, stall_s: float):
+        self.stream, self.url, self.stall_s = stream, url, stall_s
+        self.last = time.monotonic()
+        self.closed = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="aimv2-pipe-watch").start()
+
+    def _watch(self) -> None:
+        while not self.closed.wait(self.stall_s / 4):
+            silent = time.monotonic() - self.last
+            if silent >= self.stall_s:
+                log.warning("%s has sent no data for %.0f s; check the command in a shell (network, password "
+                            "prompt?)", self.url, silent)  # fmt: skip
+                self.last = time.monotonic()  # the next warning after another stall_s
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.last = time.monotonic()
+        return data
+
+    def close(self) -> None:
+        self.closed.set()
+        self.stream.close()
+
+
 def _members(url: str, faults: FaultSink, read: Callable[[str, int], bool] | None) -> Iterator[dict]:
     """The members of one shard as ``{"fname", "data", "__url__"}``, in tar order (see the module docstring)."""
     try:
         stream = gopen(url)
+        if url.startswith("pipe:"):
+            stream = _WatchedPipe(stream, url, PIPE_STALL_S)
     except Exception as e:
         faults.fault("unreadable_shard", url, f"{type(e).__name__}: {e}")
         return

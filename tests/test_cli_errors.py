@@ -1,0 +1,257 @@
+"""Every anticipated user error through the real `aimv2` command: exit status 2, exactly one line on stderr,
+`aimv2 COMMAND: error: ...`, no traceback; `--debug` (or AIMV2_DEBUG=1) adds the traceback; a bug keeps it.
+
+Each row of CASES builds its bad input in a fresh folder and names a fragment the line must hold (the file, the
+key, the valid range), so a message that loses its "where" fails too."""
+
+import errno
+import io
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, ROOT, TINY_RUN, subprocess_env
+
+from aimv2.cli import main
+
+PRETRAIN = ["pretrain", str(ROOT / "configs" / "tiny-synthetic.yaml"), *TINY_RUN, "train.steps=1", "--quiet"]
+LINE = re.compile(r"aimv2 [a-z]+( [a-z]+)?: error: \S.*")
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory) -> Path:
+    """A random tiny encoder (32 px, 2 blocks) in Apple's layout."""
+    from aimv2 import create_model
+    from aimv2.weights import save_encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("enc") / "encoder.safetensors"
+    save_encoder(create_model("aimv2-tiny-patch8-32", depth=2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lit_run(tmp_path_factory, encoder_file) -> Path:
+    """A one-step LiT run against the tiny encoder: enough for `aimv2 zeroshot` to load."""
+    out = tmp_path_factory.mktemp("lit") / "run"
+    lit = [f"out_dir={out}", f"lit.encoder={encoder_file}", "lit.text.depth=1", "train.steps=1", "train.batch_size=8"]
+    assert main(["lit", str(ROOT / "configs" / "lit-tiny.yaml"), *lit, *QUIET, "--quiet"]) == 0
+    return out
+
+
+def _images(folder: Path, n: int = 2, broken: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if broken:
+            (folder / f"{i}.jpg").write_bytes(b"not a jpeg")
+        else:
+            from PIL import Image
+
+            Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    return folder
+
+
+def _bad_shard(path: Path, n: int = 120) -> Path:
+    """A webdataset tar whose every image is garbage: the fault rate trips after the first 100 samples."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for name, data in ((f"{i:04d}.jpg", b"not a jpeg"), (f"{i:04d}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _yaml_syntax(t: Path):
+    (t / "bad.yaml").write_text("train:\n  steps: 1\n   batch_size: 8\n")
+    return ["pretrain", str(t / "bad.yaml")], "bad.yaml, line 3"
+
+
+def _read_only_out_dir(t: Path, monkeypatch):
+    # the tests may run as root, for whom chmod does not make a folder read-only: the file system says no instead
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(t / "ro")):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    return [*PRETRAIN, f"out_dir={t / 'ro' / 'run'}"], "read-only file system"
+
+
+def _init_from_unreadable(t: Path):
+    (t / "enc.safetensors").write_bytes(b"\x00" * 64)
+    return [*PRETRAIN, f"out_dir={t / 'run'}", f"model.init_from={t / 'enc.safetensors'}"], "enc.safetensors"
+
+
+def _jsonl_all_bad_utf8(t: Path):
+    (t / "c.jsonl").write_bytes(b'{"path": "a.png", "caption": "caf\xe9"}\n')
+    argv = [*PRETRAIN, f"out_dir={t / 'run'}", "data.source=folder", f"data.folder={t / 'c.jsonl'}"]
+    return argv, "bad_caption"
+
+
+def _convert_onto_file(t: Path, encoder_file: Path):
+    (t / "out").write_text("a file, not a folder")
+    return ["convert", str(encoder_file), "--to", "hf", str(t / "out"), "--overwrite"], "is a file"
+
+
+def _extract(t: Path, encoder_file: Path, *extra: str, broken: bool = False, out: str = "f.safetensors"):
+    images = _images(t / "img", broken=broken)
+    return ["extract", str(encoder_file), str(images), str(t / out), "--workers", "0", "--no-progress", *extra]
+
+
+def _extract_exists(t: Path, encoder_file: Path):
+    (t / "f.safetensors").write_bytes(b"earlier features")
+    return _extract(t, encoder_file), "--overwrite"
+
+
+def _extract_unwritable(t: Path, encoder_file: Path):
+    (t / "afile").write_text("")
+    return _extract(t, encoder_file, out="afile/f.safetensors"), "OUT's folder is a file"
+
+
+def _templates_with_braces(t: Path, lit_run: Path):
+    (t / "templates.txt").write_text("a photo of a {}.\na {} in {style} style\n")
+    images = _images(t / "img" / "cat")
+    return ["zeroshot", str(lit_run), "--images", str(images.parent), "--templates", str(t / "templates.txt")], "line 2"
+
+
+def _zeroshot_flat_folder(t: Path, lit_run: Path):
+    return ["zeroshot", str(lit_run), "--images", str(_images(t / "flat"))], "class sub-folders"
+
+
+def _tokenizer_exists(t: Path):
+    (t / "caps.txt").write_text("a red square\na blue circle\n" * 20)
+    (t / "tok.json").write_text("{}")
+    return ["tokenizer", "train", str(t / "caps.txt"), "--vocab-size", "40", "--out", str(t / "tok.json")], "tok.json"
+
+
+CASES = {
+    "yaml syntax error": _yaml_syntax,
+    "config file missing": lambda t: (["pretrain", str(t / "nope.yaml")], "nope.yaml"),
+    "override not yaml": lambda t: ([*PRETRAIN, "train.steps=[1"], "train.steps=[1"),
+    "decoder typo": lambda t: ([*PRETRAIN, "model.decoder={depht: 1}"], "depht"),
+    "encoder override typo": lambda t: ([*PRETRAIN, "model.encoder_overrides.depht=1"], "depht"),
+    "betas out of range": lambda t: ([*PRETRAIN, "optim.betas=[1.5,0.9]"], "optim.betas[0]=1.5"),
+    "eps not positive": lambda t: ([*PRETRAIN, "optim.eps=-1"], "optim.eps=-1.0 is out of range; give a finite"),
+    "lr infinite": lambda t: ([*PRETRAIN, "optim.lr=inf"], "optim.lr=inf is out of range"),
+    "alpha nan": lambda t: ([*PRETRAIN, "model.alpha=nan"], "model.alpha=nan"),
+    "alpha negative": lambda t: ([*PRETRAIN, "model.alpha=-0.5"], "[0, inf)"),
+    "seed negative": lambda t: ([*PRETRAIN, "seed=-1"], "[0, 4294967295]"),
+    "seed too large": lambda t: ([*PRETRAIN, "seed=18446744073709551616"], "seed="),
+    "prefetch factor zero": lambda t: ([*PRETRAIN, "data.prefetch_factor=0"], "data.prefetch_factor=0"),
+    "max bad steps zero": lambda t: ([*PRETRAIN, "train.max_bad_steps=0"], "train.max_bad_steps=0"),
+    "folder missing": lambda t: ([*PRETRAIN, "data.source=folder", f"data.folder={t / 'nope'}"], "data.folder"),
+    "jsonl not utf-8": _jsonl_all_bad_utf8,
+    "shard missing": lambda t: ([*PRETRAIN, "data.source=shards", f"data.shards={t / 'gone.tar'}"], "gone.tar"),
+    "read-only out_dir": _read_only_out_dir,
+    "init_from unreadable": _init_from_unreadable,
+    "convert --overwrite onto a file": _convert_onto_file,
+    "extract all unreadable": lambda t, encoder_file: (_extract(t, encoder_file, broken=True), "none of the 2 images"),
+    "extract --blocks 99": lambda t, encoder_file: (_extract(t, encoder_file, "--blocks", "99"), "--blocks 99 out"),
+    "extract onto existing file": _extract_exists,
+    "extract unwritable out": _extract_unwritable,
+    "zeroshot template braces": _templates_with_braces,
+    "zeroshot flat folder": _zeroshot_flat_folder,
+    "demo --steps 0": lambda t: (["demo", "--steps", "0", "--out-dir", str(t / "demo")], "--steps"),
+    "tokenizer onto existing file": _tokenizer_exists,
+    "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
+}
+
+
+def _fixtures(case, request, tmp_path, monkeypatch):
+    names = case.__code__.co_varnames[: case.__code__.co_argcount]
+    given = {"t": tmp_path, "monkeypatch": monkeypatch}
+    return [given[n] if n in given else request.getfixturevalue(n) for n in names]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_status_2(name, request, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AIMV2_DEBUG", raising=False)
+    case = CASES[name]
+    argv, fragment = case(*_fixtures(case, request, tmp_path, monkeypatch))
+    capsys.readouterr()  # what the fixtures printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and LINE.fullmatch(lines[0]), err
+    assert lines[0].startswith(f"aimv2 {' '.join(argv[:2]) if argv[0] in ('data', 'tokenizer') else argv[0]}: ")
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch, capsys):
+    bad = ["pretrain", str(tmp_path / "nope.yaml")]
+    for argv, env in (([*bad], "1"), (["--debug", *bad], "")):
+        monkeypatch.setenv("AIMV2_DEBUG", env)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "ConfigError" in err
+        assert err.splitlines()[-1] == f"aimv2 pretrain: error: config file not found ({tmp_path / 'nope.yaml'}); " + (
+            "give a YAML file, e.g. one of configs/"
+        )
+    monkeypatch.setenv("AIMV2_DEBUG", "0")
+    assert main(bad) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_top_level_help_documents_errors_and_debug(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--debug" in out and "AIMV2_DEBUG=1" in out and "exits with status 2" in out
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """An exception no input explains (here a TypeError) is not turned into a user error."""
+    import aimv2.cli.pretrain as pretrain
+
+    def run(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(pretrain, "run", run)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["pretrain", "c.yaml"])
+
+
+def test_fault_rate_in_a_dataloader_worker_is_one_line(tmp_path):
+    """The worker's FaultRateError comes back re-raised by the DataLoader with the worker's traceback in its
+    message; the line keeps the worker's own message only."""
+    shard = _bad_shard(tmp_path / "bad.tar")
+    argv = [*PRETRAIN, f"out_dir={tmp_path / 'run'}", "data.source=shards", f"data.shards={shard}"]
+    argv += ["data.num_workers=1", "data.max_fault_rate=0.5"]
+    r = subprocess.run([sys.executable, "-m", "aimv2", *argv], capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and LINE.fullmatch(errors[0]), r.stderr[-3000:]
+    assert "bad_image" in errors[0] and "DataLoader worker" not in errors[0] and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == errors[0]  # the line ends the output, after the skipped-sample warnings
+
+
+def test_a_stalled_pipe_command_is_named_while_it_hangs(tmp_path, monkeypatch, caplog, capsys):
+    """`pipe:` shards run a shell command; one that sends nothing for a while is named in a warning (the read
+    goes on: a slow network is no fault), and its data is read as usual once it comes."""
+    import aimv2.data.sources.tar as tar
+
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as t:
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
+        for name, data in (("0.png", png.getvalue()), ("0.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(tar, "PIPE_STALL_S", 0.2)
+    url = f"pipe:sleep 0.8; cat {good}"
+    with caplog.at_level("WARNING", logger="aimv2.data.sources.tar"):
+        assert main(["data", "inspect", url, "--min-samples", "1"]) == 0
+    stalls = [r.getMessage() for r in caplog.records if "has sent no data" in r.getMessage()]
+    assert stalls and url in stalls[0]
+    assert '"samples": 1' in capsys.readouterr().out
