@@ -7,8 +7,8 @@ and exit status 2; the traceback is shown only with ``aimv2 --debug COMMAND ...`
 Anticipated means caused by the input or the machine, not by the code: a :class:`~aimv2.errors.UserError` (the
 library's ConfigError, CheckpointError, RunError, FaultRateError, ... derive from it), a ``ValueError`` (a value the
 library refused, by Python's convention), an ``OSError`` (a missing file, a permission, a full or read-only disk),
-and a training run that stopped itself (``TrainingError``). Everything else (``TypeError``, ``KeyError``, ...) is a
-bug: it keeps its traceback, so that it is reported rather than read as the user's mistake.
+and a training run that stopped itself (``TrainingError``, a UserError too). Everything else (``TypeError``,
+``KeyError``, ...) is a bug: it keeps its traceback, so that it is reported rather than read as the user's mistake.
 """
 
 from __future__ import annotations
@@ -43,10 +43,7 @@ def debug_requested(flag: bool) -> bool:
 
 
 def is_anticipated(e: BaseException) -> bool:
-    if isinstance(e, UserError | ValueError | OSError):
-        return True
-    guard = sys.modules.get("aimv2.train.guard")  # imported only if the command trained: no torch import here
-    return guard is not None and isinstance(e, guard.TrainingError)
+    return isinstance(e, UserError | ValueError | OSError)
 
 
 def describe(e: BaseException) -> str:

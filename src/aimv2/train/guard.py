@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger("aimv2.train")
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (a held out_dir, a full disk, non-finite steps, ...); the message says why and what to
+    do, and the command prints it as its one error line."""
 
 
 class NonFiniteGuard:

@@ -222,7 +222,8 @@ def build_source(
         try:
             ds = CaptionedImages(cfg.data.folder, max_fault_rate=cfg.data.max_fault_rate)
         except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"data.folder={cfg.data.folder!r}: {e}") from e
+            where = "data.folder" if str(cfg.data.folder) in str(e) else f"data.folder={cfg.data.folder!r}"
+            raise ConfigError(f"{where}: {e}") from e  # the message names the path once
         get_item = _FirstReadable(ds)
         return Source(_SeededSample(get_item, transform, cfg.seed), len(ds), tokenizer, native_fn=_NativeFit(get_item))
     if cfg.data.source == "hf":

@@ -61,11 +61,8 @@ def fit(cfg, task) -> dict:
     torch.manual_seed(cfg.seed)  # a task that builds weights before the data (LiT's encoder) builds them alike
     lock = RunLock(out_dir)
     if info.is_main:  # rank 0 owns the folder: it locks and checks it, writes config and tokenizer before the others
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except PermissionError as e:
-            raise TrainingError(f"cannot write to out_dir={out_dir} ({e.strerror}); choose a writable folder") from e
+        out_dir.mkdir(parents=True, exist_ok=True)  # an OSError here (permission, read-only) is the CLI's one line
+        lock.acquire()
         for tmp in remove_temp_files(out_dir):
             log.info("removed %s, left by a writer that was killed", tmp)
         check_same_config(cfg, out_dir)
