@@ -28,7 +28,7 @@ from ..data.transforms import normalize
 from ..objectives.tiling import num_views
 from ..objectives.vlm import VisionLanguageModel
 from ..weights import load_encoder
-from ..weights.lm import IMAGE_TOKEN, VLM_FILE, load_causal_lm, load_vlm_weights, save_vlm
+from ..weights.lm import VLM_FILE, build_vlm, load_causal_lm, load_vlm_weights, save_vlm
 from . import checkpointing as ckpt
 from .distributed import DistInfo
 from .tasks import Work
@@ -101,21 +101,6 @@ class ConversationSource:
     dataset: object
     tokenizer: object
     shards = None  # not a webdataset source: resumed by the step alone
-
-
-def build_vlm(cfg: VLMConfig, encoder: nn.Module, lm: nn.Module, tokenizer) -> VisionLanguageModel:
-    v = cfg.vlm
-    return VisionLanguageModel(
-        encoder,
-        lm,
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        stage=v.stage,
-        train_encoder=v.train_encoder,
-        block=v.block,
-        tiles=tuple(v.tiles),
-        pool=v.pool,
-        projector_hidden=v.projector_hidden,
-    )
 
 
 class VLMTask:

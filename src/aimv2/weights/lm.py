@@ -22,6 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import load_config
+from ..config.vlm import VLMConfig, validate_vlm
+from ..objectives.vlm import VisionLanguageModel
+from .encoders import load_encoder
 from .errors import CheckpointError
 
 VLM_FILE = "vlm.safetensors"
@@ -137,3 +141,34 @@ def load_vlm_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise CheckpointError(f"{path} has weights this VLM lacks ({missing[:3]} ...): built with another LM?")
     model.load_state_dict(sd, strict=False)
     return list(sd)
+
+
+def build_vlm(cfg: VLMConfig, encoder: nn.Module, lm: nn.Module, tokenizer) -> VisionLanguageModel:
+    """The VLM objective that ``cfg.vlm`` describes, around an encoder and an LM already read."""
+    v = cfg.vlm
+    return VisionLanguageModel(
+        encoder,
+        lm,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        stage=v.stage,
+        train_encoder=v.train_encoder,
+        block=v.block,
+        tiles=tuple(v.tiles),
+        pool=v.pool,
+        projector_hidden=v.projector_hidden,
+    )
+
+
+def load_vlm_run(path: str | os.PathLike) -> tuple[VisionLanguageModel, object, VLMConfig]:
+    """(model in eval mode, tokenizer, config) of a VLM run folder: its config's encoder and LM, then the weights
+    the run trained (``vlm.safetensors``) on top."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} is not a VLM run folder (no config.yaml): give the out_dir of `aimv2 vlm train`")
+    cfg = load_config(path / "config.yaml", cls=VLMConfig)
+    validate_vlm(cfg)
+    encoder = load_encoder(cfg.vlm.encoder, **cfg.vlm.encoder_overrides)
+    lm, tokenizer = load_causal_lm(cfg.vlm.lm)
+    model = build_vlm(cfg, encoder, lm, tokenizer)
+    load_vlm_weights(model, path / VLM_FILE)
+    return model.eval(), tokenizer, cfg
