@@ -130,3 +130,26 @@ def test_ask_and_eval_read_the_run_back(parts, tmp_path):
     assert result["n"] >= 6 and "accuracy/count" in result and 0 <= result["accuracy"] <= 1
     r = subprocess.run([*ask[:5], str(tmp_path), "x.png", "q"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a VLM run folder" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "grad_accum"])
+def test_two_processes_or_micro_batches_train_like_one(parts, tmp_path, parallel):
+    """2-process DDP (gloo) and 2 accumulation micro-batches: the same global-batch loss and weights as one process
+    (answer counts differ per micro-batch and rank: the sums over the global count make them add up)."""
+    steps = ["train.steps=3", "train.checkpoint_every=3"]
+    single = tmp_path / "single"
+    subprocess.run(_cmd(parts, single, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
+    multi = tmp_path / parallel
+    if parallel == "grad_accum":
+        cmd = _cmd(parts, multi, *steps, "train.grad_accum=2")
+    else:
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd = [*run, "-m", *_cmd(parts, multi, *steps)[2:]]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s, m in zip(_metrics(single), _metrics(multi), strict=True):
+        assert m["loss"] == pytest.approx(s["loss"], rel=1e-5) and m["grad_norm"] == pytest.approx(s["grad_norm"], 1e-4)
+    a, b = load_file(single / "vlm.safetensors"), load_file(multi / "vlm.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
