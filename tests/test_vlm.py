@@ -199,3 +199,11 @@ def test_cider_ranks_the_right_caption_first():
     good = cider(["a red circle on grey", "two blue squares"], refs)
     bad = cider(["two blue squares", "a red circle on grey"], refs)
     assert good > 1.0 > bad
+
+
+def test_a_prompt_without_its_placeholder_is_an_error_that_says_why(lm_dir):
+    model, tok = _model(lm_dir)
+    images, ids, labels, mask, _ = _batch(tok, n=2)
+    ids[0][ids[0] == model.image_token_id] = tok.pad_token_id
+    with pytest.raises(ValueError, match=r"exactly one <image> placeholder .* got \[0, 1\]"):
+        model(images, ids, labels, mask)

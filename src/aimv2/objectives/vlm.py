@@ -134,7 +134,10 @@ class VisionLanguageModel(nn.Module):
         is_image = input_ids == self.image_token_id  # [B, T]
         per_sample = is_image.sum(1)
         if not bool((per_sample == 1).all()):
-            raise ValueError(f"every sample needs exactly one {self.image_token_id=} placeholder, got {per_sample}")
+            raise ValueError(
+                f"every sample needs exactly one <image> placeholder (token {self.image_token_id}) in its prompt; "
+                f"got {per_sample.tolist()} (was one truncated away? raise vlm.max_length)"
+            )
         placeholder = is_image.int().argmax(1)  # [B]
         # the placeholder's id may lie past the embedding table (added to the tokenizer only): embed a 0 there
         text = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, T, D_lm]
