@@ -1,0 +1,229 @@
+"""``aimv2 vlm``: the encoder inside a vision-language model (LLaVA's recipe): train a stage, ask, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .sub_actions import run_action
+
+DESCRIPTION = """An encoder, a 2-layer MLP projector and any transformers causal LM from a local folder, trained
+as LLaVA trains: stage 1 the projector only on image-caption pairs, stage 2 the projector and the LM on
+instruction conversations; the encoder frozen (objectives/vlm.py). The image's tokens replace the <image>
+placeholder of the prompt; the loss covers the answers only.
+
+actions:
+  tiny-lm OUT                  write a tiny random Llama and a character-level tokenizer (tests, laptop demo)
+  train CONFIG [key=value]     train one stage (resumable: re-run the same command on the same out_dir)
+  ask RUN IMAGE "question"     answer one question about an image (greedy, or --sample)
+  eval RUN [--data FILE]       VQA accuracy per question type (held-out built-in scenes by default);
+                               --captions: CIDEr of captions of held-out scenes (stage 1)
+
+examples:
+  aimv2 vlm tiny-lm runs/tiny-lm
+  aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny-synthetic vlm.lm=runs/tiny-lm
+  aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.encoder=runs/tiny-synthetic vlm.lm=runs/tiny-lm \\
+      vlm.init_from=runs/vlm-stage1
+  aimv2 vlm ask runs/vlm-stage2 scene.png "What colour is the star?"
+  aimv2 vlm eval runs/vlm-stage2 --scenes 200
+  aimv2 vlm eval runs/vlm-stage2 --data vqa.json --images vqa-images/
+
+run `aimv2 vlm ACTION --help` for the options of each action."""
+
+TRAIN_DESCRIPTION = """Train one VLM stage with the project's trainer (resume, DDP/FSDP2, bf16, metrics).
+
+Outputs in out_dir: config.yaml, metrics.jsonl, checkpoints/, and vlm.safetensors (the weights the stage trains:
+the projector, and the LM in stage 2; the frozen parts are read again from vlm.encoder and vlm.lm).
+Data: vlm.data=synthetic (built-in scenes: captions in stage 1, questions in stage 2) or vlm.data=llava with
+vlm.json=FILE vlm.images=DIR (LLaVA's conversation format). The LM's own chat template formats the text.
+
+examples:
+  aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny vlm.lm=runs/tiny-lm out_dir=runs/s1
+  torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ..."""
+
+TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a character-level tokenizer with a chat template, written with
+save_pretrained: the LM of the tests and the laptop demo (nothing downloads)."""
+
+ASK_DESCRIPTION = """Answer a question about an image, generated with the LM's KV cache: greedy by default, sampled
+with --sample. The image is resized to the run's input size (the tile grid at the encoder's resolution).
+
+example:
+  aimv2 vlm ask runs/vlm-stage2 scene.png "How many shapes are there?"
+"""
+
+EVAL_DESCRIPTION = """Greedy answers scored with VQAv2's answer normalization (case, punctuation, articles, number
+words) and accuracy, per question type. The default data are the held-out built-in scenes (never trained on); --data
+takes a LLaVA-format file (the first human turn is the question; the references are the record's "answers" list or
+its first gpt turn; "question_type" groups the scores). --captions scores captions of held-out scenes with CIDEr
+(pycocoevalcap). The last line of stdout is JSON.
+
+examples:
+  aimv2 vlm eval runs/vlm-stage2 --scenes 300
+  aimv2 vlm eval runs/vlm-stage2 --data vqa.json --images vqa-images/
+  aimv2 vlm eval runs/vlm-stage1 --captions"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser("tiny-lm", help="write a tiny random Llama + character tokenizer", formatter_class=fmt,
+                       description=TINY_DESCRIPTION)  # fmt: skip
+    t.add_argument("out", metavar="OUT", help="output folder")
+    t.add_argument("--width", type=int, default=64, help="hidden size (default: 64)")
+    t.add_argument("--depth", type=int, default=2, help="decoder layers (default: 2)")
+    t.add_argument("--heads", type=int, default=2, help="attention heads (default: 2)")
+    t.add_argument("--seed", type=int, default=0, help="init seed (default: 0)")
+    t.set_defaults(_action=run_tiny_lm)
+
+    p = sub.add_parser("train", help="train one stage from a YAML config", description=TRAIN_DESCRIPTION,
+                       formatter_class=fmt)  # fmt: skip
+    p.add_argument("config", help="YAML config (see configs/vlm-tiny-stage1.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. vlm.lm=runs/tiny-lm")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.set_defaults(_action=run_train)
+
+    a = sub.add_parser("ask", help="answer a question about an image", formatter_class=fmt,
+                       description=ASK_DESCRIPTION)  # fmt: skip
+    a.add_argument("run", metavar="RUN", help="a VLM run folder (the out_dir of `aimv2 vlm train`)")
+    a.add_argument("image", metavar="IMAGE", help="an image file")
+    a.add_argument("question", metavar="QUESTION", help="the question (the <image> placeholder is added)")
+    a.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    a.add_argument("--temperature", type=float, default=0.7, help="with --sample (default: 0.7)")
+    a.add_argument("--top-p", type=float, default=0.9, help="with --sample (default: 0.9)")
+    a.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default: 32)")
+    a.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    a.set_defaults(_action=run_ask)
+
+    e = sub.add_parser("eval", help="VQA accuracy per question type (or CIDEr of captions)", formatter_class=fmt,
+                       description=EVAL_DESCRIPTION)  # fmt: skip
+    e.add_argument("run", metavar="RUN", help="a VLM run folder")
+    e.add_argument("--data", metavar="FILE", help="a LLaVA-format question file (default: held-out built-in scenes)")
+    e.add_argument("--images", metavar="DIR", help="with --data: the image folder")
+    e.add_argument("--scenes", type=int, default=200, help="held-out built-in scenes (default: 200)")
+    e.add_argument("--captions", action="store_true", help="CIDEr of captions of held-out scenes instead")
+    e.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: 32)")
+    e.add_argument("--out", metavar="JSON", help="also write the result to this file")
+    e.set_defaults(_action=run_eval)
+    parser.set_defaults(_parser=parser)
+
+
+run = run_action
+
+
+def _fail(action: str, e: Exception) -> int:
+    print(f"aimv2 vlm {action}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run_tiny_lm(args) -> int:
+    from ..weights.lm import build_tiny_lm
+
+    out = build_tiny_lm(args.out, width=args.width, depth=args.depth, heads=args.heads, seed=args.seed)
+    print(f"tiny LM written to {out}")
+    return 0
+
+
+def run_train(args) -> int:
+    from ..config import ConfigError, load_config
+    from ..config.vlm import VLMConfig, validate_vlm
+    from ..train import TrainingError
+    from ..train.vlm_task import train_vlm
+    from ..weights import CheckpointError
+
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides, cls=VLMConfig)
+        validate_vlm(cfg)
+        if args.quiet:
+            cfg.train.progress = False
+        last = train_vlm(cfg)
+    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
+        return _fail("train", e)
+    if last and int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {last['step']} loss {last['loss']:.4f}; weights at {cfg.out_dir}/vlm.safetensors")
+    return 0
+
+
+def run_ask(args) -> int:
+    import torch
+    from PIL import Image
+
+    from ..data.sources.llava import image_tensor
+    from ..eval.vqa import answer
+    from ..weights import CheckpointError
+    from ..weights.lm import load_vlm_run
+
+    try:
+        model, tokenizer, cfg = load_vlm_run(args.run)
+        with Image.open(args.image) as img:
+            image = image_tensor(img, model.image_size)
+    except (CheckpointError, FileNotFoundError, OSError) as e:
+        return _fail("ask", e)
+    torch.manual_seed(args.seed)
+    gen = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
+    (text,) = answer(model, tokenizer, image[None], [args.question], mean_std=cfg.data.mean_std,
+                     max_new_tokens=args.max_new_tokens, **gen)  # fmt: skip
+    print(text)
+    return 0
+
+
+def run_eval(args) -> int:
+    from tqdm import tqdm
+
+    from ..eval.vqa import evaluate_vqa, llava_vqa_samples, synthetic_vqa_samples
+    from ..weights import CheckpointError
+    from ..weights.lm import load_vlm_run
+
+    try:
+        model, tokenizer, cfg = load_vlm_run(args.run)
+        if args.captions:
+            result = _captions(model, tokenizer, cfg, args)
+        else:
+            if args.data:
+                if not args.images:
+                    raise FileNotFoundError("--data needs --images DIR (the folder its image paths are relative to)")
+                samples = llava_vqa_samples(args.data, args.images, model.image_size)
+            else:
+                samples = synthetic_vqa_samples(args.scenes, model.image_size, seed=cfg.seed)
+            with tqdm(total=len(samples), desc="vqa", file=sys.stderr) as bar:
+                result = evaluate_vqa(model, tokenizer, samples, batch_size=args.batch_size,
+                                      mean_std=cfg.data.mean_std, progress=bar.update)  # fmt: skip
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return _fail("eval", e)
+    for k, v in result.items():
+        if k.startswith("accuracy") or k == "cider":
+            print(f"{k:<22} {v:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
+def _captions(model, tokenizer, cfg, args) -> dict:
+    """Captions of the first --scenes held-out scenes against 5 generated reference captions each: CIDEr."""
+    import numpy as np
+    import torch
+
+    from ..data.synthetic.captions import caption
+    from ..data.synthetic.questions import CAPTION_PROMPT, question_scene
+    from ..data.synthetic.scenes import render
+    from ..eval.vqa import answer, cider
+
+    preds, refs = [], []
+    prompt = CAPTION_PROMPT.replace("<image>\n", "")
+    for start in range(0, args.scenes, args.batch_size):
+        idx = range(start, min(args.scenes, start + args.batch_size))
+        specs = [question_scene(i, cfg.seed, "heldout")[0] for i in idx]
+        images = torch.stack([torch.from_numpy(np.asarray(render(s, model.image_size)).transpose(2, 0, 1).copy())
+                              for s in specs])  # fmt: skip
+        preds += answer(model, tokenizer, images, [prompt] * len(specs), mean_std=cfg.data.mean_std, max_new_tokens=96)
+        for s, i in zip(specs, idx, strict=True):
+            refs.append([caption(s, np.random.default_rng([cfg.seed, 9, i, r])) for r in range(5)])
+    examples = [{"caption": p, "references": r[:2]} for p, r in zip(preds[:4], refs[:4], strict=False)]
+    return {"cider": cider(preds, refs), "n": len(preds), "examples": examples}

@@ -1,0 +1,79 @@
+"""The config of a VLM run (``aimv2 vlm train``): the ``vlm`` section, and the pretraining sections for data loading,
+optimizer, training and logging (config/schema.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checks import ConfigError
+from .schema import DataConfig, LogConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class VLMSection:
+    """What a VLM is made of and what it trains on (objectives/vlm.py, train/vlm_task.py)."""
+
+    encoder: str = ""  # a pretraining run folder, an encoder checkpoint (any layout) or a model name (random init)
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {img_size: 32}
+    lm: str = ""  # a local transformers causal-LM folder (save_pretrained), e.g. from `aimv2 vlm tiny-lm OUT`
+    stage: int = 1  # 1: projector only, on captions; 2: projector + LM, on instruction conversations
+    init_from: str | None = None  # stage 2: the stage-1 run folder whose vlm.safetensors starts this run
+    train_encoder: bool = False  # the paper keeps the encoder frozen in both stages
+    block: int = -1  # the encoder block whose (normalized) features the projector reads; negative from the end
+    projector_hidden: int | None = None  # None: the LM's width
+    tiles: tuple[int, int] = (1, 1)  # N x M tiles at the encoder's resolution (+ a global view when not 1 x 1)
+    pool: int = 1  # average-pool each view's patch grid k x k before the projector
+    data: str = "synthetic"  # synthetic (built-in scenes: captions in stage 1, questions in stage 2) | llava
+    json: str | None = None  # data=llava: the conversation file
+    images: str | None = None  # data=llava: the image folder its "image" paths are relative to
+    turns: int = 3  # data=synthetic, stage 2: questions per conversation
+    max_length: int = 128  # text tokens per conversation (the image's tokens come on top)
+
+
+@dataclass
+class VLMConfig:
+    out_dir: str = "runs/vlm"
+    seed: int = 0
+    vlm: VLMSection = field(default_factory=VLMSection)
+    data: DataConfig = field(default_factory=lambda: DataConfig(augment=False))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return yaml.safe_load(yaml.safe_dump(_lists(dataclasses.asdict(self))))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _lists(x):
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_lists(v) for v in x]
+    return x
+
+
+def validate_vlm(cfg: VLMConfig) -> None:
+    v = cfg.vlm
+    checks = [
+        (bool(v.encoder), "vlm.encoder is required: a pretraining run folder, a checkpoint or a model name"),
+        (bool(v.lm), "vlm.lm is required: a local transformers causal-LM folder (`aimv2 vlm tiny-lm OUT` makes one)"),
+        (v.stage in (1, 2), f"vlm.stage must be 1 (projector) or 2 (projector + LM), got {v.stage}"),
+        (v.data in ("synthetic", "llava"), f"vlm.data must be synthetic or llava, got {v.data!r}"),
+        (v.data != "llava" or bool(v.json and v.images), "vlm.data=llava needs vlm.json=FILE and vlm.images=DIR"),
+        (all(t >= 1 for t in v.tiles), f"vlm.tiles must be two numbers >= 1, got {v.tiles}"),
+        (v.pool >= 1, "vlm.pool must be >= 1"),
+        (v.max_length >= 8, "vlm.max_length must be >= 8"),
+        (not cfg.data.native.enabled, "a VLM trains at fixed resolution: set data.native.enabled=false"),
+        (cfg.train.freeze_encoder_steps == 0, "a VLM freezes its encoder with vlm.train_encoder, not freeze steps"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)

@@ -1,0 +1,174 @@
+"""The language model of a VLM: any transformers causal LM read from a local folder, a tiny one built for tests and
+the laptop demo, and the file a VLM run exports (only the weights it trained).
+
+The LM is I/O (a folder of config, weights and tokenizer), so it is read here and handed to the objective
+(objectives/vlm.py), which never touches files. Nothing here downloads: ``from_pretrained`` is given a local folder
+and ``local_files_only``.
+
+A VLM run's ``vlm.safetensors`` holds the parameters the run trained (the projector always; the LM in stage 2; the
+encoder when it was unfrozen), under the objective's names (``projector.0.weight``, ``lm.model.layers.0...``). The
+frozen parts are read again from where the run's config says they came from, so a stage-1 run of an 8B LM does not
+write the LM a second time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import load_config
+from ..config.vlm import VLMConfig, validate_vlm
+from ..objectives.vlm import VisionLanguageModel
+from .encoders import load_encoder
+from .errors import CheckpointError
+
+VLM_FILE = "vlm.safetensors"
+IMAGE_TOKEN = "<image>"  # the placeholder the image's tokens replace (added to a tokenizer that lacks it)
+
+# The tiny LM's chat template: one line per turn, the answer closed by the end token. A real LM brings its own.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\n' }}"
+    "{% else %}{{ 'A: ' + m['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - the test extra installs it
+        raise CheckpointError("the VLM needs transformers: pip install 'transformers==5.23.0'") from e
+    return transformers
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of the causal LM saved in the local folder ``path`` (``save_pretrained`` layout).
+
+    The tokenizer gets the ``<image>`` placeholder as a special token when it lacks one; its id may lie past the
+    embedding table (the objective never embeds it: the image's tokens take its place), so the LM is not resized."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is not a transformers model folder (no config.json): give vlm.lm a folder written by "
+            "save_pretrained, e.g. one made with `aimv2 vlm tiny-lm OUT`"
+        )
+    tf = _transformers()
+    model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:  # Llama's tokenizers name none; padding positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_tiny_lm(
+    out: str | os.PathLike, *, width: int = 64, depth: int = 2, heads: int = 2, seed: int = 0, max_positions: int = 512
+) -> Path:
+    """Write a tiny random ``LlamaForCausalLM`` and a character-level tokenizer with a chat template to ``out``.
+
+    Character-level because it needs no training and reads any text (digits, punctuation, the chat markup): every
+    printable ASCII character and the newline is one token, plus ``<s>``, ``</s>``, ``<pad>``, ``<unk>`` and
+    ``<image>``. Written with ``save_pretrained`` so a VLM run reads it back exactly as it would a real LM."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tf = _transformers()
+    out = Path(out)
+    specials = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+    chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space; then the newline
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
+    core.add_special_tokens(specials)
+    core.decoder = decoders.Fuse()  # characters join without spaces
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=[IMAGE_TOKEN],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = tf.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def trained_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` (default: the model's) whose parameters train (``requires_grad``)."""
+    sd = model.state_dict() if state_dict is None else state_dict
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in sd.items() if k in names}
+
+
+def save_vlm(model: nn.Module, path: str | os.PathLike, state_dict: dict | None = None, metadata: dict | None = None):
+    """Write the trained parameters of a VLM objective to ``path`` (safetensors; tied tensors are copied apart)."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained_state(model, state_dict).items()}
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+
+
+def load_vlm_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a ``vlm.safetensors`` into ``model`` (the keys it has; every one must exist there). Returns the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a VLM run writes {VLM_FILE} at its first checkpoint")
+    sd = load_file(str(path))
+    missing = [k for k in sd if k not in model.state_dict()]
+    if missing:
+        raise CheckpointError(f"{path} has weights this VLM lacks ({missing[:3]} ...): built with another LM?")
+    model.load_state_dict(sd, strict=False)
+    return list(sd)
+
+
+def build_vlm(cfg: VLMConfig, encoder: nn.Module, lm: nn.Module, tokenizer) -> VisionLanguageModel:
+    """The VLM objective that ``cfg.vlm`` describes, around an encoder and an LM already read."""
+    v = cfg.vlm
+    return VisionLanguageModel(
+        encoder,
+        lm,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        stage=v.stage,
+        train_encoder=v.train_encoder,
+        block=v.block,
+        tiles=tuple(v.tiles),
+        pool=v.pool,
+        projector_hidden=v.projector_hidden,
+    )
+
+
+def load_vlm_run(path: str | os.PathLike) -> tuple[VisionLanguageModel, object, VLMConfig]:
+    """(model in eval mode, tokenizer, config) of a VLM run folder: its config's encoder and LM, then the weights
+    the run trained (``vlm.safetensors``) on top."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} is not a VLM run folder (no config.yaml): give the out_dir of `aimv2 vlm train`")
+    cfg = load_config(path / "config.yaml", cls=VLMConfig)
+    validate_vlm(cfg)
+    encoder = load_encoder(cfg.vlm.encoder, **cfg.vlm.encoder_overrides)
+    lm, tokenizer = load_causal_lm(cfg.vlm.lm)
+    model = build_vlm(cfg, encoder, lm, tokenizer)
+    load_vlm_weights(model, path / VLM_FILE)
+    return model.eval(), tokenizer, cfg
