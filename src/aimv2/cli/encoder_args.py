@@ -19,6 +19,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights for ENCODER when ENCODER is a model name (a .safetensors file or folder in any layout)",
     )
     g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="ENCODER is a published name (e.g. aimv2-large-patch14-224): Apple's weights from the Hugging Face "
+        "cache, downloaded the first time; or give ENCODER as hf:apple/NAME[@REVISION]",
+    )
+    g.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -104,7 +110,7 @@ def encoder_from_args(args):
 
     overrides = parse_overrides(args.overrides)
     return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
-                               seed=getattr(args, "seed", 0))  # fmt: skip
+                               seed=getattr(args, "seed", 0), pretrained=args.pretrained)  # fmt: skip
 
 
 def feature_settings(args):

@@ -41,15 +41,19 @@ def load_frozen_encoder(
     checkpoint: str | os.PathLike | None = None,
     overrides: dict | None = None,
     seed: int = 0,
+    pretrained: bool = False,
 ) -> nn.Module:
     """The encoder ``spec`` names, in eval mode.
 
     ``spec`` with ``checkpoint``: a model name and the weights for it. A bare model name (not an existing path):
     random weights seeded by ``seed`` without touching the global RNG, so the same command gives the same encoder
-    (and reuses its cached features); the random-init control of a probe. Anything else (a file, a transformers
+    (and reuses its cached features); the random-init control of a probe. With ``pretrained``: Apple's published
+    weights of that name, through the Hugging Face cache. Anything else (a file, a transformers
     folder, a run folder) is read by :func:`aimv2.weights.load_encoder`, its layout detected.
     """
     overrides = dict(overrides or {})
+    if pretrained:
+        return create_model(str(spec), pretrained=True, **overrides).eval()
     if checkpoint:
         return create_model(str(spec), checkpoint=checkpoint, **overrides).eval()
     try:

@@ -29,8 +29,10 @@ from ..models.text import TEXT_SIZES, TextConfig
 from ..objectives.lit import LiT, LiTConfig
 from .errors import CheckpointError
 from .hf_config import encoder_config_from_hf, hf_lit_config, text_config_from_hf
+from .hub import fetch_release, fetch_spec, is_hub_spec
 from .keymaps import LIT_LAYOUTS
 from .layout import detect_lit_layout, lit_from_ours, lit_to_ours
+from .released import RELEASES
 from .resolve import Checkpoint, load_strictly, resolve_config
 from .safetensors_io import checkpoint_files, read_safetensors, write_safetensors
 
@@ -71,7 +73,14 @@ def _text_from_shapes(sd: dict[str, torch.Tensor], source: str) -> TextConfig:
 
 def read_lit(path: str | os.PathLike, config: LiTConfig | None = None) -> LiTCheckpoint:
     """A LiT checkpoint in any layout (file, LiT run folder, transformers folder), renamed to ours, with its config:
-    ``config`` when given, else our metadata, a config.json, or the shapes of Apple's official LiT."""
+    ``config`` when given, else our metadata, a config.json, or the shapes of Apple's official LiT.
+
+    ``path`` may also be a published LiT name (``aimv2-large-patch14-224-lit``) or ``hf:REPO[@REV]``, fetched
+    through the Hugging Face cache."""
+    if is_hub_spec(path):
+        path = fetch_spec(str(path))
+    elif str(path) in RELEASES and not Path(path).exists():
+        path = fetch_release(str(path), kind="lit")[1]
     path = Path(path)
     files, hf = checkpoint_files(path, LIT_FILE, "LiT run folder")
     raw, metadata = read_safetensors(files)
