@@ -18,7 +18,8 @@ layouts:
           (aimv2_* models) and in Apple's ml-aim; training runs write their encoder.safetensors so.
           Apple's LiT files (image_encoder.* + text_encoder.*) are read too: the image trunk is kept.
   hf      a transformers save_pretrained folder (config.json + model.safetensors) that
-          transformers.Aimv2VisionModel.from_pretrained(OUT) loads with identical outputs.
+          transformers.Aimv2VisionModel.from_pretrained(OUT) loads with identical outputs, and a
+          preprocessor_config.json that AutoImageProcessor.from_pretrained(OUT) reads (--mean-std).
   aimv2   our module names (aimv2.models.encoder), one .safetensors file.
 
 SRC is a .safetensors file, a transformers folder (single or sharded model.safetensors) or a training
@@ -44,6 +45,13 @@ def add_arguments(parser) -> None:
         help="model name (e.g. aimv2-large-patch14-224) when the checkpoint carries no config and its shapes "
         "do not tell; also checked against the checkpoint when given",
     )
+    parser.add_argument(
+        "--mean-std",
+        choices=("imagenet", "clip"),
+        default="imagenet",
+        help="--to hf: the normalization written to preprocessor_config.json: imagenet (what our training uses, "
+        "the default) or clip (Apple's published weights)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -67,7 +75,7 @@ def run(args) -> int:
     if out.exists() and out.resolve() == Path(args.src).resolve():
         return fail("OUT is SRC; write the conversion elsewhere")
     try:
-        written = convert_checkpoint(args.src, args.to, out, name=args.name)
+        written = convert_checkpoint(args.src, args.to, out, name=args.name, mean_std=args.mean_std)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
     print(f"wrote {args.to} layout to {written}")

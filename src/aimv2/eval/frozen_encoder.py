@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.transforms import NativeResize, eval_transform
 from ..models import parse_model_name
-from ..weights import create_model
+from ..weights import create_model, preprocessing
 
 
 @dataclass
@@ -81,15 +80,12 @@ def image_size(encoder: nn.Module, settings: FeatureSettings) -> int | tuple[int
 def feature_transform(encoder: nn.Module, settings: FeatureSettings) -> Callable:
     """PIL image -> uint8 [3, H, W] for ``encoder``: the center-crop evaluation transform, or with ``native`` the
     aspect-keeping resize to at most ``max_patches`` patches (a ValueError naming the problem if the encoder's
-    learned position grid cannot take it)."""
-    if not settings.native:
-        return eval_transform(image_size(encoder, settings), crop_pct=settings.crop_pct)
-    cfg = encoder.cfg
-    if cfg.pos_embed != "sincos":
-        raise ValueError(
-            f"--native needs an encoder with sin-cos position embeddings (a -native model); this one has a "
-            f"learned {cfg.grid_size} grid"
-        )
-    if settings.max_patches < 2:
-        raise ValueError(f"--max-patches must be >= 2, got {settings.max_patches}")
-    return NativeResize(settings.max_patches, cfg.patch_size)
+    learned position grid cannot take it). The one definition is :func:`aimv2.weights.preprocessing`."""
+    return preprocessing(
+        encoder,
+        img_size=settings.img_size,
+        crop_pct=settings.crop_pct,
+        mean_std=settings.mean_std,
+        native=settings.native,
+        max_patches=settings.max_patches,
+    ).pil_transform()

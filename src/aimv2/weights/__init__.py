@@ -10,6 +10,9 @@ Getting a model:
 - ``load_lit(path, config=None)``: a LiT model (Apple's LiT file, transformers ``Aimv2Model``, ours);
   ``read_lit`` reads it without building, for the metadata beside the weights.
 
+Feeding it: ``preprocessing(model_or_name)`` is the evaluation transform of an encoder (resize, crop, mean/std,
+native mode), also written as a transformers ``preprocessor_config.json`` by ``export_hf``.
+
 Writing: ``save_encoder`` (one safetensors file in a layout), ``export_hf`` (a transformers folder),
 ``convert_checkpoint`` (a file in another layout, bits unchanged), ``save_lit`` / ``export_hf_lit``.
 
@@ -29,6 +32,7 @@ from .hub import download
 from .keymaps import LAYOUTS
 from .layout import convert_state_dict, detect_layout
 from .lit import LIT_FILE, LiTCheckpoint, export_hf_lit, load_lit, read_lit, save_lit
+from .preprocessing import Preprocessing, preprocessing
 from .pretraining_run import PretrainedRun, load_pretraining_run
 from .released import RELEASES, Release
 from .resolve import Checkpoint
@@ -40,6 +44,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "LiTCheckpoint",
+    "Preprocessing",
     "PretrainedRun",
     "RELEASES",
     "Release",
@@ -57,6 +62,7 @@ __all__ = [
     "load_encoder",
     "load_lit",
     "load_pretraining_run",
+    "preprocessing",
     "read_checkpoint",
     "read_lit",
     "read_run",

@@ -92,7 +92,9 @@ def create_model(
         if checkpoint is not None or name is None:
             raise ValueError("create_model(name, pretrained=True) takes a published name and no checkpoint")
         r, folder = fetch_release(name, revision=revision)
-        return create_model(r.model, checkpoint=folder, **overrides)
+        model = create_model(r.model, checkpoint=folder, **overrides)
+        model.mean_std = r.mean_std  # the release's normalization, for aimv2.weights.preprocessing
+        return model
     if checkpoint is None:
         if name is None:
             raise ValueError("create_model needs a model name or a checkpoint")
