@@ -7,6 +7,7 @@ on stderr rather than a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ layouts:
   hf      a transformers save_pretrained folder (config.json + model.safetensors) that
           transformers.Aimv2VisionModel.from_pretrained(OUT) loads with identical outputs, and a
           preprocessor_config.json that AutoImageProcessor.from_pretrained(OUT) reads (--mean-std).
+  timm    timm's aimv2_* names (fc1_g / fc1_x): timm.create_model(ARCH, **KWARGS).load_state_dict(sd)
+          loads it strictly; ARCH and KWARGS are printed, and stored in the file's metadata.
+          Native (sin-cos) encoders have no timm form.
   aimv2   our module names (aimv2.models.encoder), one .safetensors file.
 
 SRC is a .safetensors file, a transformers folder (single or sharded model.safetensors) or a training
@@ -31,13 +35,14 @@ examples:
   aimv2 convert aimv2-large-patch14-224/model.safetensors --to hf hf-aimv2-large/
   aimv2 convert hf-aimv2-large/ --to apple aimv2-large.safetensors
   aimv2 convert runs/tiny --to hf runs/tiny/hf
+  aimv2 convert runs/tiny --to timm runs/tiny/timm.safetensors
   aimv2 convert my-encoder.safetensors --to apple out.safetensors --name aimv2-large-patch14-336
 """
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint file, transformers folder or run folder")
-    parser.add_argument("--to", required=True, metavar="LAYOUT", help="apple | hf | aimv2")
+    parser.add_argument("--to", required=True, metavar="LAYOUT", help="apple | hf | timm | aimv2")
     parser.add_argument("out", metavar="OUT", help="output .safetensors file (apple, aimv2) or folder (hf)")
     parser.add_argument(
         "--name",
@@ -79,4 +84,11 @@ def run(args) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
     print(f"wrote {args.to} layout to {written}")
+    if args.to == "timm":
+        from safetensors import safe_open
+
+        with safe_open(written, "pt") as f:
+            meta = f.metadata()
+        kwargs = "".join(f", {k}={v!r}" for k, v in json.loads(meta["timm_kwargs"]).items())
+        print(f"load it with: timm.create_model({meta['timm_model']!r}{kwargs}).load_state_dict(load_file(OUT))")
     return 0

@@ -22,6 +22,7 @@ from .layout import from_ours
 from .preprocessing import preprocessing
 from .resolve import check_state_dict, resolve_config
 from .safetensors_io import write_safetensors
+from .timm_args import timm_model_args
 
 
 def _check_layout(layout: str) -> None:
@@ -32,16 +33,21 @@ def _check_layout(layout: str) -> None:
 def write_state_dict(
     sd: dict[str, torch.Tensor], cfg: EncoderConfig, name: str | None, path: str | os.PathLike, layout: str
 ) -> Path:
-    """Write our-layout ``sd`` to ``path`` in ``layout``, with our metadata. Atomic."""
+    """Write our-layout ``sd`` to ``path`` in ``layout``, with our metadata (for ``timm``: the
+    ``timm.create_model`` arguments it loads into, as ``timm_model`` and ``timm_kwargs``). Atomic."""
     meta = {"producer": "aimv2", "layout": layout, "config": json.dumps(cfg.to_dict())}
+    if layout == "timm":
+        arch, kwargs = timm_model_args(cfg)
+        meta.update(timm_model=arch, timm_kwargs=json.dumps(kwargs))
     if name:
         meta["name"] = name
     return write_safetensors(from_ours(sd, layout), path, meta)
 
 
 def save_encoder(model: VisionEncoder, path: str | os.PathLike, layout: str = "apple") -> Path:
-    """Save the encoder's weights as one safetensors file in ``layout`` (``apple`` loads in timm and Apple's
-    code as well as here; ``aimv2`` is our names; ``hf`` the key names of transformers)."""
+    """Save the encoder's weights as one safetensors file in ``layout`` (``apple`` loads in Apple's code and
+    through timm's checkpoint filter as well as here; ``timm`` into ``timm.create_model(...)`` with a plain
+    strict ``load_state_dict``; ``aimv2`` is our names; ``hf`` the key names of transformers)."""
     _check_layout(layout)
     return write_state_dict(model.state_dict(), model.cfg, model.name, path, layout)
 
