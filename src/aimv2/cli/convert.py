@@ -36,6 +36,7 @@ examples:
   aimv2 convert hf-aimv2-large/ --to apple aimv2-large.safetensors
   aimv2 convert runs/tiny --to hf runs/tiny/hf
   aimv2 convert runs/tiny --to timm runs/tiny/timm.safetensors
+  aimv2 convert runs/lit --lit --to hf runs/lit/hf
   aimv2 convert my-encoder.safetensors --to apple out.safetensors --name aimv2-large-patch14-336
 """
 
@@ -53,15 +54,21 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--mean-std",
         choices=("imagenet", "clip"),
-        default="imagenet",
+        default=None,
         help="--to hf: the normalization written to preprocessor_config.json: imagenet (what our training uses, "
-        "the default) or clip (Apple's published weights)",
+        "the default) or clip (Apple's published weights; the default for a --lit file of theirs)",
+    )
+    parser.add_argument(
+        "--lit",
+        action="store_true",
+        help="SRC is a LiT model (ours, Apple's aimv2-large-patch14-224-lit, a transformers Aimv2Model, or "
+        "hf:REPO): --to hf writes a folder transformers.Aimv2Model.from_pretrained loads; apple | aimv2 one file",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def run(args) -> int:
-    from ..weights import LAYOUTS, CheckpointError, convert_checkpoint
+    from ..weights import LAYOUTS, CheckpointError, convert_checkpoint, convert_lit
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -80,7 +87,10 @@ def run(args) -> int:
     if out.exists() and out.resolve() == Path(args.src).resolve():
         return fail("OUT is SRC; write the conversion elsewhere")
     try:
-        written = convert_checkpoint(args.src, args.to, out, name=args.name, mean_std=args.mean_std)
+        if args.lit:
+            written = convert_lit(args.src, args.to, out, mean_std=args.mean_std)
+        else:
+            written = convert_checkpoint(args.src, args.to, out, name=args.name, mean_std=args.mean_std or "imagenet")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
     print(f"wrote {args.to} layout to {written}")

@@ -14,7 +14,7 @@ Feeding it: ``preprocessing(model_or_name)`` is the evaluation transform of an e
 native mode), also written as a transformers ``preprocessor_config.json`` by ``export_hf``.
 
 Writing: ``save_encoder`` (one safetensors file in a layout), ``export_hf`` (a transformers folder),
-``convert_checkpoint`` (a file in another layout, bits unchanged), ``save_lit`` / ``export_hf_lit``.
+``convert_checkpoint`` (a file in another layout, bits unchanged), ``save_lit`` / ``export_hf_lit`` / ``convert_lit``.
 
 Run folders: ``read_run`` gives a run's config, tokenizer file and latest step checkpoint (encoder and decoder
 weights); the checkpoint naming (``CKPT_DIR``, ``list_checkpoints``) and ``atomic_write`` are in its modules.
@@ -31,7 +31,7 @@ from .export import convert_checkpoint, export_hf, save_encoder
 from .hub import download
 from .keymaps import LAYOUTS
 from .layout import convert_state_dict, detect_layout
-from .lit import LIT_FILE, LiTCheckpoint, export_hf_lit, load_lit, read_lit, save_lit
+from .lit import LIT_FILE, LiTCheckpoint, convert_lit, export_hf_lit, load_lit, read_lit, save_lit
 from .preprocessing import Preprocessing, preprocessing
 from .pretraining_run import PretrainedRun, load_pretraining_run
 from .released import RELEASES, Release
@@ -52,6 +52,7 @@ __all__ = [
     "RunFolder",
     "TrainingState",
     "convert_checkpoint",
+    "convert_lit",
     "convert_state_dict",
     "create_model",
     "detect_layout",

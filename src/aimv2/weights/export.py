@@ -19,7 +19,7 @@ from .errors import CheckpointError
 from .hf_config import hf_vision_config
 from .keymaps import LAYOUTS
 from .layout import from_ours
-from .preprocessing import preprocessing
+from .preprocessing import preprocessing, write_preprocessor_config
 from .resolve import check_state_dict, resolve_config
 from .safetensors_io import write_safetensors
 from .timm_args import timm_model_args
@@ -50,14 +50,6 @@ def save_encoder(model: VisionEncoder, path: str | os.PathLike, layout: str = "a
     strict ``load_state_dict``; ``aimv2`` is our names; ``hf`` the key names of transformers)."""
     _check_layout(layout)
     return write_state_dict(model.state_dict(), model.cfg, model.name, path, layout)
-
-
-def write_preprocessor_config(cfg: EncoderConfig, out_dir: Path, mean_std: str) -> None:
-    """``preprocessor_config.json``: the center-crop evaluation transform at the encoder's resolution (the
-    nominal one of a native model), so that ``transformers.AutoImageProcessor.from_pretrained`` feeds it the
-    pixels our ``preprocessing`` does."""
-    processor = preprocessing(cfg, mean_std=mean_std).hf_processor_config()
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def write_hf(

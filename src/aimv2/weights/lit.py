@@ -32,6 +32,7 @@ from .hf_config import encoder_config_from_hf, hf_lit_config, text_config_from_h
 from .hub import fetch_release, fetch_spec, is_hub_spec
 from .keymaps import LIT_LAYOUTS
 from .layout import detect_lit_layout, lit_from_ours, lit_to_ours
+from .preprocessing import write_preprocessor_config
 from .released import RELEASES
 from .resolve import Checkpoint, load_strictly, resolve_config
 from .safetensors_io import checkpoint_files, read_safetensors, write_safetensors
@@ -127,10 +128,26 @@ def save_lit(model: LiT, path: str | os.PathLike, layout: str = "aimv2", metadat
     return write_safetensors(lit_from_ours(model.state_dict(), layout), path, meta)
 
 
-def export_hf_lit(model: LiT, out_dir: str | os.PathLike) -> Path:
-    """A ``save_pretrained``-style folder (config.json + model.safetensors) for ``transformers.Aimv2Model``."""
+def export_hf_lit(model: LiT, out_dir: str | os.PathLike, mean_std: str = "imagenet") -> Path:
+    """A ``save_pretrained``-style folder (config.json + model.safetensors) for ``transformers.Aimv2Model``, with
+    the ``preprocessor_config.json`` of its image tower (``mean_std``: what it was trained with)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_lit_config(model.cfg), indent=2) + "\n")
+    write_preprocessor_config(model.cfg.encoder, out, mean_std)
     save_lit(model, out / "model.safetensors", layout="hf")
     return out
+
+
+def convert_lit(src: str | os.PathLike, to: str, out: str | os.PathLike, mean_std: str | None = None) -> Path:
+    """A LiT checkpoint (any layout, or a published name) rewritten: ``hf`` as a ``transformers.Aimv2Model``
+    folder, ``apple`` / ``aimv2`` as one file. ``mean_std``: default what the file says it trained with, else
+    CLIP's for Apple's and transformers' files (as their processors), ImageNet's for ours."""
+    if to not in LIT_LAYOUTS:
+        raise CheckpointError(f"a LiT model converts to {', '.join(LIT_LAYOUTS)}, not {to!r}")
+    ckpt = read_lit(src)
+    mean_std = mean_std or ckpt.metadata.get("mean_std") or ("imagenet" if ckpt.layout == "aimv2" else "clip")
+    model = ckpt.build()
+    if to == "hf":
+        return export_hf_lit(model, out, mean_std)
+    return save_lit(model, out, layout=to, metadata={"mean_std": mean_std})

@@ -9,8 +9,10 @@ everything else). ``extract`` and ``probe`` build their transforms from it, and 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -117,3 +119,11 @@ def preprocessing(
     size = cfg.image_hw if img_size is None else img_size
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return Preprocessing(hw, cfg.patch_size, crop_pct, mean_std, native=native, max_patches=max_patches)
+
+
+def write_preprocessor_config(cfg: EncoderConfig, out_dir: Path, mean_std: str) -> None:
+    """``preprocessor_config.json``: the center-crop evaluation transform at the encoder's resolution (the
+    nominal one of a native model), so that ``transformers.AutoImageProcessor.from_pretrained`` feeds it the
+    pixels our ``preprocessing`` does."""
+    processor = preprocessing(cfg, mean_std=mean_std).hf_processor_config()
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
