@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("aimv2.cli.extract", "extract features of a folder of images"),
     "caption": ("aimv2.cli.caption", "caption images with a pretraining run's decoder (greedy or beam search)"),
     "convert": ("aimv2.cli.convert", "convert an encoder checkpoint to Apple's, transformers', timm's or our layout"),
+    "export": ("aimv2.cli.export", "export an encoder to ONNX (dynamic batch; dynamic size for native models)"),
     "data": ("aimv2.cli.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
     "tokenizer": ("aimv2.cli.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
     "lit": ("aimv2.cli.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
