@@ -22,8 +22,8 @@ def test_native_encoder_dynamic_batch_and_size_from_the_cli(tmp_path):
     model = aimv2.create_model("aimv2-tiny-patch8-native", depth=1).eval()
     src = save_encoder(model, tmp_path / "enc.safetensors")
     out = tmp_path / "enc.onnx"
-    r = subprocess.run([sys.executable, "-m", "aimv2", "export", str(src), str(out), "--no-check"], env=subprocess_env(),
-                       capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "aimv2", "export", str(src), str(out), "--no-check"]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "dynamic: batch, H and W" in r.stdout
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
