@@ -27,7 +27,7 @@ class FeatureSettings:
     crop_pct: float = 1.0  # resize to img_size / crop_pct before the crop
     mean_std: str = "imagenet"  # normalization: imagenet (Apple's training code) or clip (their preprocessor files)
     blocks: list[int] | None = None  # normalized outputs of these blocks averaged; None: the last block
-    dtype: str = "fp32"  # autocast of the encoder forward (features stay float32): fp32 | bf16
+    dtype: str = "fp32"  # autocast of the encoder forward (features stay float32): fp32 | bf16 | fp16
     batch_size: int = 64  # images per encoder forward
     num_workers: int = 4  # image decoding processes, 0 decodes inline
     native: bool = False  # keep each image's aspect ratio (sin-cos encoders), at most max_patches patches
