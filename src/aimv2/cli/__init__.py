@@ -17,6 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("aimv2.cli.pretrain", "pretrain an encoder with the AIMv2 objective from a YAML config"),
     "probe": ("aimv2.cli.probe", "train a probe on frozen features and report top-1"),
+    "classify": ("aimv2.cli.classify", "top-k labels of images with a probe saved by aimv2 probe --save"),
     "extract": ("aimv2.cli.extract", "extract features of a folder of images"),
     "caption": ("aimv2.cli.caption", "caption images with a pretraining run's decoder (greedy or beam search)"),
     "convert": ("aimv2.cli.convert", "convert an encoder checkpoint to Apple's, transformers', timm's or our layout"),
