@@ -379,12 +379,12 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     model = _tiny()
     src = save_encoder(model, tmp_path / "m.safetensors")
     assert cli(["convert", str(tmp_path / "missing.safetensors"), "--to", "hf", str(tmp_path / "o")]) == 2
-    assert cli(["convert", str(src), "--to", "timm", str(tmp_path / "o")]) == 2
+    assert cli(["convert", str(src), "--to", "caffe", str(tmp_path / "o")]) == 2
     (tmp_path / "m.pth").write_bytes(b"x")
     assert cli(["convert", str(tmp_path / "m.pth"), "--to", "apple", str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("aimv2 convert: error: ") for line in err)
-    assert "no such file" in err[0] and "unknown layout 'timm'" in err[1] and "never unpickle" in err[2]
+    assert "no such file" in err[0] and "unknown layout 'caffe'" in err[1] and "never unpickle" in err[2]
 
     # a stated name is checked against the checkpoint (this one has 2 blocks, the name 12)
     assert cli(["convert", str(src), "--to", "hf", str(tmp_path / "hf"), "--name", TINY]) == 2

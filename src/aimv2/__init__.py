@@ -2,7 +2,7 @@
 
 from .models import EncoderConfig, VisionEncoder, list_models
 from .objectives import PretrainOutput, create_pretraining_model
-from .weights import create_model
+from .weights import create_model, preprocessing
 
 __version__ = "0.1.0"
 
@@ -14,4 +14,5 @@ __all__ = [
     "create_model",
     "create_pretraining_model",
     "list_models",
+    "preprocessing",
 ]

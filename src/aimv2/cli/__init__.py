@@ -17,9 +17,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("aimv2.cli.pretrain", "pretrain an encoder with the AIMv2 objective from a YAML config"),
     "probe": ("aimv2.cli.probe", "train a probe on frozen features and report top-1"),
+    "classify": ("aimv2.cli.classify", "top-k labels of images with a probe saved by aimv2 probe --save"),
     "extract": ("aimv2.cli.extract", "extract features of a folder of images"),
     "caption": ("aimv2.cli.caption", "caption images with a pretraining run's decoder (greedy or beam search)"),
-    "convert": ("aimv2.cli.convert", "convert an encoder checkpoint to Apple's, transformers' or our layout"),
+    "convert": ("aimv2.cli.convert", "convert an encoder checkpoint to Apple's, transformers', timm's or our layout"),
+    "export": ("aimv2.cli.export", "export an encoder to ONNX (dynamic batch; dynamic size for native models)"),
     "data": ("aimv2.cli.data", "inspect webdataset shards as training reads them; write built-in data as shards"),
     "tokenizer": ("aimv2.cli.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
     "lit": ("aimv2.cli.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),

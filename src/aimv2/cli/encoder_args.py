@@ -19,6 +19,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights for ENCODER when ENCODER is a model name (a .safetensors file or folder in any layout)",
     )
     g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="ENCODER is a published name (e.g. aimv2-large-patch14-224): Apple's weights from the Hugging Face "
+        "cache, downloaded the first time; or give ENCODER as hf:apple/NAME[@REVISION]",
+    )
+    g.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -51,7 +57,14 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r = parser.add_argument_group("running")
     r.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    r.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the encoder (features stay float32)")
+    r.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="autocast of the encoder forward; features stay float32 (default: fp32). On CPUs bf16 is the fast one "
+        "where the CPU has bf16 instructions; fp16 pays off on GPUs (benchmarks/inference_speed.py)",
+    )
+    r.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default: 64)")
     r.add_argument("--workers", type=int, default=4, help="image decoding processes, 0 decodes inline (default: 4)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
@@ -104,7 +117,7 @@ def encoder_from_args(args):
 
     overrides = parse_overrides(args.overrides)
     return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
-                               seed=getattr(args, "seed", 0))  # fmt: skip
+                               seed=getattr(args, "seed", 0), pretrained=args.pretrained)  # fmt: skip
 
 
 def feature_settings(args):
@@ -116,12 +129,20 @@ def feature_settings(args):
         crop_pct=args.crop_pct,
         mean_std=args.mean_std,
         blocks=args.blocks,
-        dtype="bf16" if args.bf16 else "fp32",
+        dtype=encoder_dtype(args),
         batch_size=args.batch_size,
         num_workers=args.workers,
         native=args.native,
         max_patches=args.max_patches,
     )
+
+
+def encoder_dtype(args) -> str:
+    """``--dtype``, or bf16 for ``--bf16``; both given must agree."""
+    if args.bf16 and args.dtype not in (None, "bf16"):
+        print(f"aimv2: error: --bf16 and --dtype {args.dtype} disagree; pass one of them", file=sys.stderr)
+        raise SystemExit(2)
+    return "bf16" if args.bf16 else (args.dtype or "fp32")
 
 
 def resolve_device(name: str | None):

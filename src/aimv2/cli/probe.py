@@ -12,6 +12,7 @@ from .encoder_args import (
     add_native_arguments,
     encoder_from_args,
     feature_settings,
+    parse_overrides,
     plain_warnings,
     resolve_device,
 )
@@ -106,6 +107,12 @@ def add_arguments(parser) -> None:
         "--method", choices=("attentive", "linear", "knn"), default="attentive", help="(default: attentive)"
     )
     parser.add_argument("--out", metavar="REPORT.json", help="write a JSON report and a confusion-matrix PNG beside it")
+    parser.add_argument(
+        "--save",
+        metavar="PROBE.safetensors",
+        help="keep the trained head as a classifier (with its class names, encoder and feature settings) for "
+        "`aimv2 classify PROBE IMAGES`; attentive and linear probes",
+    )
     s = parser.add_argument_group("sources (shards and Hugging Face datasets)")
     s.add_argument(
         "--label-key",
@@ -179,6 +186,14 @@ def run(args) -> int:
     from ..eval.probe_protocol import ProbeSettings, run_probe
     from ..eval.report import write_report
 
+    if args.save and (args.method == "knn" or not args.save.endswith(".safetensors")):
+        what = (
+            "knn keeps no head: use --method linear or attentive"
+            if args.method == "knn"
+            else "must end in .safetensors"
+        )
+        print(f"aimv2 probe: error: --save {args.save}: {what}", file=sys.stderr)
+        return 2
     cfg = ProbeConfig(
         method=args.method,
         epochs=args.epochs,
@@ -227,5 +242,11 @@ def run(args) -> int:
     if args.out:
         png = write_report(args.out, result.report(), result.classes)
         print(f"report: {args.out} and {png}")
+    if args.save:
+        from ..eval.classifier import EncoderSpec, save_classifier
+
+        spec = EncoderSpec(args.encoder, args.checkpoint, args.pretrained, parse_overrides(args.overrides),
+                           getattr(args, "seed", 0))  # fmt: skip
+        print(f"classifier: {save_classifier(args.save, result.head, result.classes, spec, settings.features)}")
     print(json.dumps(metrics))
     return 0

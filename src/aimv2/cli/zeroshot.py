@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the forward passes")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the forward passes"
+    )
     p.add_argument(
         "--mean-std",
         choices=["imagenet", "clip"],

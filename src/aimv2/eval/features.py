@@ -20,7 +20,7 @@ from ..data.sources.folders import ReadError, collate_skip
 from ..data.transforms import normalize
 from ..errors import DataError
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast of the forward
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # how features are kept (memory, cache files)
 POOLS = ("none", "mean")
 BLOCK_REDUCE = ("mean", "stack")
@@ -87,7 +87,7 @@ def extract_features(
 ) -> dict:
     """Run ``encoder`` over ``dataset`` (samples ``(uint8 [3, H, W] | ReadError, label, index)``).
 
-    dtype: ``"fp32"`` or ``"bf16"`` (autocast; weights stay as they are).
+    dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; weights stay as they are).
     store: ``"fp32"`` or ``"bf16"``: the dtype the features are kept in (bf16 halves the memory of patch tokens).
     progress: a tqdm bar on stderr; None shows it only when stderr is a terminal.
     Returns ``{"features": float32 (or bf16) [n, ...], "labels": long [n], "indices": long [n], "errors": [ReadError]}``

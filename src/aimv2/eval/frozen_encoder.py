@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.transforms import NativeResize, eval_transform
 from ..models import parse_model_name
-from ..weights import create_model
+from ..weights import create_model, preprocessing
 
 
 @dataclass
@@ -28,7 +27,7 @@ class FeatureSettings:
     crop_pct: float = 1.0  # resize to img_size / crop_pct before the crop
     mean_std: str = "imagenet"  # normalization: imagenet (Apple's training code) or clip (their preprocessor files)
     blocks: list[int] | None = None  # normalized outputs of these blocks averaged; None: the last block
-    dtype: str = "fp32"  # autocast of the encoder forward (features stay float32): fp32 | bf16
+    dtype: str = "fp32"  # autocast of the encoder forward (features stay float32): fp32 | bf16 | fp16
     batch_size: int = 64  # images per encoder forward
     num_workers: int = 4  # image decoding processes, 0 decodes inline
     native: bool = False  # keep each image's aspect ratio (sin-cos encoders), at most max_patches patches
@@ -41,15 +40,19 @@ def load_frozen_encoder(
     checkpoint: str | os.PathLike | None = None,
     overrides: dict | None = None,
     seed: int = 0,
+    pretrained: bool = False,
 ) -> nn.Module:
     """The encoder ``spec`` names, in eval mode.
 
     ``spec`` with ``checkpoint``: a model name and the weights for it. A bare model name (not an existing path):
     random weights seeded by ``seed`` without touching the global RNG, so the same command gives the same encoder
-    (and reuses its cached features); the random-init control of a probe. Anything else (a file, a transformers
+    (and reuses its cached features); the random-init control of a probe. With ``pretrained``: Apple's published
+    weights of that name, through the Hugging Face cache. Anything else (a file, a transformers
     folder, a run folder) is read by :func:`aimv2.weights.load_encoder`, its layout detected.
     """
     overrides = dict(overrides or {})
+    if pretrained:
+        return create_model(str(spec), pretrained=True, **overrides).eval()
     if checkpoint:
         return create_model(str(spec), checkpoint=checkpoint, **overrides).eval()
     try:
@@ -77,15 +80,12 @@ def image_size(encoder: nn.Module, settings: FeatureSettings) -> int | tuple[int
 def feature_transform(encoder: nn.Module, settings: FeatureSettings) -> Callable:
     """PIL image -> uint8 [3, H, W] for ``encoder``: the center-crop evaluation transform, or with ``native`` the
     aspect-keeping resize to at most ``max_patches`` patches (a ValueError naming the problem if the encoder's
-    learned position grid cannot take it)."""
-    if not settings.native:
-        return eval_transform(image_size(encoder, settings), crop_pct=settings.crop_pct)
-    cfg = encoder.cfg
-    if cfg.pos_embed != "sincos":
-        raise ValueError(
-            f"--native needs an encoder with sin-cos position embeddings (a -native model); this one has a "
-            f"learned {cfg.grid_size} grid"
-        )
-    if settings.max_patches < 2:
-        raise ValueError(f"--max-patches must be >= 2, got {settings.max_patches}")
-    return NativeResize(settings.max_patches, cfg.patch_size)
+    learned position grid cannot take it). The one definition is :func:`aimv2.weights.preprocessing`."""
+    return preprocessing(
+        encoder,
+        img_size=settings.img_size,
+        crop_pct=settings.crop_pct,
+        mean_std=settings.mean_std,
+        native=settings.native,
+        max_patches=settings.max_patches,
+    ).pil_transform()

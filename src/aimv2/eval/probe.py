@@ -203,14 +203,15 @@ def fit_predict(
     cfg: ProbeConfig,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Fit ``cfg.method`` on the training features; scores [n_val, C] of ``val_x`` and the hyperparameters used.
+) -> tuple[torch.Tensor, dict, nn.Module | None]:
+    """Fit ``cfg.method`` on the training features; scores [n_val, C] of ``val_x``, the hyperparameters used and
+    the trained head (None for knn, which keeps no head).
 
     The head's initialization is seeded by ``cfg.seed`` without touching the global RNG.
     """
     if cfg.method == "knn":
         scores = knn_scores(train_x, train_y, val_x, num_classes, cfg.k, cfg.temperature, device)
-        return scores, {"k": cfg.k, "temperature": cfg.temperature}
+        return scores, {"k": cfg.k, "temperature": cfg.temperature}, None
     dim = train_x.shape[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -228,7 +229,7 @@ def fit_predict(
     if cfg.method == "linear":
         hparams = {k: v for k, v in hparams.items() if k not in ("num_heads", "num_queries")}
     hparams["final_train_loss"] = round(losses[-1], 6) if losses else None
-    return scores, hparams
+    return scores, hparams, head.eval().cpu()
 
 
 def probe_features(
@@ -240,19 +241,23 @@ def probe_features(
     cfg: ProbeConfig,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    keep_head: bool = False,
 ) -> dict:
     """Fit ``cfg.method`` on the training features and score the validation ones.
 
     Returns ``{"method", "top1", ["top5",] "per_class", "confusion", "n_train", "n_val", "num_classes",
     ...hyperparameters}``; accuracies in percent, ``per_class`` a list by label, ``confusion`` the [C, C] counts
-    (rows true, columns predicted) as nested lists.
+    (rows true, columns predicted) as nested lists; with ``keep_head`` also ``"head"``, the trained head (None for
+    knn), for saving the classifier.
     """
-    scores, hparams = fit_predict(train_x, train_y, val_x, num_classes, cfg, device, progress)
+    scores, hparams, head = fit_predict(train_x, train_y, val_x, num_classes, cfg, device, progress)
     pred = scores.argmax(dim=1)
     result = {"method": cfg.method, **topk_accuracy(scores, val_y)}
     result["per_class"] = per_class_accuracy(pred, val_y, num_classes)
     result["confusion"] = confusion_matrix(pred, val_y, num_classes).tolist()
     result.update(n_train=int(train_x.shape[0]), n_val=int(val_x.shape[0]), num_classes=num_classes, **hparams)
+    if keep_head:
+        result["head"] = head
     return result
 
 
@@ -304,7 +309,7 @@ def grid_search(
     for lr in lrs:
         for wd in wds:
             trial = replace(cfg, lr=lr, weight_decay=wd)
-            scores, _ = fit_predict(train_x, train_y, held_x, num_classes, trial, device, progress)
+            scores, _, _ = fit_predict(train_x, train_y, held_x, num_classes, trial, device, progress)
             top1 = topk_accuracy(scores, held_y, (1,))["top1"]
             table.append({"lr": lr, "weight_decay": wd, "holdout_top1": top1})
             if log is not None:

@@ -61,6 +61,7 @@ class ProbeResult:
     confusion: list[list[int]]  # [C, C] counts, rows true class, columns predicted
     grid: list[dict] | None  # one row per (lr, weight_decay) tried, with its held-out top-1; None without a grid
     notes: list[str]  # readable lines: the classes, and per split the feature shape and whether it was cached
+    head: nn.Module | None = None  # the trained head (eval mode, CPU); None for knn
 
     @property
     def top1(self) -> float:
@@ -155,10 +156,10 @@ def run_probe(
         plain, rows = (x, y, ids), (all_x, all_y, all_ids)
         cfg, grid, selection = _choose_hparams(cfg, settings, plain, rows, len(classes), device, progress, log)
     result = probe_features(all_x, all_y, feats["val"]["features"], feats["val"]["labels"], len(classes), cfg, device,
-                            progress=progress)  # fmt: skip
+                            progress=progress, keep_head=True)  # fmt: skip
     t2 = time.perf_counter()
 
-    confusion = result.pop("confusion")
+    confusion, head = result.pop("confusion"), result.pop("head")
     result["per_class"] = dict(zip(classes, result["per_class"], strict=True))
     result.update(selection)
     result.update(
@@ -175,7 +176,7 @@ def run_probe(
         features_seconds=round(t1 - t0, 3),
         probe_seconds=round(t2 - t1, 3),
     )
-    return ProbeResult(metrics=result, classes=classes, confusion=confusion, grid=grid, notes=notes)
+    return ProbeResult(metrics=result, classes=classes, confusion=confusion, grid=grid, notes=notes, head=head)
 
 
 def _split_features(encoder: nn.Module, dataset, split: str, settings: ProbeSettings, extract: dict, notes: list):

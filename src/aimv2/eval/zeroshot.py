@@ -82,7 +82,7 @@ def load_lit_classifier(
     (``mean_std``, else what the run trained with; clip for Apple's and transformers' files)."""
     ckpt = read_lit(source)
     model = ckpt.build()
-    tok = lit_tokenizer(model, source, tokenizer)
+    tok = lit_tokenizer(model, ckpt.source, tokenizer)  # the local folder, also of a Hub download
     mean_std = mean_std or ckpt.metadata.get("mean_std") or ("imagenet" if ckpt.layout == "aimv2" else "clip")
     return LitClassifier(model, tok, mean_std)
 

@@ -16,6 +16,7 @@ from ..models.encoder import EncoderConfig, VisionEncoder
 from ..models.registry import build_encoder
 from .errors import CheckpointError, RunError
 from .hf_config import encoder_config_from_hf
+from .hub import fetch_release, fetch_spec, is_hub_spec
 from .layout import detect_layout, encoder_part, to_ours
 from .resolve import Checkpoint, encoder_from_checkpoint, name_of
 from .run_folder import RunFolder, is_run_folder, read_run
@@ -65,9 +66,18 @@ def _pretraining_run(path: Path) -> RunFolder | None:
 
 
 def create_model(
-    name: str | None, *, checkpoint: str | os.PathLike | Checkpoint | None = None, **overrides
+    name: str | None,
+    *,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    pretrained: bool = False,
+    revision: str | None = None,
+    **overrides,
 ) -> VisionEncoder:
     """The AIMv2 vision encoder ``name`` (``aimv2-{size}-patch{p}-{res|native}``).
+
+    pretrained: Apple's published weights for ``name`` (a name of ``aimv2.weights.RELEASES``, e.g.
+        ``aimv2-large-patch14-224`` or ``aimv2-large-patch14-224-distilled``), from the Hugging Face cache,
+        downloaded into it the first time (``HF_HUB_OFFLINE=1``: the cache only). ``revision`` pins a commit.
 
     checkpoint: a ``.safetensors`` file in Apple's, transformers', timm's or our layout, a transformers
         ``save_pretrained`` folder, or a training run folder (or a :class:`Checkpoint` already read); the
@@ -78,6 +88,13 @@ def create_model(
 
     Without a checkpoint the weights are random (``init_weights``), as for pretraining from scratch.
     """
+    if pretrained:
+        if checkpoint is not None or name is None:
+            raise ValueError("create_model(name, pretrained=True) takes a published name and no checkpoint")
+        r, folder = fetch_release(name, revision=revision)
+        model = create_model(r.model, checkpoint=folder, **overrides)
+        model.mean_std = r.mean_std  # the release's normalization, for aimv2.weights.preprocessing
+        return model
     if checkpoint is None:
         if name is None:
             raise ValueError("create_model needs a model name or a checkpoint")
@@ -86,9 +103,17 @@ def create_model(
     return encoder_from_checkpoint(ckpt, name, **overrides)
 
 
-def load_encoder(spec: str | os.PathLike, *, name: str | None = None, **overrides) -> VisionEncoder:
-    """An encoder from what a user types: a checkpoint file, a transformers folder, a run folder, or a model
-    name (random weights, with a warning). ``name`` states the model when the checkpoint cannot tell."""
+def load_encoder(
+    spec: str | os.PathLike, *, name: str | None = None, pretrained: bool = False, **overrides
+) -> VisionEncoder:
+    """An encoder from what a user types: a checkpoint file, a transformers folder, a run folder, a Hub
+    repository (``hf:apple/aimv2-large-patch14-224[@REV]``), or a model name (random weights, with a warning;
+    with ``pretrained`` Apple's published weights of that name). ``name`` states the model when the checkpoint
+    cannot tell."""
+    if is_hub_spec(spec):
+        return create_model(name, checkpoint=fetch_spec(str(spec)), **overrides)
+    if pretrained:
+        return create_model(str(spec), pretrained=True, **overrides)
     if Path(spec).exists() or str(spec).endswith(".safetensors") or str(spec).endswith(PICKLE_SUFFIXES):
         return create_model(name, checkpoint=spec, **overrides)
     try:

@@ -25,9 +25,10 @@ import torch
 
 from .errors import CheckpointError
 
-# What we write (``save_encoder``, ``aimv2 convert --to``). timm's layout is read too, but files for timm are
-# written in Apple's layout, which timm's own checkpoint filter reads.
-LAYOUTS = ("apple", "hf", "aimv2")
+# What we write (``save_encoder``, ``aimv2 convert --to``). ``timm`` loads with a plain strict
+# ``load_state_dict`` into the model ``timm_args.timm_model_args`` names; ``apple`` goes through timm's own
+# checkpoint filter (``pretrained_cfg_overlay=dict(file=...)``).
+LAYOUTS = ("apple", "hf", "timm", "aimv2")
 LIT_LAYOUTS = ("apple", "hf", "aimv2")
 
 

@@ -29,8 +29,11 @@ from ..models.text import TEXT_SIZES, TextConfig
 from ..objectives.lit import LiT, LiTConfig
 from .errors import CheckpointError
 from .hf_config import encoder_config_from_hf, hf_lit_config, text_config_from_hf
+from .hub import fetch_release, fetch_spec, is_hub_spec
 from .keymaps import LIT_LAYOUTS
 from .layout import detect_lit_layout, lit_from_ours, lit_to_ours
+from .preprocessing import write_preprocessor_config
+from .released import RELEASES
 from .resolve import Checkpoint, load_strictly, resolve_config
 from .safetensors_io import checkpoint_files, read_safetensors, write_safetensors
 
@@ -71,7 +74,14 @@ def _text_from_shapes(sd: dict[str, torch.Tensor], source: str) -> TextConfig:
 
 def read_lit(path: str | os.PathLike, config: LiTConfig | None = None) -> LiTCheckpoint:
     """A LiT checkpoint in any layout (file, LiT run folder, transformers folder), renamed to ours, with its config:
-    ``config`` when given, else our metadata, a config.json, or the shapes of Apple's official LiT."""
+    ``config`` when given, else our metadata, a config.json, or the shapes of Apple's official LiT.
+
+    ``path`` may also be a published LiT name (``aimv2-large-patch14-224-lit``) or ``hf:REPO[@REV]``, fetched
+    through the Hugging Face cache."""
+    if is_hub_spec(path):
+        path = fetch_spec(str(path))
+    elif str(path) in RELEASES and not Path(path).exists():
+        path = fetch_release(str(path), kind="lit")[1]
     path = Path(path)
     files, hf = checkpoint_files(path, LIT_FILE, "LiT run folder")
     raw, metadata = read_safetensors(files)
@@ -118,10 +128,26 @@ def save_lit(model: LiT, path: str | os.PathLike, layout: str = "aimv2", metadat
     return write_safetensors(lit_from_ours(model.state_dict(), layout), path, meta)
 
 
-def export_hf_lit(model: LiT, out_dir: str | os.PathLike) -> Path:
-    """A ``save_pretrained``-style folder (config.json + model.safetensors) for ``transformers.Aimv2Model``."""
+def export_hf_lit(model: LiT, out_dir: str | os.PathLike, mean_std: str = "imagenet") -> Path:
+    """A ``save_pretrained``-style folder (config.json + model.safetensors) for ``transformers.Aimv2Model``, with
+    the ``preprocessor_config.json`` of its image tower (``mean_std``: what it was trained with)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_lit_config(model.cfg), indent=2) + "\n")
+    write_preprocessor_config(model.cfg.encoder, out, mean_std)
     save_lit(model, out / "model.safetensors", layout="hf")
     return out
+
+
+def convert_lit(src: str | os.PathLike, to: str, out: str | os.PathLike, mean_std: str | None = None) -> Path:
+    """A LiT checkpoint (any layout, or a published name) rewritten: ``hf`` as a ``transformers.Aimv2Model``
+    folder, ``apple`` / ``aimv2`` as one file. ``mean_std``: default what the file says it trained with, else
+    CLIP's for Apple's and transformers' files (as their processors), ImageNet's for ours."""
+    if to not in LIT_LAYOUTS:
+        raise CheckpointError(f"a LiT model converts to {', '.join(LIT_LAYOUTS)}, not {to!r}")
+    ckpt = read_lit(src)
+    mean_std = mean_std or ckpt.metadata.get("mean_std") or ("imagenet" if ckpt.layout == "aimv2" else "clip")
+    model = ckpt.build()
+    if to == "hf":
+        return export_hf_lit(model, out, mean_std)
+    return save_lit(model, out, layout=to, metadata={"mean_std": mean_std})

@@ -1,0 +1,73 @@
+"""The encoder as an ONNX graph: ``pixels`` float32 [B, 3, H, W] -> ``features`` float32 [B, N, D].
+
+``torch.onnx.export`` (the ``torch.export`` path, with ``onnxscript``) does the work; what is ours is which sizes
+stay free. The batch always does. H and W do for a sin-cos (native) encoder, as multiples of the patch size,
+because its position embedding is computed from the grid inside the graph; a learned embedding is fixed to the
+model's own grid (resizing it is an interpolation we keep out of the graph: export at the size you run).
+:func:`check_onnx` runs the file in onnxruntime against the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..models.encoder import VisionEncoder
+
+MAX_GRID = 512  # the largest patch grid side an exported native graph accepts (512 * 14 = 7168 px)
+
+
+def onnx_input_shape(model: VisionEncoder, batch: int = 2, grid: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """A [B, 3, H, W] input of ``model``: its own size, or ``grid`` patches (sin-cos models)."""
+    p = model.cfg.patch_size
+    h, w = model.cfg.image_hw if grid is None else (grid[0] * p, grid[1] * p)
+    return (batch, model.cfg.in_chans, h, w)
+
+
+def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None = None) -> Path:
+    """Write ``model`` (in eval mode, float32, on the CPU) to ``path`` as ONNX with a dynamic batch, and dynamic
+    H, W for a sin-cos encoder."""
+    from torch.export import Dim
+
+    model = model.eval()
+    p = model.cfg.patch_size
+    dims = {0: Dim("batch", min=1, max=4096)}
+    if model.cfg.pos_embed == "sincos":
+        dims.update({2: p * Dim("grid_h", min=1, max=MAX_GRID), 3: p * Dim("grid_w", min=1, max=MAX_GRID)})
+    # an example of other sizes than 1, so that nothing specializes on them
+    example = torch.zeros(onnx_input_shape(model, 2, (3, 2) if model.cfg.pos_embed == "sincos" else None))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # the position-embedding cache is a side effect torch.export notes, harmlessly
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            input_names=["pixels"],
+            output_names=["features"],
+            dynamic_shapes={"pixels": dims},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    return path
+
+
+def check_onnx(path: str | os.PathLike, model: VisionEncoder, shapes: list[tuple[int, ...]]) -> float:
+    """The largest |onnxruntime - PyTorch| over inputs of ``shapes`` (random normal pixels), float32 CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen)
+        (got,) = session.run(["features"], {"pixels": x.numpy()})
+        with torch.no_grad():
+            want = model.eval()(x)
+        worst = max(worst, float((torch.from_numpy(got) - want).abs().max()))
+    return worst
