@@ -130,6 +130,6 @@ def test_cli_extract_from_the_hub_offline(offline_cache, tmp_path):
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
     cmd[4] = "hf:apple/not-cached"
-    r = subprocess.run(cmd + ["--no-progress"], env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd + ["--no-progress", "--overwrite"], env=env, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE is set" in r.stderr, r.stderr
