@@ -63,6 +63,10 @@ def check_detection(cfg: DetectionConfig) -> None:
         (bool(d.encoder), "detect.encoder is required: a pretraining run folder, a checkpoint or a model name"),
         (d.kind in DETECTOR_KINDS, f"detect.kind must be one of {', '.join(DETECTOR_KINDS)}, got {d.kind!r}"),
         (d.train_blocks >= -1, f"detect.train_blocks must be -1 (all), 0 (frozen) or a count, got {d.train_blocks}"),
+        (
+            d.kind != "fcos" or d.out_channels % 32 == 0,
+            f"detect.out_channels must be a multiple of 32 for FCOS (its head's GroupNorm), got {d.out_channels}",
+        ),
         (0 < d.layer_decay <= 1, f"detect.layer_decay must be in (0, 1], got {d.layer_decay}"),
         (set(d.scales) <= {4.0, 2.0, 1.0, 0.5}, f"detect.scales must be among 4, 2, 1, 0.5, got {d.scales}"),
         (cfg.data.source in ("synthetic", "folder"), "detection data is data.source=synthetic or folder (COCO)"),
