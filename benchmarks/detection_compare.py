@@ -67,6 +67,7 @@ def detect(work: Path, name: str, encoder: str, depth: int, seed: int, args) -> 
         f"detect.encoder={encoder}",
         f"detect.train_blocks={args.train_blocks}",
         "detect.layer_decay=1.0",
+        f"detect.out_channels={args.det_channels}",
         "detect.scales=[2.0, 1.0, 0.5]",  # strides 4, 8, 16 (+ 32): the scenes' objects are 9-22 px wide
         f"train.steps={args.det_steps}",
         f"train.batch_size={args.det_batch}",
@@ -112,6 +113,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--det-steps", type=int, default=150)
     p.add_argument("--det-batch", type=int, default=16)
+    p.add_argument("--det-channels", type=int, default=32, help="pyramid and head width")
     p.add_argument("--train-blocks", type=int, default=0, help="0 frozen (default), -1 full fine-tune")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--eval-scenes", type=int, default=200)
@@ -142,7 +144,8 @@ def main() -> None:
             "pretrain": {"config": "configs/tiny-synthetic.yaml", "steps": args.pretrain_steps,
                          "batch_size": args.pretrain_batch, "depth": args.depth},
             "detector": {"config": "configs/detect-tiny.yaml", "kind": "fcos", "scales": [2.0, 1.0, 0.5],
-                         "train_blocks": args.train_blocks, "steps": args.det_steps, "batch_size": args.det_batch},
+                         "train_blocks": args.train_blocks, "out_channels": args.det_channels,
+                         "steps": args.det_steps, "batch_size": args.det_batch},
             "eval": {"scenes": args.eval_scenes, "seed": HELD_OUT_SEED, "metric": "pycocotools COCOeval bbox"},
             "seeds": args.seeds,
         },

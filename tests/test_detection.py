@@ -54,6 +54,17 @@ def test_torchvision_detector_takes_the_backbone_and_trains_a_step(kind):
     assert len(dets) == 3 and dets[0]["boxes"].shape[-1] == 4
 
 
+def test_bf16_autocast_step_is_finite_and_close_to_fp32():
+    model = tiny_detector("fcos")
+    images, boxes, labels = collate_detection([SyntheticDetection(0, 64)[i] for i in range(2)])
+    images = images.float() / 255
+    fp32 = model(images, boxes, labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer does with train.precision=bf16
+        bf16 = model(images, boxes, labels).loss
+    bf16.backward()
+    assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+
+
 def test_frozen_and_partly_trained_encoders_and_layer_decay():
     model = tiny_detector("fcos", train_blocks=0)
     assert not any(p.requires_grad for p in model.encoder.parameters())
