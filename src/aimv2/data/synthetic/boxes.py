@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .dataset import synthetic_scene
@@ -79,6 +80,17 @@ def scene_targets(spec: SceneSpec, size: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.long)
 
 
+def scene_label_map(spec: SceneSpec, size: int) -> torch.Tensor:
+    """Semantic-segmentation target of one scene: long [size, size], each pixel the category id of the top-most
+    object covering it (objects drawn in list order, as render does), 0 for the background. Outlines are filled
+    at pixel resolution (no antialiasing: a pixel belongs to one class)."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for obj in spec.objects:
+        draw.polygon([tuple(p) for p in outline(obj, (size, size)).tolist()], fill=CATEGORY_ID[obj.shape])
+    return torch.from_numpy(np.array(canvas)).long()
+
+
 class SyntheticDetection:
     """Built-in scenes as a detection set: item i is (uint8 [3, size, size], boxes [M, 4] xyxy, labels [M]), a pure
     function of (seed, i). ``length`` None is endless (training); evaluation uses a fixed number of scenes."""
@@ -121,6 +133,16 @@ def coco_document(count: int, seed: int = 0, size: int = 64, masks: bool = True)
         "annotations": annotations,
         "categories": CATEGORIES,
     }
+
+
+class SyntheticSegmentation(SyntheticDetection):
+    """Built-in scenes as a semantic-segmentation set: item i is (uint8 [3, size, size], long [size, size] label map,
+    0 = background, k = category k), a pure function of (seed, i)."""
+
+    def __getitem__(self, i: int):
+        spec, _ = synthetic_scene(i, self.seed)
+        img = torch.from_numpy(np.array(render(spec, self.size))).permute(2, 0, 1).contiguous()  # [3, S, S]
+        return img, scene_label_map(spec, self.size)
 
 
 def write_coco(out_dir: str | Path, count: int, seed: int = 0, size: int = 64, masks: bool = True) -> Path:
