@@ -41,6 +41,23 @@ examples:
   aimv2 detect train configs/detect-tiny.yaml detect.encoder=aimv2-tiny-patch8-64 detect.train_blocks=0"""
 
 
+EVAL_DESCRIPTION = f"""COCO AP (pycocotools COCOeval, boxes): AP (IoU 0.50:0.95), AP50, AP75 and by object size.
+Without --annotations: held-out built-in scenes (--synthetic N of --seed, default {HELD_OUT_SEED}, a seed no
+training config uses). With --annotations JSON --images DIR: a COCO set, images resized to the run's
+detect.image_size and the boxes scaled back. The last line of stdout is JSON.
+
+examples:
+  aimv2 detect eval runs/det --synthetic 500
+  aimv2 detect eval runs/det --annotations val.json --images val/ --predictions val-preds.json"""
+
+PREDICT_DESCRIPTION = """Detect objects in image files with a run's model (boxes in each image's own pixels).
+Writes OUT/predictions.json (COCO results: image_id in the order given, file_name, category_id, bbox [x, y, w, h],
+score) and OUT/NAME.boxes.png, the image with the detections scoring at least --min-score drawn.
+
+examples:
+  aimv2 detect predict runs/det scenes/images/000000.png scenes/images/000001.png --out preds/"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     fmt = argparse.RawDescriptionHelpFormatter
@@ -51,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     t.set_defaults(_action=run_train)
 
-    e = sub.add_parser("eval", help="COCO AP of a detection run", formatter_class=fmt)
+    e = sub.add_parser("eval", help="COCO AP of a detection run", description=EVAL_DESCRIPTION, formatter_class=fmt)
     e.add_argument("run_dir", metavar="RUN", help="a detection run folder (holds detector.safetensors)")
     e.add_argument("--annotations", metavar="JSON", help="COCO ground truth of the images in --images")
     e.add_argument("--images", metavar="DIR", help="the folder the JSON's file_name entries are in")
@@ -62,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="cpu")
     e.set_defaults(_action=run_eval)
 
-    p = sub.add_parser("predict", help="detect objects in image files, write JSON and drawn images")
+    p = sub.add_parser("predict", help="detect objects in image files, write JSON and drawn images",
+                       description=PREDICT_DESCRIPTION, formatter_class=fmt)  # fmt: skip
     p.add_argument("run_dir", metavar="RUN", help="a detection run folder (holds detector.safetensors)")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files")
     p.add_argument("--out", required=True, metavar="DIR", help="writes predictions.json and IMAGE.boxes.png here")
