@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import sys
 from pathlib import Path
 
 from .sub_actions import run_action
@@ -101,26 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 run = run_action
 
 
-def _fail(action: str, e: Exception) -> int:
-    print(f"aimv2 detect {action}: error: {e}", file=sys.stderr)
-    return 2
-
-
 def run_train(args) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     from ..config.detection import DetectionConfig
-    from ..train import TrainingError
     from ..train.detection_task import train_detection
-    from ..weights import CheckpointError
 
     logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        cfg = load_config(args.config, args.overrides, cls=DetectionConfig)
-        if args.quiet:
-            cfg.train.progress = False
-        last = train_detection(cfg)
-    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError) as e:
-        return _fail("train", e)
+    cfg = load_config(args.config, args.overrides, cls=DetectionConfig)
+    if args.quiet:
+        cfg.train.progress = False
+    last = train_detection(cfg)
     if last:
         print(f"done: step {last['step']} loss {last['loss']:.4f}; model at {cfg.out_dir}/detector.safetensors")
     return 0
@@ -131,20 +121,17 @@ def run_eval(args) -> int:
     from ..data.synthetic.boxes import SyntheticDetection, coco_document
     from ..eval.detection import coco_eval, load_detector, predict_coco
 
-    try:
-        model, meta = load_detector(args.run_dir)
-        size = meta["detect"].image_size
-        if bool(args.annotations) != bool(args.images):
-            raise ValueError("--annotations and --images go together (a COCO JSON and its image folder)")
-        if args.annotations:
-            dataset, truth = CocoDetection(args.annotations, args.images, size), args.annotations
-        else:
-            dataset, truth = (
-                SyntheticDetection(args.seed, size, args.synthetic),
-                coco_document(args.synthetic, args.seed, size),
-            )
-    except (FileNotFoundError, ValueError) as e:
-        return _fail("eval", e)
+    model, meta = load_detector(args.run_dir)
+    size = meta["detect"].image_size
+    if bool(args.annotations) != bool(args.images):
+        raise ValueError("--annotations and --images go together (a COCO JSON and its image folder)")
+    if args.annotations:
+        dataset, truth = CocoDetection(args.annotations, args.images, size), args.annotations
+    else:
+        dataset, truth = (
+            SyntheticDetection(args.seed, size, args.synthetic),
+            coco_document(args.synthetic, args.seed, size),
+        )
     results = predict_coco(model.to(args.device), dataset, args.batch_size, args.device, progress=True)
     if args.predictions:
         Path(args.predictions).write_text(json.dumps(results))
@@ -162,17 +149,14 @@ def run_predict(args) -> int:
     from ..data.transforms import to_rgb
     from ..eval.detection import draw, load_detector
 
-    try:
-        model, meta = load_detector(args.run_dir)
-    except FileNotFoundError as e:
-        return _fail("predict", e)
+    model, meta = load_detector(args.run_dir)
     model.to(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for image_id, file in enumerate(args.images, start=1):
         if not Path(file).is_file():
-            return _fail("predict", FileNotFoundError(f"image {file} not found"))
+            raise FileNotFoundError(errno.ENOENT, "image not found", file)
         with Image.open(file) as im:
             pixels = torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).contiguous()  # [3, H, W]
         (det,) = model.predict(pixels[None].to(args.device).float() / 255)  # boxes in this image's pixels

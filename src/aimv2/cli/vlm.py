@@ -114,11 +114,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 run = run_action
 
 
-def _fail(action: str, e: Exception) -> int:
-    print(f"aimv2 vlm {action}: error: {e}", file=sys.stderr)
-    return 2
-
-
 def run_tiny_lm(args) -> int:
     from ..weights.lm import build_tiny_lm
 
@@ -128,22 +123,17 @@ def run_tiny_lm(args) -> int:
 
 
 def run_train(args) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     from ..config.vlm import VLMConfig, validate_vlm
-    from ..train import TrainingError
     from ..train.vlm_task import train_vlm
-    from ..weights import CheckpointError
 
     if args.quiet:
         logging.getLogger().setLevel(logging.WARNING)
-    try:
-        cfg = load_config(args.config, args.overrides, cls=VLMConfig)
-        validate_vlm(cfg)
-        if args.quiet:
-            cfg.train.progress = False
-        last = train_vlm(cfg)
-    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
-        return _fail("train", e)
+    cfg = load_config(args.config, args.overrides, cls=VLMConfig)
+    validate_vlm(cfg)
+    if args.quiet:
+        cfg.train.progress = False
+    last = train_vlm(cfg)
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {last['step']} loss {last['loss']:.4f}; weights at {cfg.out_dir}/vlm.safetensors")
     return 0
@@ -155,15 +145,11 @@ def run_ask(args) -> int:
 
     from ..data.sources.llava import image_tensor
     from ..eval.vqa import answer
-    from ..weights import CheckpointError
     from ..weights.lm import load_vlm_run
 
-    try:
-        model, tokenizer, cfg = load_vlm_run(args.run)
-        with Image.open(args.image) as img:
-            image = image_tensor(img, model.image_size)
-    except (CheckpointError, FileNotFoundError, OSError) as e:
-        return _fail("ask", e)
+    model, tokenizer, cfg = load_vlm_run(args.run)
+    with Image.open(args.image) as img:
+        image = image_tensor(img, model.image_size)
     torch.manual_seed(args.seed)
     gen = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
     (text,) = answer(model, tokenizer, image[None], [args.question], mean_std=cfg.data.mean_std,
@@ -176,25 +162,21 @@ def run_eval(args) -> int:
     from tqdm import tqdm
 
     from ..eval.vqa import evaluate_vqa, llava_vqa_samples, synthetic_vqa_samples
-    from ..weights import CheckpointError
     from ..weights.lm import load_vlm_run
 
-    try:
-        model, tokenizer, cfg = load_vlm_run(args.run)
-        if args.captions:
-            result = _captions(model, tokenizer, cfg, args)
+    model, tokenizer, cfg = load_vlm_run(args.run)
+    if args.captions:
+        result = _captions(model, tokenizer, cfg, args)
+    else:
+        if args.data:
+            if not args.images:
+                raise FileNotFoundError("--data needs --images DIR (the folder its image paths are relative to)")
+            samples = llava_vqa_samples(args.data, args.images, model.image_size)
         else:
-            if args.data:
-                if not args.images:
-                    raise FileNotFoundError("--data needs --images DIR (the folder its image paths are relative to)")
-                samples = llava_vqa_samples(args.data, args.images, model.image_size)
-            else:
-                samples = synthetic_vqa_samples(args.scenes, model.image_size, seed=cfg.seed)
-            with tqdm(total=len(samples), desc="vqa", file=sys.stderr) as bar:
-                result = evaluate_vqa(model, tokenizer, samples, batch_size=args.batch_size,
-                                      mean_std=cfg.data.mean_std, progress=bar.update)  # fmt: skip
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        return _fail("eval", e)
+            samples = synthetic_vqa_samples(args.scenes, model.image_size, seed=cfg.seed)
+        with tqdm(total=len(samples), desc="vqa", file=sys.stderr) as bar:
+            result = evaluate_vqa(model, tokenizer, samples, batch_size=args.batch_size,
+                                  mean_std=cfg.data.mean_std, progress=bar.update)  # fmt: skip
     for k, v in result.items():
         if k.startswith("accuracy") or k == "cider":
             print(f"{k:<22} {v:.3f}")
