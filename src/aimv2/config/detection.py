@@ -3,15 +3,11 @@ pretraining (data, optimizer, training loop, logging sections of config/schema.p
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .checks import ConfigError
-from .schema import DataConfig, LogConfig, OptimConfig, TrainConfig
+from .schema import DataConfig, LogConfig, OptimConfig, SavedConfig, TrainConfig
 
 DETECTOR_KINDS = ("fcos", "retinanet", "faster_rcnn")
 
@@ -40,7 +36,7 @@ class DetectorConfig:
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(SavedConfig):
     out_dir: str = "runs/detect"
     seed: int = 0
     detect: DetectorConfig = field(default_factory=DetectorConfig)
@@ -48,12 +44,6 @@ class DetectionConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-    def to_dict(self) -> dict:
-        return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self)))  # tuples -> lists, as the YAML will hold
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def check_detection(cfg: DetectionConfig) -> None:

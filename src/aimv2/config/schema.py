@@ -132,7 +132,9 @@ class LogConfig:
     wandb_project: str = "aimv2"
 
 
-class _Saved:
+class SavedConfig:
+    """What every run config (pretraining, LiT, VLM, detection) shares: a plain dict, and its YAML in the run."""
+
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
@@ -141,7 +143,7 @@ class _Saved:
 
 
 @dataclass
-class Config(_Saved):
+class Config(SavedConfig):
     out_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,7 +166,7 @@ class LitTowerConfig:
 
 
 @dataclass
-class LitConfig(_Saved):
+class LitConfig(SavedConfig):
     """A LiT run (``aimv2 lit``): the pretraining sections for data, optimizer, training and logging, and ``lit``."""
 
     out_dir: str = "runs/lit"

@@ -3,15 +3,11 @@ optimizer, training and logging (config/schema.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .checks import ConfigError
-from .schema import DataConfig, LogConfig, OptimConfig, TrainConfig
+from .schema import DataConfig, LogConfig, OptimConfig, SavedConfig, TrainConfig
 
 
 @dataclass
@@ -36,7 +32,7 @@ class VLMSection:
 
 
 @dataclass
-class VLMConfig:
+class VLMConfig(SavedConfig):
     out_dir: str = "runs/vlm"
     seed: int = 0
     vlm: VLMSection = field(default_factory=VLMSection)
@@ -44,20 +40,6 @@ class VLMConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-    def to_dict(self) -> dict:
-        return yaml.safe_load(yaml.safe_dump(_lists(dataclasses.asdict(self))))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _lists(x):
-    if isinstance(x, dict):
-        return {k: _lists(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_lists(v) for v in x]
-    return x
 
 
 def validate_vlm(cfg: VLMConfig) -> None:
