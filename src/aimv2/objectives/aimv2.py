@@ -41,6 +41,12 @@ class PretrainOutput:
     # The baselines (objectives/generative.py) return the same type: a loss part their objective does not have is
     # a zero tensor with count 0 (so metrics keep their keys) and a prediction it does not make is None.
 
+    @classmethod
+    def from_terms(cls, terms: LossTerms, image_pred, text_logits, prefix_len: torch.Tensor) -> PretrainOutput:
+        """The output whose losses are ``terms`` divided by this batch's own counts."""
+        means = terms.means()
+        return cls(terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms)
+
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, N, p*p*C], patches in raster order, values in (row, col, channel) order."""
@@ -171,10 +177,7 @@ class AIMv2Pretrainer(nn.Module):
         # text: next-token cross-entropy over non-pad tokens
         text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
-        means = terms.means()
-        return PretrainOutput(
-            terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms
-        )
+        return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len)
 
     def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
         """The valid targets forward will count, without running the model: non-prefix patches, non-pad tokens."""

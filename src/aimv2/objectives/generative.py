@@ -97,10 +97,7 @@ class GenerativeBaseline(nn.Module):
             text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
 
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
-        means = terms.means()
-        return PretrainOutput(
-            terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms
-        )
+        return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len)
 
     def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
         """The valid targets forward will count: non-prefix patches (pixel decoder), non-pad tokens (text)."""
