@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, RMSNorm, init_trunk_linear_, prefix_causal_mask
+from .attention import AttentionMask
+from .layers import Block, RMSNorm, init_trunk_linear_
 
 
 @dataclass
@@ -197,8 +198,11 @@ class VisionEncoder(nn.Module):
         pe = self._pos_embed(H // p, W // p, pixels.device)  # [1, N, D]
         return x + pe.to(self.patch_embed.proj.weight.dtype)
 
-    def attention_mask(self, prefix_len: torch.Tensor | int | None, batch: int, seq_len: int, device) -> torch.Tensor:
-        """bool [B, 1, N, N] prefix-causal mask, or None for full bidirectional attention."""
+    def attention_mask(
+        self, prefix_len: torch.Tensor | int | None, batch: int, seq_len: int, device
+    ) -> AttentionMask | None:
+        """The prefix-causal pattern of ``prefix_len`` (one per sample, or one for all), or None for full
+        bidirectional attention."""
         if prefix_len is None:
             return None
         if isinstance(prefix_len, int):
@@ -206,7 +210,7 @@ class VisionEncoder(nn.Module):
         prefix_len = prefix_len.to(device=device).reshape(-1)
         if prefix_len.numel() not in (1, batch):
             raise ValueError(f"prefix_len must have one entry per sample ({batch}), got {prefix_len.numel()}")
-        return prefix_causal_mask(prefix_len, seq_len)
+        return AttentionMask(seq_len, causal=True, prefix_len=prefix_len)
 
     def forward(self, pixels: torch.Tensor, prefix_len: torch.Tensor | int | None = None) -> torch.Tensor:
         """Patch features after the final norm: [B, 3, H, W] -> [B, N, D]."""

@@ -1,8 +1,8 @@
 """Building blocks shared by the AIMv2 encoder, decoder and text tower.
 
 Every block is pre-norm: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``. Attention goes through
-PyTorch's ``scaled_dot_product_attention`` so the fused kernels (flash / memory-efficient on GPU, the
-fused CPU kernel) are used; masks are boolean with ``True`` meaning "may attend".
+:func:`aimv2.models.attention.attend`, which takes the pattern as an :class:`AttentionMask` (or a boolean
+tensor, ``True`` meaning "may attend") and runs PyTorch's fused attention kernels.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionMask, attend
+
 KV = tuple[torch.Tensor, torch.Tensor]  # cached keys and values of one attention layer, each [B, H, P, head_dim]
+Mask = AttentionMask | torch.Tensor | None  # what a block's attention accepts (see models/attention.py)
 
 
 class RMSNorm(nn.Module):
@@ -69,12 +72,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        # x: [B, N, D]; mask: None or bool [B or 1, 1, N, N] (True = may attend)
+    def forward(self, x: torch.Tensor, mask: Mask = None, is_causal: bool = False) -> torch.Tensor:
+        # x: [B, N, D]; mask: an AttentionMask, a bool [B or 1, 1, N, N] (True = may attend), or None
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        y = attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, N, D)  # [B, N, D]
         return self.proj(y)
 
@@ -112,7 +115,7 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Mask = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal)
         x = x + self.mlp(self.norm2(x))
         return x
@@ -123,20 +126,6 @@ class Block(nn.Module):
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, kv
-
-
-def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Boolean attention mask for prefix attention, True where query i may attend key j.
-
-    Query i sees key j when j <= i (causal) or j < prefix_len[b] (the prefix is bidirectional).
-    ``prefix_len`` of 0 or 1 gives a plain causal mask; ``seq_len`` gives full attention.
-
-    Returns: bool [B, 1, N, N].
-    """
-    idx = torch.arange(seq_len, device=prefix_len.device)
-    causal = idx[None, :] <= idx[:, None]  # [N, N]: key j <= query i
-    in_prefix = idx[None, None, :] < prefix_len.view(-1, 1, 1)  # [B, 1, N]: key j in prefix of sample b
-    return (causal[None] | in_prefix).unsqueeze(1)  # [B, 1, N, N]
 
 
 def init_trunk_linear_(module: nn.Module) -> None:
