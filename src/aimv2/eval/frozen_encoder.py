@@ -58,6 +58,7 @@ def load_frozen_encoder(
 
 
 def _load(spec, checkpoint, overrides: dict, seed: int, pretrained: bool) -> nn.Module:
+    """The float32 encoder, in eval mode, by the rules of :func:`load_frozen_encoder`."""
     if pretrained:
         return create_model(str(spec), pretrained=True, **overrides).eval()
     if checkpoint:
