@@ -174,3 +174,19 @@ def test_cli_extract_from_the_hub_offline(offline_cache, tmp_path):
     r = subprocess.run(cmd + ["--no-progress", "--overwrite"], env=env, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE is set" in r.stderr, r.stderr
+
+
+def test_only_the_checkpoint_files_are_fetched():
+    """The download's allow-list, applied by huggingface_hub's own filter to the file list of Apple's repositories
+    (as at the pinned commits) and of a sharded transformers folder: config, preprocessor config and weights; not
+    the MLX copy of the weights, the Flax one, the remote code or the README."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    apple = [".gitattributes", "README.md", "aimv2_overview_light.png", "config.json", "configuration_aimv2.py",
+             "flax_model.msgpack", "mlx_model.safetensors", "model.safetensors", "modeling_aimv2.py",
+             "modeling_flax_aimv2.py", "preprocessor_config.json"]  # fmt: skip
+    fetched = sorted(filter_repo_objects(apple, allow_patterns=list(released.CHECKPOINT_FILES)))
+    assert fetched == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    sharded = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+               "model.safetensors.index.json", "tokenizer.json", "optimizer.safetensors"]  # fmt: skip
+    assert sorted(filter_repo_objects(sharded, allow_patterns=list(released.CHECKPOINT_FILES))) == sharded[:5]

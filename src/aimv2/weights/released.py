@@ -72,11 +72,12 @@ RELEASES: dict[str, Release] = {
 }
 
 # The files a checkpoint folder needs (the loaders and zero-shot read them); nothing else in a repository
-# (README, images, remote code) is fetched.
+# (README, images, remote code, and Apple's mlx_model.safetensors, a second copy of the weights for MLX) is fetched.
 CHECKPOINT_FILES = (
     "config.json",
     "preprocessor_config.json",
-    "*.safetensors",
+    "model.safetensors",
+    "model-*.safetensors",  # a sharded checkpoint's shards
     "model.safetensors.index.json",
     "tokenizer.json",  # the LiT text tower's
 )
