@@ -4,6 +4,7 @@ random checkpoint, read with ``HF_HUB_OFFLINE=1`` by ``create_model(..., pretrai
 the command line; transformers reads the same cache as the peer reference."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -69,19 +70,59 @@ def test_revision_pinning_and_unknown_revision(offline_cache):
 
 
 def test_offline_and_not_cached_is_one_clear_error(offline_cache):
-    with pytest.raises(CheckpointError, match=r"apple/aimv2-large-patch14-224 is not in the Hugging Face cache.*"
-                       r"HF_HUB_OFFLINE is set: download it once online"):  # fmt: skip
+    pin = released.RELEASES["aimv2-large-patch14-224"].revision
+    with pytest.raises(CheckpointError, match=rf"apple/aimv2-large-patch14-224@{pin} is not in the Hugging Face "
+                       rf"cache.*HF_HUB_OFFLINE is set: download it once online \(hf download "
+                       rf"apple/aimv2-large-patch14-224 --revision {pin}\)"):  # fmt: skip
         aimv2.create_model("aimv2-large-patch14-224", pretrained=True)
     with pytest.raises(CheckpointError, match="no published AIMv2 checkpoint named 'aimv2-giant'"):
         aimv2.create_model("aimv2-giant", pretrained=True)
 
 
 def test_release_table_matches_the_registry():
-    """Every published name builds as the encoder its row says (config only, on the meta device)."""
+    """Every published name builds as the encoder its row says (config only, on the meta device); a pin is a
+    full commit hash (the Hub resolves only those offline, from the cache's snapshot folder)."""
     with torch.device("meta"):
         for r in released.RELEASES.values():
             assert r.repo == "apple/" + r.name
             assert aimv2.create_model(r.model).name == r.model
+            assert r.revision is None or re.fullmatch("[0-9a-f]{40}", r.revision), r
+    assert set(released.PINNED) <= set(released.RELEASES) and len(released.PINNED) == 12
+
+
+def test_a_pinned_release_reads_its_commit_in_apples_layout(tmp_path, monkeypatch):
+    """A release with a pin resolves to that commit, not to what main points at: a cache whose main is a
+    transformers export of other weights, and whose pinned snapshot holds Apple's own files (``trunk.*`` keys
+    without our metadata, Apple's config.json with model_type aimv2), serves the pinned weights, bit for bit."""
+    from safetensors.torch import save_file
+
+    from aimv2.weights import convert_state_dict
+
+    torch.manual_seed(0)
+    pinned, newer = aimv2.create_model(NAME).eval(), aimv2.create_model(NAME).eval()
+    pin = "89abcdef" * 5
+    store = tmp_path / "hub" / ("models--" + REPO.replace("/", "--"))
+    export_hf(newer, store / "snapshots" / REV)
+    (store / "refs").mkdir(parents=True)
+    (store / "refs" / "main").write_text(REV)
+    folder = store / "snapshots" / pin
+    folder.mkdir(parents=True)
+    save_file(convert_state_dict(pinned.state_dict(), "aimv2", "apple"), folder / "model.safetensors")
+    cfg = pinned.cfg
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["AIMv2Model"], "model_type": "aimv2", "hidden_size": cfg.embed_dim,
+        "image_size": cfg.img_size, "intermediate_size": cfg.mlp_hidden_dim, "num_attention_heads": cfg.num_heads,
+        "num_channels": 3, "num_hidden_layers": cfg.depth, "patch_size": cfg.patch_size, "qkv_bias": False,
+        "rms_norm_eps": 1e-5, "use_bias": False, "projection_dropout": 0.0, "attention_dropout": 0.0,
+    }))  # fmt: skip
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setitem(released.RELEASES, "aimv2-tiny-test", Release("aimv2-tiny-test", REPO, NAME, revision=pin))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(aimv2.create_model("aimv2-tiny-test", pretrained=True)(x), pinned(x), rtol=0, atol=0)
+        main = aimv2.create_model("aimv2-tiny-test", pretrained=True, revision="main")(x)
+        torch.testing.assert_close(main, newer(x), rtol=0, atol=0)  # revision= still overrides the pin
 
 
 def test_lit_by_hub_spec(tmp_path, monkeypatch):
@@ -133,3 +174,19 @@ def test_cli_extract_from_the_hub_offline(offline_cache, tmp_path):
     r = subprocess.run(cmd + ["--no-progress", "--overwrite"], env=env, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE is set" in r.stderr, r.stderr
+
+
+def test_only_the_checkpoint_files_are_fetched():
+    """The download's allow-list, applied by huggingface_hub's own filter to the file list of Apple's repositories
+    (as at the pinned commits) and of a sharded transformers folder: config, preprocessor config and weights; not
+    the MLX copy of the weights, the Flax one, the remote code or the README."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    apple = [".gitattributes", "README.md", "aimv2_overview_light.png", "config.json", "configuration_aimv2.py",
+             "flax_model.msgpack", "mlx_model.safetensors", "model.safetensors", "modeling_aimv2.py",
+             "modeling_flax_aimv2.py", "preprocessor_config.json"]  # fmt: skip
+    fetched = sorted(filter_repo_objects(apple, allow_patterns=list(released.CHECKPOINT_FILES)))
+    assert fetched == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    sharded = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+               "model.safetensors.index.json", "tokenizer.json", "optimizer.safetensors"]  # fmt: skip
+    assert sorted(filter_repo_objects(sharded, allow_patterns=list(released.CHECKPOINT_FILES))) == sharded[:5]

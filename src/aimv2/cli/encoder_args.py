@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from ..data.transforms import MEAN_STD
+from ..eval.quantize import INFERENCE_DTYPES
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +60,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     r.add_argument(
         "--dtype",
-        choices=("fp32", "bf16", "fp16"),
+        choices=INFERENCE_DTYPES,
         default=None,
-        help="autocast of the encoder forward; features stay float32 (default: fp32). On CPUs bf16 is the fast one "
-        "where the CPU has bf16 instructions; fp16 pays off on GPUs (benchmarks/inference_speed.py)",
+        help="bf16 / fp16: autocast of the encoder forward; int8: its linear layers quantized by torchao (int8 "
+        "weights and activations; pip install 'aimv2[int8]'). Features stay float32 (default: fp32). On CPUs "
+        "bf16 is the fast one where the CPU has bf16 instructions, int8 saves 3/4 of the weight memory but need "
+        "not be faster; fp16 pays off on GPUs (benchmarks/inference_speed.py measures speed and what each loses)",
     )
     r.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default: 64)")
@@ -111,13 +114,14 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def encoder_from_args(args):
-    """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``); a bare model name is a random init
-    seeded by ``--seed`` (else 0)."""
+    """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``), quantized for ``--dtype int8``; a
+    bare model name is a random init seeded by ``--seed`` (else 0)."""
     from ..eval.frozen_encoder import load_frozen_encoder
 
     overrides = parse_overrides(args.overrides)
     return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
-                               seed=getattr(args, "seed", 0), pretrained=args.pretrained)  # fmt: skip
+                               seed=getattr(args, "seed", 0), pretrained=args.pretrained,
+                               dtype=encoder_dtype(args))  # fmt: skip
 
 
 def feature_settings(args):

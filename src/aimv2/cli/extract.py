@@ -36,6 +36,7 @@ is [n, D] and "grids" is written too.
 examples:
   aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors photos/ feats.safetensors
   aimv2 extract runs/tiny photos/ feats.npy --pool mean --bf16
+  aimv2 extract aimv2-large-patch14-224 --pretrained photos/ feats.safetensors --dtype int8
   aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors photos/ f.safetensors --blocks -4,-3,-2,-1
   aimv2 extract aimv2-large-patch14-native --checkpoint native.safetensors photos/ f.safetensors --native
 """

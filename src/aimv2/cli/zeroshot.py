@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..eval.quantize import INFERENCE_DTYPES
+
 DESCRIPTION = """--images is a folder with one sub-folder per class; folder names are the class names unless
 --classnames renames them.
 
@@ -36,7 +38,11 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the forward passes"
+        "--dtype",
+        choices=INFERENCE_DTYPES,
+        default="fp32",
+        help="bf16 / fp16: autocast of the forward passes; int8: the linear layers of both towers quantized by "
+        "torchao (pip install 'aimv2[int8]') (default: fp32)",
     )
     p.add_argument(
         "--mean-std",
@@ -48,10 +54,13 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..data.classnames import folder_labels, read_classnames
     from ..data.sources.folders import find_classes
+    from ..eval.quantize import check_dtype, for_inference
     from ..eval.zeroshot import DEFAULT_TEMPLATES, load_lit_classifier, read_templates, zeroshot_classify
     from .encoder_args import plain_warnings, resolve_device
 
+    check_dtype(args.dtype)  # a missing torchao is said before the model is read
     lit = load_lit_classifier(args.lit, tokenizer=args.tokenizer, mean_std=args.mean_std)
+    for_inference(lit.model, args.dtype)
     templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
     names = None
     if args.classnames:  # one name per class folder, in folder order

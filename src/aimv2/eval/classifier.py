@@ -37,9 +37,9 @@ class EncoderSpec:
     overrides: dict | None = None
     seed: int = 0
 
-    def load(self) -> nn.Module:
+    def load(self, dtype: str = "fp32") -> nn.Module:
         return load_frozen_encoder(self.spec, checkpoint=self.checkpoint, overrides=self.overrides, seed=self.seed,
-                                   pretrained=self.pretrained)  # fmt: skip
+                                   pretrained=self.pretrained, dtype=dtype)  # fmt: skip
 
 
 def _absolute(path: str | None) -> str | None:
@@ -106,8 +106,8 @@ class Classifier:
     def predict(self, paths: list[Path], device: torch.device | str = "cpu", progress: bool | None = None) -> dict:
         """``{"paths": the readable ones, "probs": float [n, C], "errors": [ReadError]}``, features computed as the
         probe computed them."""
-        self.encoder = self.encoder if self.encoder is not None else self.encoder_spec.load()
         s = self.settings
+        self.encoder = self.encoder if self.encoder is not None else self.encoder_spec.load(s.dtype)
         dataset = ImageFiles(paths, transform=feature_transform(self.encoder, s))
         kw = dict(batch_size=s.batch_size, num_workers=s.num_workers, device=device, dtype=s.dtype, blocks=s.blocks,
                   pool=self.pool, mean_std=s.mean_std, progress=progress, desc="classify")  # fmt: skip

@@ -40,12 +40,21 @@ def weights_digest(module: nn.Module) -> str:
     """Hash of every state_dict entry's name, dtype, shape and bytes (blake2b: ~1 s per GB on one core)."""
     h = hashlib.blake2b(digest_size=16)
     for name, t in module.state_dict().items():
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.is_meta:
-            continue
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        for part, plain in _plain_tensors(name, t.detach()):
+            h.update(f"{part}|{plain.dtype}|{tuple(plain.shape)}".encode())
+            if not plain.is_meta:
+                h.update(plain.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def _plain_tensors(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``t``, or the plain tensors a tensor subclass is made of (torchao's int8 weights: their int8 data, scales
+    and zero points), each named after its place and, for a subclass, its type and settings."""
+    if not hasattr(t, "__tensor_flatten__"):
+        return [(name, t)]
+    inner, settings = t.__tensor_flatten__()
+    prefix = f"{name}|{type(t).__qualname__}|{settings!r}"
+    return [part for attr in inner for part in _plain_tensors(f"{prefix}.{attr}", getattr(t, attr))]
 
 
 def encoder_description(encoder: nn.Module) -> dict:

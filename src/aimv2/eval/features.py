@@ -1,4 +1,4 @@
-"""Frozen-encoder features of an image dataset: batched, no grad, eval mode, optional bf16 autocast.
+"""Frozen-encoder features of an image dataset: batched, no grad, eval mode, optional bf16/fp16 autocast or int8.
 
 Workers decode and resize to uint8; the main process moves uint8 batches to the device and normalizes there
 (:func:`aimv2.data.transforms.normalize`). Features come back as float32 on the CPU, in dataset order, with the
@@ -19,8 +19,10 @@ from tqdm import tqdm
 from ..data.sources.folders import ReadError, collate_skip
 from ..data.transforms import normalize
 from ..errors import DataError
+from .quantize import is_int8
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast of the forward
+# the autocast of the forward per inference dtype; int8 has none: its encoder's linear layers are int8 already
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # how features are kept (memory, cache files)
 POOLS = ("none", "mean")
 BLOCK_REDUCE = ("mean", "stack")
@@ -87,7 +89,9 @@ def extract_features(
 ) -> dict:
     """Run ``encoder`` over ``dataset`` (samples ``(uint8 [3, H, W] | ReadError, label, index)``).
 
-    dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; weights stay as they are).
+    dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; weights stay as they are), or ``"int8"`` for an encoder
+        quantized by :func:`aimv2.eval.quantize.for_inference` (a ValueError for one that is not: quantizing here
+        would change the caller's model behind its back).
     store: ``"fp32"`` or ``"bf16"``: the dtype the features are kept in (bf16 halves the memory of patch tokens).
     progress: a tqdm bar on stderr; None shows it only when stderr is a terminal.
     Returns ``{"features": float32 (or bf16) [n, ...], "labels": long [n], "indices": long [n], "errors": [ReadError]}``
@@ -95,6 +99,10 @@ def extract_features(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype == "int8" and not is_int8(encoder):
+        raise ValueError(
+            "dtype int8 needs an int8 encoder; quantize it first: aimv2.eval.quantize.for_inference(encoder, 'int8')"
+        )
     if store not in STORE_DTYPES:
         raise ValueError(f"store must be one of {list(STORE_DTYPES)}, got {store!r}")
     if pool not in POOLS:

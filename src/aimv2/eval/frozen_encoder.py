@@ -17,6 +17,7 @@ from torch import nn
 
 from ..models import parse_model_name
 from ..weights import create_model, preprocessing
+from .quantize import check_dtype, for_inference
 
 
 @dataclass
@@ -27,7 +28,7 @@ class FeatureSettings:
     crop_pct: float = 1.0  # resize to img_size / crop_pct before the crop
     mean_std: str = "imagenet"  # normalization: imagenet (Apple's training code) or clip (their preprocessor files)
     blocks: list[int] | None = None  # normalized outputs of these blocks averaged; None: the last block
-    dtype: str = "fp32"  # autocast of the encoder forward (features stay float32): fp32 | bf16 | fp16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the forward) | int8 (torchao); features stay float32
     batch_size: int = 64  # images per encoder forward
     num_workers: int = 4  # image decoding processes, 0 decodes inline
     native: bool = False  # keep each image's aspect ratio (sin-cos encoders), at most max_patches patches
@@ -41,8 +42,10 @@ def load_frozen_encoder(
     overrides: dict | None = None,
     seed: int = 0,
     pretrained: bool = False,
+    dtype: str = "fp32",
 ) -> nn.Module:
-    """The encoder ``spec`` names, in eval mode.
+    """The encoder ``spec`` names, in eval mode, ready for inference in ``dtype`` (``int8``: its linear layers
+    quantized by torchao; the other dtypes are an autocast of the forward and leave the weights float32).
 
     ``spec`` with ``checkpoint``: a model name and the weights for it. A bare model name (not an existing path):
     random weights seeded by ``seed`` without touching the global RNG, so the same command gives the same encoder
@@ -50,7 +53,12 @@ def load_frozen_encoder(
     weights of that name, through the Hugging Face cache. Anything else (a file, a transformers
     folder, a run folder) is read by :func:`aimv2.weights.load_encoder`, its layout detected.
     """
-    overrides = dict(overrides or {})
+    check_dtype(dtype)  # before any weights are read
+    return for_inference(_load(spec, checkpoint, dict(overrides or {}), seed, pretrained), dtype)
+
+
+def _load(spec, checkpoint, overrides: dict, seed: int, pretrained: bool) -> nn.Module:
+    """The float32 encoder, in eval mode, by the rules of :func:`load_frozen_encoder`."""
     if pretrained:
         return create_model(str(spec), pretrained=True, **overrides).eval()
     if checkpoint:

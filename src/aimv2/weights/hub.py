@@ -49,13 +49,14 @@ def download(repo: str, revision: str | None = None, cache_dir: str | os.PathLik
     from huggingface_hub import constants, errors, snapshot_download
 
     at = f"{repo}@{revision}" if revision else repo
+    fetch_command = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     try:
         folder = snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=list(CHECKPOINT_FILES))
     except errors.LocalEntryNotFoundError as e:
         if constants.is_offline_mode():
             raise CheckpointError(
                 f"{at} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and "
-                "HF_HUB_OFFLINE is set: download it once online (hf download " + repo + "), or unset HF_HUB_OFFLINE"
+                f"HF_HUB_OFFLINE is set: download it once online ({fetch_command}), or unset HF_HUB_OFFLINE"
             ) from e
         raise CheckpointError(f"{at}: the Hub cannot be reached and it is not cached: check the network ({e})") from e
     except errors.GatedRepoError as e:

@@ -2,8 +2,17 @@
 
 Every row is one repository under ``apple/`` on the Hub. ``model`` is the encoder the weights fit in our registry
 (``models/registry.py``), so ``create_model(name, pretrained=True)`` can check the download against it; the
-distilled checkpoints share the architecture of their plain twins. ``revision`` pins a commit when set; None
-follows the repository's ``main`` branch (a user pins one with ``revision=`` or ``hf:REPO@REV``).
+distilled checkpoints share the architecture of their plain twins.
+
+``revision`` pins the commit a name resolves to, so that the same name gives the same weights for everyone. The
+pins (:data:`PINNED`) are the repositories' commits of November 2024, Apple's own upload: ``model.safetensors`` in
+Apple's key layout (``preprocessor.*``, ``trunk.*``) with its ``config.json`` and ``preprocessor_config.json``,
+which the loaders read as they read any Apple file. The repositories have since gained commits (licence files
+and, for several, the weights saved again in transformers' layout); a pin keeps the files as first published.
+Four rows have no pin because no full commit hash of theirs was at hand when the table was written (huge-336,
+3B-336, large-224-distilled, and the LiT model, whose first commit has no config or tokenizer): they follow
+``main``. A caller pins any row with ``create_model(name, pretrained=True, revision=COMMIT)`` or
+``hf:apple/NAME@COMMIT``; ``hf:REPO`` without ``@`` is the repository's ``main``, not the table's pin.
 
 ``mean_std`` is the normalization of the repository's ``preprocessor_config.json`` (CLIP's, for every release),
 and what :func:`aimv2.weights.preprocessing` uses for these weights.
@@ -21,37 +30,54 @@ class Release(NamedTuple):
     repo: str  # the Hub repository
     model: str  # the registry name of the encoder the weights fit
     kind: str = "encoder"  # encoder | lit
-    revision: str | None = None  # a pinned commit; None: the main branch
+    revision: str | None = None  # the pinned commit (40 hex digits); None: the main branch
     mean_std: str = "clip"  # the normalization of the repository's preprocessor_config.json
+
+
+# name -> the full commit hash its repository is pinned to (Apple's November 2024 upload); absent: main
+PINNED: dict[str, str] = {
+    "aimv2-large-patch14-224": "b31a84b903ef9d2393dffc59c76ae82ecc4ff4f9",
+    "aimv2-large-patch14-336": "5919ff9dcc15ecd48b8557aed04339ee19c422ad",
+    "aimv2-large-patch14-448": "f7deaa668dc3709358725c0b02032c3d573892f2",
+    "aimv2-huge-patch14-224": "580ab4ba21146b5e7f9e12a7aff53e36b580a58a",
+    "aimv2-huge-patch14-448": "6299ef9222c228455b4c6a1b330dccd291aff1f6",
+    "aimv2-1B-patch14-224": "91dfa32e24501567d1bd6be8f186d4c380ff3072",
+    "aimv2-1B-patch14-336": "ee7e6393c186278f9052e95ad308d86e3b358bf7",
+    "aimv2-1B-patch14-448": "95d52da01af28b509e13c551e08f0cbefdddc2d4",
+    "aimv2-3B-patch14-224": "35502623abfa801144a673774a225febf2aedc59",
+    "aimv2-3B-patch14-448": "e89f6519d77c23399299719d8f7e113e184ca0ed",
+    "aimv2-large-patch14-native": "df5cf3a3f388283b723e4e3f71eff8f69c154f1a",
+    "aimv2-large-patch14-336-distilled": "7a8d3fc16023fdbab6b991c20e19152115fef878",
+}
+
+
+def _release(name: str, model: str, kind: str = "encoder") -> Release:
+    return Release(name, f"apple/{name}", model, kind, PINNED.get(name))
 
 
 def _encoders() -> list[Release]:
     rows = [
-        Release(f"aimv2-{size}-patch14-{res}", f"apple/aimv2-{size}-patch14-{res}", f"aimv2-{size}-patch14-{res}")
+        _release(f"aimv2-{size}-patch14-{res}", f"aimv2-{size}-patch14-{res}")
         for size in ("large", "huge", "1B", "3B")
         for res in (224, 336, 448)
     ]
-    rows.append(Release("aimv2-large-patch14-native", "apple/aimv2-large-patch14-native", "aimv2-large-patch14-native"))
+    rows.append(_release("aimv2-large-patch14-native", "aimv2-large-patch14-native"))
     for res in (224, 336):
-        name = f"aimv2-large-patch14-{res}-distilled"
-        rows.append(Release(name, f"apple/{name}", f"aimv2-large-patch14-{res}"))
+        rows.append(_release(f"aimv2-large-patch14-{res}-distilled", f"aimv2-large-patch14-{res}"))
     return rows
 
 
 RELEASES: dict[str, Release] = {
-    r.name: r
-    for r in (
-        *_encoders(),
-        Release("aimv2-large-patch14-224-lit", "apple/aimv2-large-patch14-224-lit", "aimv2-large-patch14-224", "lit"),
-    )
+    r.name: r for r in (*_encoders(), _release("aimv2-large-patch14-224-lit", "aimv2-large-patch14-224", "lit"))
 }
 
 # The files a checkpoint folder needs (the loaders and zero-shot read them); nothing else in a repository
-# (README, images, remote code) is fetched.
+# (README, images, remote code, and Apple's mlx_model.safetensors, a second copy of the weights for MLX) is fetched.
 CHECKPOINT_FILES = (
     "config.json",
     "preprocessor_config.json",
-    "*.safetensors",
+    "model.safetensors",
+    "model-*.safetensors",  # a sharded checkpoint's shards
     "model.safetensors.index.json",
     "tokenizer.json",  # the LiT text tower's
 )
