@@ -207,7 +207,10 @@ def _steps_per_epoch(cfg: Config, sources: list[SourcePlan], batches: list[int])
     known = [s for s in sources if s.samples]
     if len(sources) > 1:
         if len(known) < len(sources):
-            return "unknown (a mixture of sources, some of unknown size): img2dataset's *_stats.json beside each shard"
+            return (
+                "unknown (sources of unknown size: img2dataset's NNNNN_stats.json beside each shard makes a source's "
+                "size known)"
+            )
         return (
             "; ".join(
                 f"{s.name}: {' to '.join(str(math.ceil(s.samples / (s.weight * b))) for b in sorted(set(batches)))}"
