@@ -113,6 +113,8 @@ def test_unmarked_user_file_with_weight_decay_is_refused_with_both_fixes(tmp_pat
     msg = str(e.value)
     assert "\n" not in msg and "decoupled_weight_decay: 0.0001" in msg and "config_version: 2" in msg
     assert "weight_decay: 0.2 at lr 0.0005" in msg
+    with pytest.raises(ConfigError, match=r"optim.weight_decay=0.05 without a 'config_version: 2' line; .* 5% of"):
+        load_config(_write(tmp_path, "optim:\n  weight_decay: 0.05\n"))
     marked = _write(tmp_path, "config_version: 2\noptim:\n  weight_decay: 0.05\n")
     assert load_config(marked).optim.weight_decay == 0.05
     with pytest.raises(ConfigError, match="config_version=7 is not a config version"):

@@ -9,6 +9,7 @@ import timm
 import torch
 from conftest import ROOT
 
+from aimv2.config import ConfigError
 from aimv2.config.parse import load_config, resolve_config
 from aimv2.objectives.build import build_model
 from aimv2.train.optim import adamw_weight_decay
@@ -80,10 +81,15 @@ def test_post_training_stages(name):
 
 def test_the_old_high_res_paths_are_gone_everywhere():
     """configs/highres-*.yaml moved to configs/paper/: no file in the repository names the old path."""
-    hits = [
-        p
-        for p in ROOT.rglob("*")
-        if p.suffix in {".py", ".md", ".yaml", ".toml"} and ".venv" not in p.parts and p.is_file()
-        if "configs/highres-" in Path(p).read_text(errors="ignore") and p.name != Path(__file__).name
-    ]
+    files = [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    for folder in ("src", "tests", "configs", "benchmarks"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in {".py", ".md", ".yaml"}]
+    hits = [p for p in files if p != Path(__file__) and "configs/highres-" in p.read_text(errors="ignore")]
     assert hits == []
+
+
+def test_overrides_reach_into_the_mixture_by_position():
+    cfg = resolved("aimv2-large-224")  # every data.mixture.I.shards given as key=value
+    assert [e["shards"] for e in cfg.data.mixture] == ["a/{0..3}.tar"] * 5
+    with pytest.raises(ConfigError, match=r"override 'data.mixture.5.shards=x': 5 is not an item of a list of 5"):
+        load_config(PAPER / "aimv2-large-224.yaml", ["data.mixture.5.shards=x"])

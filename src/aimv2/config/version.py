@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checks import ConfigError
+from .checks import MAX_DECAY_PER_STEP, ConfigError
 from .schema import CONFIG_VERSION, DEFAULT_WEIGHT_DECAY, OptimConfig
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,12 @@ def upgrade(data: dict, path: Path | None) -> bool:
         )
         return True
     lr = float(optim.get("lr", OptimConfig.lr))
+    if float(wd) > MAX_DECAY_PER_STEP["decoupled_weight_decay"]:  # too large to have meant the old convention
+        raise ConfigError(
+            f"{path} sets optim.weight_decay={wd} without a '{VERSION_KEY}: {CONFIG_VERSION}' line; before version "
+            f"{CONFIG_VERSION} that was fully decoupled decay, {100 * float(wd):.3g}% of every weight a step, surely "
+            f"not meant: add '{VERSION_KEY}: {CONFIG_VERSION}' at the top for torch AdamW's weight_decay {wd}"
+        )
     raise ConfigError(
         f"{path} sets optim.weight_decay but has no '{VERSION_KEY}: {CONFIG_VERSION}' line, so it may mean the old "
         f"fully decoupled decay: write 'decoupled_weight_decay: {wd}' under optim to keep that meaning (= "
