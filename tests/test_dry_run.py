@@ -117,7 +117,8 @@ def test_cli_dry_run_lists_what_is_missing_and_writes_nothing(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", str(LARGE), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "unresolved (???): data.mixture.0.shards, data.mixture.1.shards" in out and "data.tokenizer;" in out
+    assert "(???) give each as key=value" in out and "data.mixture.0.shards, data.mixture.1.shards" in out
+    assert "data.mixture.4.shards, data.tokenizer\n" in out
     assert "encoder 309.2M (309,197,824)" in out  # timm's aimv2_large_patch14_224 (tests/test_paper_configs.py)
     assert "global batch 8,192 images of 256 patches" in out and "1,464,844 steps; warmup 12,500" in out
     assert "decoupled 0.0001 (torch AdamW's 0.1 at the peak lr)" in out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,15 +88,16 @@ def _vocab(cfg: Config) -> tuple[int, str]:
 
     tok = cfg.data.tokenizer
     if tok is None:
-        return default_synthetic_tokenizer(cfg.data.context_length).vocab_size, "the built-in tokenizer"
+        n = default_synthetic_tokenizer(cfg.data.context_length).vocab_size
+        return n, f"{n:,} (the built-in tokenizer)"
     if tok == REQUIRED or not Path(tok).is_file():
         why = "unresolved" if tok == REQUIRED else f"{tok} not found"
-        return ASSUMED_VOCAB, f"{ASSUMED_VOCAB} assumed (SigLIP's; data.tokenizer {why})"
+        return ASSUMED_VOCAB, f"{ASSUMED_VOCAB:,} assumed (SigLIP's; data.tokenizer {why})"
     if tok.endswith(".model"):
-        return Tokenizer.from_sentencepiece(tok, context_length=cfg.data.context_length).vocab_size, tok
-    return Tokenizer.from_file(
-        tok, context_length=cfg.data.context_length, pad_token=cfg.data.pad_token
-    ).vocab_size, tok
+        n = Tokenizer.from_sentencepiece(tok, context_length=cfg.data.context_length).vocab_size
+    else:
+        n = Tokenizer.from_file(tok, context_length=cfg.data.context_length, pad_token=cfg.data.pad_token).vocab_size
+    return n, f"{n:,} ({tok})"
 
 
 def _meta_model(cfg: Config, vocab: int, encoder_depth: int | None = None, decoder_depth: int | None = None):
@@ -305,7 +307,8 @@ def format_dry_run(r: DryRun) -> str:
     p = r.params
     lines = [f"dry run of {r.config}: nothing is trained, loaded or written"]
     if r.unresolved:
-        lines.append(f"unresolved (???): {', '.join(r.unresolved)}; give each as key=value before training")
+        keys = textwrap.fill(", ".join(r.unresolved), 100, initial_indent=" " * 13, subsequent_indent=" " * 13)
+        lines += ["unresolved   (???) give each as key=value before training:", keys]
     lines += [
         f"model        {r.encoder}: encoder {_count(p['encoder'])} ({p['encoder']:,}), decoder {_count(p['decoder'])} "
         f"({p['decoder']:,}), total {_count(p['total'])} ({p['total']:,}); vocabulary: {r.vocab}",
@@ -319,7 +322,8 @@ def format_dry_run(r: DryRun) -> str:
         if s.present is not None:
             files += f" ({s.present:,} exist)"
         samples = f", {s.samples:,} samples" if s.samples else ""
-        lines.append(f"  {s.name:<18} weight {s.weight:.2f}  {s.spec}{files}{samples}{'  ' + s.note if s.note else ''}")
+        spec = "" if s.spec == REQUIRED else f"  {s.spec}"
+        lines.append(f"  {s.name:<18} weight {s.weight:.2f}{spec}{files}{samples}{'  ' + s.note if s.note else ''}")
     lines.append(f"steps/epoch  {r.steps_per_epoch}")
     lines += ["schedule     " + r.schedule[0], *("             " + x for x in r.schedule[1:])]
     return "\n".join(lines)
