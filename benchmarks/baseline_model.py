@@ -26,7 +26,7 @@ from torch import nn
 
 from aimv2.config import OptimConfig
 from aimv2.objectives.aimv2 import AIMv2Pretrainer
-from aimv2.train.optim import param_groups
+from aimv2.train.optim import adamw_weight_decay, param_groups
 
 
 class PlainRMSNorm(nn.Module):
@@ -192,5 +192,5 @@ def plain_copy(model: AIMv2Pretrainer) -> PlainPretrainer:
 
 def plain_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Our parameter groups and hyperparameters, with the per-parameter AdamW loop."""
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_mult)
+    groups = param_groups(model, adamw_weight_decay(cfg), cfg.lr_mult)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)

@@ -240,11 +240,11 @@ def test_frozen_warmup_then_unfrozen_records_origin_and_resume_does_not_reinit(s
 def test_lr_mult_scales_group_lrs_and_keeps_decay_rules():
     model = aimv2.create_pretraining_model("aimv2-tiny-patch8-64", vocab_size=20, depth=2, decoder_depth=1)
     mult = {"encoder": 0.1, "encoder.blocks.1": 0.5, "decoder.text_pos": 2.0}
-    plain = {id(p): g["weight_decay"] for g in param_groups(model, 1e-4, 1e-3) for p in g["params"]}
+    plain = {id(p): g["weight_decay"] for g in param_groups(model, 0.1) for p in g["params"]}
     apply_activation_checkpointing(model)  # wrapper names in parameter names do not change the matching
     from aimv2.config import OptimConfig
 
-    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=1e-4, lr_mult=mult))
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1, lr_mult=mult))
     set_lr(opt, 4e-4)
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     assert len(lr_of) == len(plain)
@@ -253,9 +253,9 @@ def test_lr_mult_scales_group_lrs_and_keeps_decay_rules():
         want = 2.0 if name == "decoder.text_pos" else 0.5 if name.startswith("encoder.blocks.1.") else 1.0
         want = 0.1 if want == 1.0 and name.startswith("encoder.") else want
         assert lr_of[id(p)][0] == pytest.approx(4e-4 * want), name
-        assert lr_of[id(p)][1] == plain[id(p)], name  # which parameters decay, and wd', unchanged
+        assert lr_of[id(p)][1] == plain[id(p)], name  # which parameters decay, and their wd, unchanged
     with pytest.raises(ValueError, match=r"no parameter name starts with \['encodr'\]"):
-        param_groups(model, 1e-4, 1e-3, {"encodr": 0.1})
+        param_groups(model, 0.1, {"encodr": 0.1})
     with pytest.raises(ConfigError, match="lr_mult values"):
         load_config(TINY, ["optim.lr_mult={encoder: -1}"])
 
@@ -263,7 +263,7 @@ def test_lr_mult_scales_group_lrs_and_keeps_decay_rules():
 # ------------------------------------------------------------------------------------ presets and commands
 @pytest.mark.parametrize(("preset", "grid"), [("highres-336", (24, 24)), ("highres-448", (32, 32))])
 def test_highres_presets(preset, grid):
-    path = ROOT / f"configs/{preset}.yaml"
+    path = ROOT / f"configs/paper/{preset}.yaml"
     with pytest.raises(ConfigError, match="model.init_from, data.shards, data.tokenizer"):
         load_config(path)
     cfg = load_config(path, ["model.init_from=x.safetensors", "data.shards=a.tar", "data.tokenizer=t.model"])

@@ -75,7 +75,7 @@ def test_changed_config_on_existing_run_is_refused(tmp_path):
         capture_output=True,
     )
     r = subprocess.run(
-        _cmd(out, "train.steps=2", "optim.lr=0.5"), env=subprocess_env(), capture_output=True, text=True, timeout=300
+        _cmd(out, "train.steps=2", "optim.lr=0.002"), env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 2 and "different config" in r.stderr and "optim.lr" in r.stderr
 

@@ -26,7 +26,48 @@ def _num(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def validate(cfg: Config) -> None:
+# The most a weight may shrink in one step at the peak lr through weight decay alone. AdamW recipes shrink by
+# lr x wd ~ 1e-4 (e.g. 1e-3 x 0.1); a value far above is a misread convention, not a choice.
+MAX_DECAY_PER_STEP = {"weight_decay": 1e-3, "decoupled_weight_decay": 1e-2}
+
+
+def decay_checks(o) -> list[tuple[bool, str]]:
+    """The two weight-decay keys: at most one set, each a number >= 0."""
+    wd, dwd = o.weight_decay, o.decoupled_weight_decay
+    return [
+        (
+            wd is None or dwd is None,
+            f"optim.weight_decay={wd} and optim.decoupled_weight_decay={dwd} are both set; keep one (weight_decay "
+            f"w is decoupled_weight_decay w x optim.lr)",
+        ),
+        in_range("optim.weight_decay", 0.0 if wd is None else wd, 0),
+        in_range("optim.decoupled_weight_decay", 0.0 if dwd is None else dwd, 0),
+    ]
+
+
+def decay_bound_checks(o) -> list[tuple[bool, str]]:
+    """The sanity bound on the per-step shrink, with the value that was probably meant."""
+    wd, dwd = o.weight_decay or 0.0, o.decoupled_weight_decay or 0.0
+    lim_wd, lim_dwd = MAX_DECAY_PER_STEP["weight_decay"], MAX_DECAY_PER_STEP["decoupled_weight_decay"]
+    return [
+        (
+            o.lr * wd <= lim_wd,
+            f"optim.weight_decay={wd:g} at optim.lr={o.lr:g} shrinks weights by {100 * o.lr * wd:.2g}% a step "
+            f"(lr x wd, more than {100 * lim_wd:g}%); AdamW recipes use 0.01 to 0.2 (the paper's decay is "
+            "optim.weight_decay: 0.1 at lr 1e-3, or optim.decoupled_weight_decay: 1e-4 at any lr)",
+        ),
+        (
+            dwd <= lim_dwd,
+            f"optim.decoupled_weight_decay={dwd:g} shrinks weights by {100 * dwd:.3g}% a step at the peak lr (more "
+            f"than {100 * lim_dwd:g}%); you probably meant optim.weight_decay: {dwd:g} (AdamW convention, "
+            f"lr x {dwd:g} a step); the paper's decoupled value is 1e-4",
+        ),
+    ]
+
+
+def validate(cfg: Config, *, decay_bound: bool = True) -> None:
+    """Every rule; ``decay_bound=False`` skips the weight-decay bound (a migrated config an earlier run trained
+    with, whose value is history, not a choice to question)."""
     t, o, d = cfg.train, cfg.optim, cfg.data
     checks = [
         in_range("seed", cfg.seed, 0, 2**32 - 1),  # numpy's and every DataLoader worker's seed range
@@ -48,7 +89,8 @@ def validate(cfg: Config) -> None:
         in_range("optim.init_lr", o.init_lr, 0),
         (0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr!r} is out of range; give a number in [0, optim.lr={o.lr:g}]"),
         in_range("optim.warmup_steps", o.warmup_steps, 0),
-        in_range("optim.weight_decay", o.weight_decay, 0),
+        *decay_checks(o),
+        *(decay_bound_checks(o) if decay_bound else []),
         in_range("optim.betas[0]", o.betas[0], 0, 1, open_hi=True),
         in_range("optim.betas[1]", o.betas[1], 0, 1, open_hi=True),
         in_range("optim.eps", o.eps, 0, open_lo=True),

@@ -12,6 +12,7 @@ import yaml
 
 from .checks import ConfigError, validate
 from .schema import Config
+from .version import upgrade
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -96,7 +97,8 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 def apply_override(data: dict, override: str) -> None:
-    """``a.b.c=value`` -> data['a']['b']['c'] = yaml(value). Dict-valued fields accept deeper keys."""
+    """``a.b.c=value`` -> data['a']['b']['c'] = yaml(value). Dict-valued fields accept deeper keys, and a number
+    names an item of a list the file already has (``data.mixture.0.shards=...``)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. train.steps=100)")
     key, raw = override.split("=", 1)
@@ -107,10 +109,23 @@ def apply_override(data: dict, override: str) -> None:
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
+        node = _index(node, p, override) if isinstance(node, list) else node.setdefault(p, {})
+        if not isinstance(node, dict | list):
             raise ConfigError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = value
+    if isinstance(node, list):  # a list item: data.mixture.0=...
+        _index(node, parts[-1], override)
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _index(items: list, part: str, override: str):
+    """``items[part]`` for an override that walks into a list by position (``data.mixture.0.shards=...``)."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {override!r}: {part} is not an item of a list of {len(items)} (0 to {len(items) - 1})"
+        )
+    return items[int(part)]
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -143,23 +158,33 @@ REQUIRED = "???"  # a config value that must be given (by an override): e.g. mod
 def _required_left(data, prefix: str = "") -> list[str]:
     if isinstance(data, dict):
         return [k for key, v in data.items() for k in _required_left(v, f"{prefix}{key}.")]
+    if isinstance(data, list):  # data.mixture.0.shards, as an override names it
+        return [k for i, v in enumerate(data) for k in _required_left(v, f"{prefix}{i}.")]
     return [prefix.rstrip(".")] if data == REQUIRED else []
+
+
+def _read(path: str | Path | None, overrides: list[str]) -> tuple[dict, bool, list[str]]:
+    """The config mapping with the overrides applied, whether its decay was migrated, and the keys left ``???``."""
+    data: dict = {}
+    migrated = False
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found ({path}); give a YAML file, e.g. one of configs/")
+        data = read_yaml(path)
+        migrated = upgrade(data, path)
+    for ov in overrides:
+        apply_override(data, ov)
+    return data, migrated, _required_left(data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Config:
     """Read a YAML config (or the defaults if path is None), apply overrides, check types and values.
 
     ``cls`` is the run's config class: Config (pretraining) or LitConfig. A value ``???`` marks a key the config
-    leaves to the command line; one left unset is an error naming it."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found ({path}); give a YAML file, e.g. one of configs/")
-        data = read_yaml(path)
-    for ov in overrides:
-        apply_override(data, ov)
-    missing = _required_left(data)
+    leaves to the command line; one left unset is an error naming it. A file written before ``config_version`` 2
+    is migrated or refused as config/version.py describes."""
+    data, migrated, missing = _read(path, overrides)
     if missing:
         raise ConfigError(
             f"{path} needs a value for {', '.join(missing)} (marked ??? in the file): add "
@@ -167,5 +192,21 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
             + " to the command"
         )
     cfg = _build(cls, data)
-    validate(cfg)
+    validate(cfg, decay_bound=not migrated)
     return cfg
+
+
+def resolve_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> tuple[Config, list[str]]:
+    """:func:`load_config` that keeps the ``???`` values (as the string ``???``) instead of refusing them, and
+    returns their keys: ``aimv2 pretrain --dry-run`` reports all a config still needs, and the rest of it, at once."""
+    data, migrated, missing = _read(path, overrides)
+    cfg = _build(cls, data)
+    validate(cfg, decay_bound=not migrated)
+    return cfg, missing
+
+
+def saved_config_dict(path: str | Path) -> dict:
+    """A run folder's config.yaml as a plain mapping in today's form (migrated when an earlier version wrote it)."""
+    data = read_yaml(Path(path))
+    upgrade(data, Path(path))
+    return data

@@ -87,20 +87,37 @@ class DataConfig:
     native: NativeConfig = field(default_factory=NativeConfig)  # native-resolution training (off by default)
 
 
+DEFAULT_WEIGHT_DECAY = 0.1  # optim.weight_decay when neither decay key is given
+
+# The version of the config format a saved config.yaml carries (top-level ``config_version``). Version 1 (no marker):
+# optim.weight_decay was the fully decoupled decay; version 2: it is torch AdamW's, and the decoupled one is
+# optim.decoupled_weight_decay. config/parse.py reads version 1 files (see load_config).
+CONFIG_VERSION = 2
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate
     init_lr: float = 1e-6  # warmup starts here
     min_lr: float = 1e-5  # cosine ends here
     warmup_steps: int = 100
-    weight_decay: float = 1e-4  # fully decoupled: p <- p * (1 - wd * lr_t / lr)
+    # torch AdamW's convention (and timm's): p <- p * (1 - lr_t * weight_decay). Unset: 0.1 (which, at lr 1e-3, is
+    # the paper's 1e-4 fully decoupled decay). At most one of the two keys is set.
+    weight_decay: float | None = None
+    # Apple's training code's fully decoupled decay: p <- p * (1 - decoupled_weight_decay * lr_t / lr), the shape of
+    # the schedule but not its scale (the paper's 1e-4 at every size). Equal to weight_decay = this / lr.
+    decoupled_weight_decay: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables
     # Learning-rate multipliers by parameter-name prefix, e.g. {encoder: 0.1} or {encoder.blocks: 0.5, decoder: 1};
-    # the longest matching prefix wins, 1.0 where none matches. Decoupled weight decay scales with the group's lr
-    # (so a multiplier of 0 freezes a module entirely); which parameters decay is unchanged.
+    # the longest matching prefix wins, 1.0 where none matches. Weight decay scales with the group's lr (either key;
+    # so a multiplier of 0 freezes a module entirely); which parameters decay is unchanged.
     lr_mult: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.weight_decay is None and self.decoupled_weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY
 
 
 @dataclass
@@ -133,13 +150,16 @@ class LogConfig:
 
 
 class SavedConfig:
-    """What every run config (pretraining, LiT, VLM, detection) shares: a plain dict, and its YAML in the run."""
+    """What every run config (pretraining, LiT, VLM, detection) shares: a plain dict, and its YAML in the run.
+
+    The YAML starts with ``config_version``, so a later reader knows which meaning its keys had; the marker is not
+    a field of the config (it describes the file, not the run)."""
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump({"config_version": CONFIG_VERSION, **self.to_dict()}, sort_keys=False))
 
 
 @dataclass

@@ -1,12 +1,14 @@
-"""AdamW with fully decoupled weight decay, the paper's parameter groups, warmup + cosine schedule.
+"""AdamW with the paper's parameter groups and warmup + cosine schedule; weight decay in either convention.
 
-Fully decoupled decay shrinks p <- p * (1 - wd * lr_t / lr_peak): the decay follows the schedule's
-shape but not its scale. torch's AdamW applies p <- p * (1 - lr_t * wd'), so wd' = wd / lr_peak gives
-exactly that update while keeping torch's fused/foreach kernels.
+``optim.weight_decay`` is torch AdamW's own: p <- p * (1 - lr_t * wd), the decay following the learning rate
+(timm's and the paper's wording). ``optim.decoupled_weight_decay`` is Apple's training code's fully decoupled decay,
+p <- p * (1 - wd * lr_t / lr_peak): the schedule's shape but not its scale, so the same value (the paper's 1e-4)
+fits every model size. It is torch's AdamW with wd / lr_peak, which keeps torch's fused/foreach kernels; both keys
+therefore become one number per group here (:func:`adamw_weight_decay`).
 
 Per-module learning-rate multipliers (``optim.lr_mult``, e.g. ``{encoder: 0.1}``) split the two decay groups
 further by multiplier; each group keeps its ``lr_mult`` and :func:`set_lr` gives it ``lr_t * lr_mult``. The decay
-step ``lr_t * wd'`` therefore scales with the multiplier too: a module at 0.1 x lr also decays at 0.1 x, and one
+step ``lr_t * wd`` therefore scales with the multiplier too: a module at 0.1 x lr also decays at 0.1 x, and one
 at 0 does not move at all.
 """
 
@@ -43,10 +45,16 @@ def lr_mult_of(name: str, lr_mult: dict[str, float]) -> float:
     return mult
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, lr_peak: float, lr_mult: dict[str, float] | None = None
-) -> list[dict]:
-    """AdamW groups: decay / no decay (same rules with or without multipliers), split by lr multiplier."""
+def adamw_weight_decay(cfg: OptimConfig) -> float:
+    """The weight decay torch's AdamW takes (p <- p * (1 - lr_t * wd)) for either key of ``cfg``."""
+    if cfg.decoupled_weight_decay is not None:
+        return cfg.decoupled_weight_decay / cfg.lr
+    return cfg.weight_decay
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: decay (at ``weight_decay``, torch's convention) / no decay (same rules with or without
+    multipliers), split by lr multiplier."""
     lr_mult = lr_mult or {}
     names = [plain_name(n) for n, p in model.named_parameters() if p.requires_grad]
     unused = [k for k in lr_mult if not any(n == k or n.startswith(k + ".") for n in names)]
@@ -66,13 +74,11 @@ def param_groups(
         groups.setdefault((decay, lr_mult_of(name, lr_mult)), []).append(p)
     # without multipliers: exactly the historical two groups (decay, no decay), so older checkpoints still load
     order = sorted(groups, key=lambda k: (not k[0], -k[1]))
-    return [
-        {"params": groups[k], "weight_decay": weight_decay / lr_peak if k[0] else 0.0, "lr_mult": k[1]} for k in order
-    ]
+    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_mult": k[1]} for k in order]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_mult)
+    groups = param_groups(model, adamw_weight_decay(cfg), cfg.lr_mult)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 

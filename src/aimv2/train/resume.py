@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from ..config.parse import saved_config_dict
+from ..config.version import canonical_decay
 from ..weights.atomic import crash_point
 from ..weights.run_folder import list_checkpoints
 from . import checkpointing as ckpt
@@ -32,11 +32,12 @@ def check_same_config(cfg, out_dir: Path) -> None:
     path = out_dir / "config.yaml"
     if not path.exists() or not list_checkpoints(out_dir):
         return
-    old = yaml.safe_load(path.read_text())
-    new = cfg.to_dict()
+    old = saved_config_dict(path)  # in today's form, when an earlier version wrote it
+    new = canonical_decay(cfg.to_dict())
     for section, defaults in type(cfg)().to_dict().items():  # keys added since that run was written: defaults
         if isinstance(defaults, dict) and isinstance(old.get(section), dict):
             old[section] = {**defaults, **old[section]}
+    old = canonical_decay(old)  # the same decay in either convention is the same run
     diffs = []
     for section, values in new.items():
         if not isinstance(values, dict):
