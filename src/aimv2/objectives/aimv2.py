@@ -164,7 +164,9 @@ class PrefixSampler:
         """One draw per global sample index: [B] -> [B] in [1, N_b - 1] (``num_patches``: one N, or [B] per image)."""
         n = torch.as_tensor(num_patches).expand(len(indices)).tolist()
         self._check(min(n, default=2))
-        draws = [np.random.default_rng([self.seed, 1, int(i)]).integers(1, n_b) for i, n_b in zip(indices, n)]
+        draws = [
+            np.random.default_rng([self.seed, 1, int(i)]).integers(1, n_b) for i, n_b in zip(indices, n, strict=True)
+        ]
         return torch.tensor(draws, dtype=torch.long)
 
     @staticmethod
