@@ -154,11 +154,13 @@ class PrefixSampler:
         self.seed = int(seed)
 
     def __call__(
-        self, batch_size: int, num_patches: int, *, rank: int = 0, worker: int = 0, step: int = 0
+        self, batch_size: int, num_patches: int | torch.Tensor, *, rank: int = 0, worker: int = 0, step: int = 0
     ) -> torch.Tensor:
-        self._check(num_patches)
+        """[B] draws in [1, N_b - 1] (``num_patches``: one N, or [B] per image)."""
+        n = num_patches.numpy() if isinstance(num_patches, torch.Tensor) else num_patches
+        self._check(int(np.min(n)))
         rng = np.random.default_rng([self.seed, 0, rank, worker, step])
-        return torch.from_numpy(rng.integers(1, num_patches, size=batch_size)).long()  # [B] in [1, N-1]
+        return torch.from_numpy(rng.integers(1, n, size=batch_size)).long()  # [B] in [1, N_b - 1]
 
     def per_sample(self, indices: torch.Tensor, num_patches: int | torch.Tensor) -> torch.Tensor:
         """One draw per global sample index: [B] -> [B] in [1, N_b - 1] (``num_patches``: one N, or [B] per image)."""
