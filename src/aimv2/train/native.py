@@ -187,18 +187,24 @@ def native_schedule(cfg, info: DistInfo) -> NativeSchedule | None:
 def resolve_native_mode(cfg, out_dir: Path, *, migrate: bool = False) -> None:
     """Set ``data.native.mode`` where the config leaves it unset (null): the mode of the run ``out_dir`` already
     holds, so a resumed run keeps its shapes; per_image for a new run. A run folder written before the key existed
-    trained per step: its config.yaml has ``data.native`` without ``mode``. ``migrate`` (rank 0, holding the run's
-    lock) writes ``mode: per_step`` into such a config.yaml, so the folder says what it was trained with and the
-    resume check compares like with like."""
+    has ``data.native`` without ``mode``: a native run there trained one grid per step. ``migrate`` (rank 0, holding
+    the run's lock) writes the key into such a config.yaml (per_step; in a run without native resolution, where it
+    means nothing, this run's value), so the folder says what it was trained with and the resume check compares
+    like with like."""
     nat = cfg.data.native
     path = out_dir / "config.yaml"
-    saved = None
-    if nat.enabled and path.is_file() and list_checkpoints(out_dir):
+    doc, saved = None, None
+    if path.is_file() and list_checkpoints(out_dir):
         doc = yaml.safe_load(path.read_text()) or {}
-        saved = doc.get("data", {}).get("native")
-    if isinstance(saved, dict) and saved.get("enabled") and "mode" not in saved:
-        saved["mode"] = "per_step"  # written before data.native.mode existed: one grid per step
+        saved = doc.get("data", {}).get("native") if isinstance(doc.get("data"), dict) else None
+    saved = saved if isinstance(saved, dict) else None
+    legacy = saved is not None and "mode" not in saved
+    if nat.mode is None:
+        if saved is not None and saved.get("mode") in MODES:
+            nat.mode = saved["mode"]
+        else:
+            nat.mode = "per_step" if legacy and saved.get("enabled") else "per_image"
+    if legacy:
+        saved["mode"] = "per_step" if saved.get("enabled") else nat.mode
         if migrate:
             atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(doc, sort_keys=False)))
-    if nat.mode is None:
-        nat.mode = saved["mode"] if isinstance(saved, dict) and saved.get("mode") in MODES else "per_image"
