@@ -23,13 +23,15 @@ step's sequence length: A_s per image (padded), gh * gw per step. So B_s * L_s <
 (batch_multiple * L_s) of it.
 
 Why padding rather than packing several images into one sequence: one A_s per step and grids that fill A_s closely
-(fit_grid gives up at most a row or column of patches) leave little to pad. benchmarks/native_speed.py measures it:
-about 6% of the tokens at the paper's areas (2^7 to 2^12) and 12% at the tiny config's (2^4 to 2^6), padding
-included in the budget above. Packing would win back that share but needs block-diagonal prefix and causal masks
-over sequences several images long, whose dense (CPU, SDPA) attention costs grow with the square of the packed
-length; padding keeps one image per row, the same attention patterns the encoder already has, and a key mask.
+(fit_grid gives up at most a row or column of patches) leave little to pad. benchmarks/native_speed.py counts it
+over 2000 steps with aspect ratios in [1/2, 2]: 2.1% of the image positions at the paper's areas (2^7 to 2^12) and
+8.1% at native-tiny's (2^4 to 2^6), and times it: per image ran at 1.02x the image tokens/s of one grid per step
+(native-tiny on CPU, benchmarks/results/native_speed_cpu.json). Packing could win back those few percent but needs
+block-diagonal prefix and causal masks over sequences several images long, whose dense attention (SDPA on CPU)
+grows with the square of the packed length; padding keeps one image per row, the encoder's own prefix pattern and
+a key mask (AttentionMask.key_valid), which models/attention.py's attend() hands to whichever backend runs it.
 
-Every draw is keyed by (seed, step) only (never rank or worker), so all ranks agree on the shape and the batch size
+Every draw is keyed by (seed, step) only (a scene's aspect ratio by (seed, sample index); never rank or worker), so all ranks agree on the shape and the batch size
 of every step: DDP and FSDP2 stay in lockstep, and with batch_multiple divisible by ranks x grad_accum the global
 batch does not depend on how many ranks share it. Step s holds the global samples [start(s), start(s) + B_s),
 start(s) = B_0 + ... + B_{s-1}; a resumed run recomputes start(s) from the seed, so the data position and the
