@@ -31,12 +31,12 @@ block-diagonal prefix and causal masks over sequences several images long, whose
 grows with the square of the packed length; padding keeps one image per row, the encoder's own prefix pattern and
 a key mask (AttentionMask.key_valid), which models/attention.py's attend() hands to whichever backend runs it.
 
-Every draw is keyed by (seed, step) only (a scene's aspect ratio by (seed, sample index); never rank or worker), so all ranks agree on the shape and the batch size
-of every step: DDP and FSDP2 stay in lockstep, and with batch_multiple divisible by ranks x grad_accum the global
-batch does not depend on how many ranks share it. Step s holds the global samples [start(s), start(s) + B_s),
-start(s) = B_0 + ... + B_{s-1}; a resumed run recomputes start(s) from the seed, so the data position and the
-area sequence continue exactly. Draws come in blocks of steps (one vectorized draw per block), so start(s) costs
-microseconds per thousand steps.
+Every draw is keyed by (seed, step) only (a scene's aspect ratio by (seed, sample index); never rank or worker),
+so all ranks agree on the shape and the batch size of every step: DDP and FSDP2 stay in lockstep, and with
+batch_multiple divisible by ranks x grad_accum the global batch does not depend on how many ranks share it. Step s
+holds the global samples [start(s), start(s) + B_s), start(s) = B_0 + ... + B_{s-1}; a resumed run recomputes
+start(s) from the seed, so the data position and the area sequence continue exactly. Draws come in blocks of steps
+(one vectorized draw per block), so start(s) costs microseconds per thousand steps.
 """
 
 from __future__ import annotations
