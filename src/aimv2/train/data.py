@@ -100,9 +100,10 @@ class _StepStream(IterableDataset):
         H, W = images.shape[-2:]
         return (H // self.patch_size) * (W // self.patch_size)
 
-    def _image_hw(self, area: int, global_index: int, aspect: float | None) -> tuple[int, int]:
+    def _image_hw(self, area: int, aspect: float | None, global_index: int | None = None) -> tuple[int, int]:
         """Per-image native: (H, W) pixels of an image with aspect ratio ``aspect`` (height / width) at most ``area``
-        patches; ``aspect=None`` (data with no shape of its own: the built-in scenes) draws one for the sample."""
+        patches; ``aspect=None`` (data with no shape of its own: the built-in scenes) draws one for sample
+        ``global_index``."""
         if aspect is None:
             aspect = self.native.image_aspect(global_index)
         gh, gw = fit_grid(area, aspect)
@@ -161,7 +162,7 @@ class StepBatches(_StepStream):
         area = self.native(step).area if self.native.per_image else None
         samples = []
         for i in map(int, indices):
-            size = hw if area is None else partial(self._image_hw, area, i)  # per image: its aspect -> its (H, W)
+            size = hw if area is None else partial(self._image_hw, area, global_index=i)  # per image: aspect -> (H, W)
             samples.append(self.native_fn(self._dataset_index(i), i, size))
         images, captions = zip(*samples, strict=True)
         images, grid_hw, n = self._finish(list(images), area)
@@ -206,7 +207,7 @@ class ShardStepBatches(_StepStream):
                 fit = partial(native_fit, hw=hw)
                 if self.native.per_image:  # each image at its own aspect ratio, at most A_s patches
                     area = self.native(step).area
-                    fit = partial(_fit_own_aspect, hw_of=partial(self._image_hw, area, 0))  # (index unused: never None)
+                    fit = partial(_fit_own_aspect, hw_of=partial(self._image_hw, area))
             picks = np.random.default_rng([self.seed, 5, self.rank, w, step]).choice(
                 len(streams), size=local, p=self.weights
             )  # [B] source of each sample

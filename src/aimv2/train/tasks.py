@@ -115,12 +115,10 @@ class ImageTextTask:
         return StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
 
     def inputs(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        grid_hw = batch.grid_hw  # per-image native: [B, 2]; else every image has the batch's grid
-        if grid_hw is None:
-            p = self.patch_size
-            grid_hw = torch.tensor([batch.images.shape[-2] // p, batch.images.shape[-1] // p]).expand(
-                len(batch.text), 2
-            )
+        grid_hw = batch.grid_hw  # per-image native: [B, 2], each image's own
+        if grid_hw is None:  # one grid for the batch
+            H, W = batch.images.shape[-2:]
+            grid_hw = torch.tensor([H // self.patch_size, W // self.patch_size]).expand(len(batch.text), 2)
         return {
             # [B, 3, H, W] float, or per-image native patch tokens [B, A, p*p*3]
             "images": normalize(batch.images, self.cfg.data.mean_std, device),
