@@ -208,7 +208,8 @@ def test_grad_accum_on_a_native_batch_gives_the_global_mean_gradient():
     out.loss.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    inputs = {"images": images, "text": text, "prefix_len": prefix}
+    grid = torch.tensor([H // P, W // P]).expand(B, 2)  # read by per-image token batches only
+    inputs = {"images": images, "text": text, "prefix_len": prefix, "grid_hw": grid}
     values = train_step(model, model, inputs, 3, DistInfo(), contextlib.nullcontext)
     torch.testing.assert_close(values["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(values["image_loss"], out.image_loss.detach(), rtol=1e-5, atol=1e-6)
@@ -330,8 +331,10 @@ def test_config_errors_name_the_problem():
         build_source(cfg, None)
 
 
-@pytest.mark.parametrize("source", ["synthetic", "shards"])
-def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, source):
+@pytest.mark.parametrize(
+    ("source", "mode"), [("synthetic", "per_image"), ("shards", "per_image"), ("shards", "per_step")]
+)
+def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, source, mode):
     from aimv2.train import train, trainer
 
     data = []
@@ -342,7 +345,8 @@ def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, sour
         data = ["data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.shuffle_buffer=16"]
 
     def run(out):
-        return train(load_config(ROOT / "configs/native-tiny.yaml", [*NATIVE_RUN, *data, f"out_dir={out}"]))
+        overrides = [*NATIVE_RUN, *data, f"data.native.mode={mode}", f"out_dir={out}"]
+        return train(load_config(ROOT / "configs/native-tiny.yaml", overrides))
 
     run(tmp_path / "ref")
 
@@ -441,13 +445,19 @@ def test_probe_native_on_folders_of_mixed_aspect_ratios(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_native_training_matches_single_process(tmp_path):
-    """2-process DDP (gloo): both ranks take the same grid and half of each step's varying batch; the global-batch
-    losses and the weights match one process."""
+    """2-process DDP (gloo), one grid per step: both ranks take the same grid and half of each step's varying batch;
+    the global-batch losses and the weights match one process (per image: test_native_per_image.py)."""
     import subprocess
     import sys
 
     env = subprocess_env()
-    args = ["pretrain", str(ROOT / "configs/native-tiny.yaml"), *NATIVE_RUN, "train.steps=3"]
+    args = [
+        "pretrain",
+        str(ROOT / "configs/native-tiny.yaml"),
+        *NATIVE_RUN,
+        "train.steps=3",
+        "data.native.mode=per_step",
+    ]
     single, multi = tmp_path / "single", tmp_path / "ddp"
     subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]

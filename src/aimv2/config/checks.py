@@ -165,6 +165,18 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
     nat = cfg.data.native
     if nat.enabled:
         checks += [
+            (
+                nat.mode in (None, "per_image", "per_step"),
+                f"data.native.mode must be per_image or per_step (or null: the run folder's), got {nat.mode!r}",
+            ),
+            (
+                nat.mode == "per_step"
+                or not isinstance(cfg, Config)
+                or cfg.model.objective == "aimv2"
+                and not cfg.model.separate_decoders,
+                f"data.native.mode={nat.mode or 'per_image (the default)'} trains model.objective=aimv2 with its "
+                "shared decoder only; the baselines take one grid per step: set data.native.mode=per_step",
+            ),
             in_range("data.native.min_patches", nat.min_patches, 2),
             (
                 nat.max_patches >= nat.min_patches,

@@ -45,18 +45,23 @@ class ModelConfig:
 
 @dataclass
 class NativeConfig:
-    """Native-resolution training (aimv2.train.native): per step an area of 2^n patches, n from a normal(0, 1)
-    truncated to [-1, 1] mapped onto [log2 min_patches, log2 max_patches] (the paper: 128 and 4096), one aspect ratio
-    per step log-uniform in [1/max_aspect, max_aspect], and a global batch of tokens_per_batch // patches images
-    (rounded down to a multiple of batch_multiple). Replaces train.batch_size; needs a sin-cos (-native) encoder.
-    All images of a step share its grid: synthetic scenes are rendered at it, folder/hf images keep their aspect
-    ratio and lose the overhang (center crop); data.augment does not apply. Shards are not supported yet."""
+    """Native-resolution training (aimv2.train.native): per step an area A of 2^n patches, n from a normal(0, 1)
+    truncated to [-1, 1] mapped onto [log2 min_patches, log2 max_patches] (the paper: 128 and 4096), and a global
+    batch of tokens_per_batch // A images (rounded down to a multiple of batch_multiple). Replaces train.batch_size;
+    needs a sin-cos (-native) encoder; data.augment does not apply.
+
+    mode per_image (the paper's): every image keeps its own aspect ratio with at most A patches, padded to A and
+    masked (the built-in scenes draw a ratio per image in [1/max_aspect, max_aspect]; folder, hf and shard images
+    have their own); model.objective=aimv2 only. mode per_step: one ratio per step and one grid for all its images,
+    which keep their aspect ratio and lose the overhang (center crop). Unset (null): the mode of the run out_dir
+    already holds (per_step for folders written before this key existed), per_image for a new run."""
 
     enabled: bool = False
+    mode: str | None = None  # per_image | per_step | null (see above)
     min_patches: int = 128
     max_patches: int = 4096
-    tokens_per_batch: int = 262144  # image tokens per global batch (64 images of 4096 patches)
-    max_aspect: float = 2.0  # height/width in [1/max_aspect, max_aspect]
+    tokens_per_batch: int = 262144  # image tokens per global batch, padding included (64 images of 4096 patches)
+    max_aspect: float = 2.0  # height/width in [1/max_aspect, max_aspect] (per_step: of each step's grid)
     batch_multiple: int = 8  # every B_s is a multiple of this (must be divisible by ranks x train.grad_accum)
 
 

@@ -341,16 +341,23 @@ def normalize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """uint8 [B, 3, H, W] (on any device) -> ``dtype`` [B, 3, H, W] on ``device``, scaled to [0, 1] and normalized.
+    Also patch tokens uint8 [B, N, p*p*3] (per-image native batches), whose values are in (row, col, channel)
+    order: the channel is the last of every three.
 
     The copy to the device moves uint8 (non-blocking when the batch is in pinned memory); the arithmetic runs there.
     """
     if batch.dtype != torch.uint8:
         raise TypeError(f"normalize expects a uint8 batch, got {batch.dtype}")
-    if batch.ndim != 4 or batch.shape[1] != 3:
-        raise ValueError(f"expected [B, 3, H, W], got {tuple(batch.shape)}")
+    tokens = batch.ndim == 3 and batch.shape[-1] % 3 == 0
+    if not tokens and (batch.ndim != 4 or batch.shape[1] != 3):
+        raise ValueError(f"expected [B, 3, H, W] or patch tokens [B, N, p*p*3], got {tuple(batch.shape)}")
     device = batch.device if device is None else torch.device(device)
     mean, std = mean_std(mean_std_spec)
-    x = batch.to(device, non_blocking=True).to(dtype).div_(255.0)  # [B, 3, H, W] in [0, 1]
-    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+    x = batch.to(device, non_blocking=True).to(dtype).div_(255.0)  # [B, 3, H, W] (or [B, N, p*p*3]) in [0, 1]
+    shape = (1, 1, 1, 3) if tokens else (1, 3, 1, 1)
+    m = torch.tensor(mean, device=device, dtype=dtype).view(shape)
+    s = torch.tensor(std, device=device, dtype=dtype).view(shape)
+    if tokens:
+        B, N, P = x.shape
+        return x.view(B, N, P // 3, 3).sub_(m).div_(s).view(B, N, P)
     return x.sub_(m).div_(s)

@@ -9,6 +9,11 @@
 
 Image positions come first, so causality alone guarantees that image predictions never see the
 caption, and that the caption is predicted from the whole image.
+
+Images padded to a common length (native resolution, ``image_len``): image b has ``image_len[b]`` real positions
+first, then padding whose keys no query sees, so its patch predictions and its caption read its own real patches
+only. The decoder has no image position embedding (the encoder's features carry it), so a row computes what the
+same image alone would: the padding between its patches and its caption is invisible.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .attention import AttentionMask
 from .layers import KV, Block, RMSNorm, init_trunk_linear_
 
 
@@ -124,11 +130,13 @@ class MultimodalDecoder(nn.Module):
         return x + self.text_pos[:, : T_in + 1]
 
     def forward(
-        self, image_feats: torch.Tensor, text: torch.Tensor | None
+        self, image_feats: torch.Tensor, text: torch.Tensor | None, image_len: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """image_feats [B, N, D_enc], text [B, T] (right-padded) ->
         (pixel predictions [B, N - 1, p*p*3] for patches 1..N-1, text logits [B, T, V] for tokens 0..T-1).
-        A part the decoder does not have (no pixel head; no text: pass ``text=None``) comes back as None."""
+        A part the decoder does not have (no pixel head; no text: pass ``text=None``) comes back as None.
+        image_len: [B] real image positions per row when images are padded to N (None: all N are real); then
+        image_pred[b, k] for k >= image_len[b] - 1 predicts padding and has no meaning."""
         B, N, _ = image_feats.shape
         T = text.shape[1] if text is not None else 0
         img = self.image_proj(image_feats)  # [B, N, D]
@@ -137,8 +145,13 @@ class MultimodalDecoder(nn.Module):
             x = torch.cat([img, txt], dim=1)  # [B, N + T, D]
         else:
             x = img  # [B, N, D]: image-only decoder
+        mask = None  # plain causal
+        if image_len is not None:
+            key_valid = torch.ones(B, N + T, dtype=torch.bool, device=x.device)  # [B, N + T]
+            key_valid[:, :N] = torch.arange(N, device=x.device)[None, :] < image_len.to(x.device)[:, None]
+            mask = AttentionMask(N + T, causal=True, key_valid=key_valid)
         for blk in self.blocks:
-            x = blk(x, is_causal=True)
+            x = blk(x, mask, is_causal=True)
         x = self.norm(x)
         image_pred = self.pixel_head(x[:, : N - 1]) if self.pixel_head is not None else None  # [B, N - 1, p*p*3]
         text_logits = self.text_head(x[:, N : N + T]) if T else None  # [B, T, V]

@@ -9,6 +9,15 @@
 During pretraining, sample b attends bidirectionally among its first ``prefix_len[b]`` patches and
 causally after them, so the decoder can regress every later patch from the features. At inference
 ``prefix_len=None`` makes attention fully bidirectional; the paper uses the model so with no tuning.
+
+Images of different grids share a batch as patch tokens (native resolution, every image at its own aspect ratio):
+
+    patches [B, N, p*p*3] (image b's n_b = gh_b * gw_b patches first, raster order, then padding), grid_hw [B, 2]
+      -> the patch conv as the linear map it is on one patch -> RMSNorm   [B, N, D]
+      -> + each image's own position embedding of ITS grid (0 on padding) [B, N, D]
+      -> the same blocks, padding keys masked out of every attention    [B, N, D]
+
+so image b's features are those of ``forward`` on that image alone (``forward_tokens``).
 """
 
 from __future__ import annotations
@@ -205,17 +214,70 @@ class VisionEncoder(nn.Module):
         bidirectional attention."""
         if prefix_len is None:
             return None
+        return AttentionMask(seq_len, causal=True, prefix_len=self.per_sample_prefix(prefix_len, batch, device))
+
+    @staticmethod
+    def per_sample_prefix(prefix_len: torch.Tensor | int, batch: int, device) -> torch.Tensor:
+        """``prefix_len`` (one per sample, or one for all) as long [B or 1] on ``device``."""
         if isinstance(prefix_len, int):
             prefix_len = torch.full((batch,), prefix_len, dtype=torch.long, device=device)
         prefix_len = prefix_len.to(device=device).reshape(-1)
         if prefix_len.numel() not in (1, batch):
             raise ValueError(f"prefix_len must have one entry per sample ({batch}), got {prefix_len.numel()}")
-        return AttentionMask(seq_len, causal=True, prefix_len=prefix_len)
+        return prefix_len
 
     def forward(self, pixels: torch.Tensor, prefix_len: torch.Tensor | int | None = None) -> torch.Tensor:
         """Patch features after the final norm: [B, 3, H, W] -> [B, N, D]."""
         x = self.embed(pixels)  # [B, N, D]
         mask = self.attention_mask(prefix_len, x.shape[0], x.shape[1], x.device)
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.norm(x)
+
+    # ---------------------------------------------------------------- images of different grids in one batch
+    def embed_tokens(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with each image's own position embedding: [B, N, p*p*C], grid_hw [B, 2] -> [B, N, D].
+
+        Values of a patch come in (row, col, channel) order (``objectives.aimv2.patchify``). The patch conv is a
+        linear map of one patch in (channel, row, col) order, so its weight is reordered, not replaced: the same
+        parameters serve both paths. Padding tokens get no position embedding (their keys are masked anyway).
+        """
+        B, N, P = patches.shape
+        p, C = self.cfg.patch_size, self.cfg.in_chans
+        if P != self.cfg.patch_dim:
+            raise ValueError(f"expected patch tokens [B, N, {self.cfg.patch_dim}] (p*p*C), got {tuple(patches.shape)}")
+        conv = self.patch_embed.proj
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, p * p * C)  # [D, p*p*C], (row, col, ch)
+        x = self.patch_embed.norm(F.linear(patches.to(weight.dtype), weight, conv.bias))  # [B, N, D]
+        pe = x.new_zeros(B, N, x.shape[-1])  # [B, N, D]
+        for gh, gw in torch.unique(grid_hw, dim=0).tolist():  # one embedding per distinct grid of the batch
+            rows = (grid_hw == grid_hw.new_tensor([gh, gw])).all(1).nonzero().flatten()  # images with that grid
+            pe[rows, : gh * gw] = self._pos_embed(gh, gw, x.device).to(x.dtype)
+        return x + pe
+
+    def token_mask(self, grid_hw: torch.Tensor, seq_len: int, prefix_len: torch.Tensor | int | None) -> AttentionMask:
+        """The attention pattern of padded patch tokens: padding keys (positions >= gh * gw) seen by no query, and
+        image b's prefix pattern over its own patches (full attention when ``prefix_len`` is None)."""
+        n = grid_hw.prod(1)  # [B] real patches per image
+        if int(n.max()) > seq_len or int(n.min()) < 1:
+            raise ValueError(f"grids {grid_hw.tolist()} do not fit {seq_len} tokens per image (1 to {seq_len})")
+        key_valid = torch.arange(seq_len, device=grid_hw.device)[None, :] < n[:, None]  # [B, N]
+        if prefix_len is None:
+            return AttentionMask(seq_len, key_valid=key_valid)
+        prefix = self.per_sample_prefix(prefix_len, len(n), grid_hw.device)
+        return AttentionMask(seq_len, causal=True, prefix_len=prefix, key_valid=key_valid)
+
+    def forward_tokens(
+        self, patches: torch.Tensor, grid_hw: torch.Tensor, prefix_len: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Patch features of images with their own grids: patches [B, N, p*p*C] (image b's gh_b * gw_b patches
+        first, then padding), grid_hw [B, 2] long -> [B, N, D] (rows past an image's patches are meaningless).
+
+        Image b's features equal ``forward`` on that image alone (pixels [1, C, gh_b*p, gw_b*p]): its own position
+        embedding, attention over its own patches only, its prefix counted in its own raster order."""
+        grid_hw = grid_hw.to(patches.device)
+        x = self.embed_tokens(patches, grid_hw)  # [B, N, D]
+        mask = self.token_mask(grid_hw, x.shape[1], prefix_len)
         for blk in self.blocks:
             x = blk(x, mask)
         return self.norm(x)

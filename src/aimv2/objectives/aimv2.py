@@ -7,6 +7,11 @@
       text_logits[:, t] predicts text[:, t]; loss only on non-pad tokens
       loss = text_loss + alpha * image_loss   (each a mean over its valid targets: LossTerms.loss)
 
+Native resolution with every image at its own aspect ratio: ``images`` are patch tokens [B, A, p*p*3] (image b's
+n_b = gh_b * gw_b patches first, in its own raster order, then padding) and ``grid_hw`` [B, 2] their grids. M_b is
+drawn in {1, ..., n_b - 1}, the encoder and decoder mask the padding out (``forward_tokens``, ``image_len``), and
+only image b's real patches are targets: each row is that image trained alone at its own grid.
+
 The losses are computed once, as sums over valid targets with their counts (``PretrainOutput.terms``); the means
 in the output and the trainer's global-batch loss are both ``LossTerms.loss`` of those sums (objectives/base.py).
 
@@ -57,18 +62,27 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch normalized pixel targets: (x - mean) / sqrt(var + eps), unbiased var, float32. [B, N, p*p*C]"""
-    x = patchify(images.float(), patch_size)
+def patch_targets(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalized targets of patch values [B, N, P]: (x - mean) / sqrt(var + eps), unbiased var, float32."""
+    x = patches.float()
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=True)
     return (x - mean) / torch.sqrt(var + eps)
 
 
-def image_loss_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """bool [B, N-1]: True where image_pred[:, k] has a target, i.e. patch k+1 is not in the prefix."""
+def pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalized pixel targets of images [B, C, H, W]: float32 [B, N, p*p*C]."""
+    return patch_targets(patchify(images, patch_size), eps)
+
+
+def image_loss_mask(prefix_len: torch.Tensor, num_patches: int, image_len: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, N-1]: True where image_pred[:, k] has a target, i.e. patch k+1 is not in the prefix (and, for
+    padded images, is one of image b's ``image_len[b]`` real patches)."""
     k = torch.arange(num_patches - 1, device=prefix_len.device)
-    return (k[None, :] + 1) >= prefix_len[:, None]
+    valid = (k[None, :] + 1) >= prefix_len[:, None]
+    if image_len is not None:
+        valid &= (k[None, :] + 1) < image_len.to(prefix_len.device)[:, None]
+    return valid
 
 
 def resolve_prefix_len(prefix_len: torch.Tensor | int | None, batch: int, num_patches: int, device) -> torch.Tensor:
@@ -81,16 +95,25 @@ def resolve_prefix_len(prefix_len: torch.Tensor | int | None, batch: int, num_pa
     return prefix_len.to(device)
 
 
+def patch_regression_terms(
+    image_pred: torch.Tensor, targets: torch.Tensor, prefix_len: torch.Tensor, image_len: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared error of image_pred [B, N-1, P] (position k predicts patch k+1) against normalized patch targets
+    [B, N, P], averaged over a patch's values and summed over the non-prefix (real) target patches; returns
+    (sum float32, count)."""
+    N = image_pred.shape[1] + 1
+    target = targets[:, 1:]  # [B, N-1, P]
+    per_patch = (image_pred.float() - target).pow(2).mean(dim=-1)  # [B, N-1]
+    valid = image_loss_mask(prefix_len, N, image_len)  # [B, N-1]
+    # where, not a product: a padding row's prediction may be anything (even inf) and must not reach the sum
+    return torch.where(valid, per_patch, 0.0).sum(), count(valid.sum())
+
+
 def image_regression_terms(
     image_pred: torch.Tensor, images: torch.Tensor, prefix_len: torch.Tensor, patch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared error of image_pred [B, N-1, P] (position k predicts patch k+1) against the normalized pixels,
-    averaged over a patch's values and summed over the non-prefix target patches; returns (sum float32, count)."""
-    N = image_pred.shape[1] + 1
-    target = pixel_targets(images, patch_size)[:, 1:]  # [B, N-1, P]
-    per_patch = (image_pred.float() - target).pow(2).mean(dim=-1)  # [B, N-1]
-    valid = image_loss_mask(prefix_len, N)  # [B, N-1]
-    return (per_patch * valid).sum(), count(valid.sum())
+    """:func:`patch_regression_terms` of images [B, C, H, W]."""
+    return patch_regression_terms(image_pred, pixel_targets(images, patch_size), prefix_len)
 
 
 def caption_terms(text_logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +134,9 @@ def pretraining_terms(
     )
 
 
-def image_target_count(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """How many patches image_regression_terms sums over, from the prefix lengths alone: sum_b (N - M_b)."""
+def image_target_count(prefix_len: torch.Tensor, num_patches: int | torch.Tensor) -> torch.Tensor:
+    """How many patches image_regression_terms sums over, from the prefix lengths alone: sum_b (N_b - M_b)
+    (``num_patches``: one N for all, or [B] for images of their own grids)."""
     return count((num_patches - prefix_len).sum())
 
 
@@ -130,16 +154,21 @@ class PrefixSampler:
         self.seed = int(seed)
 
     def __call__(
-        self, batch_size: int, num_patches: int, *, rank: int = 0, worker: int = 0, step: int = 0
+        self, batch_size: int, num_patches: int | torch.Tensor, *, rank: int = 0, worker: int = 0, step: int = 0
     ) -> torch.Tensor:
-        self._check(num_patches)
+        """[B] draws in [1, N_b - 1] (``num_patches``: one N, or [B] per image)."""
+        n = num_patches.numpy() if isinstance(num_patches, torch.Tensor) else num_patches
+        self._check(int(np.min(n)))
         rng = np.random.default_rng([self.seed, 0, rank, worker, step])
-        return torch.from_numpy(rng.integers(1, num_patches, size=batch_size)).long()  # [B] in [1, N-1]
+        return torch.from_numpy(rng.integers(1, n, size=batch_size)).long()  # [B] in [1, N_b - 1]
 
-    def per_sample(self, indices: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """One draw per global sample index: [B] -> [B] in [1, N-1]."""
-        self._check(num_patches)
-        draws = [np.random.default_rng([self.seed, 1, int(i)]).integers(1, num_patches) for i in indices]
+    def per_sample(self, indices: torch.Tensor, num_patches: int | torch.Tensor) -> torch.Tensor:
+        """One draw per global sample index: [B] -> [B] in [1, N_b - 1] (``num_patches``: one N, or [B] per image)."""
+        n = torch.as_tensor(num_patches).expand(len(indices)).tolist()
+        self._check(min(n, default=2))
+        draws = [
+            np.random.default_rng([self.seed, 1, int(i)]).integers(1, n_b) for i, n_b in zip(indices, n, strict=True)
+        ]
         return torch.tensor(draws, dtype=torch.long)
 
     @staticmethod
@@ -151,7 +180,7 @@ class PrefixSampler:
 class AIMv2Pretrainer(nn.Module):
     """Encoder + multimodal decoder + the AIMv2 loss (an objective in the sense of objectives/base.py)."""
 
-    input_names = ("images", "text", "prefix_len")
+    input_names = ("images", "text", "prefix_len", "grid_hw")
     whole_batch = False
 
     def __init__(self, encoder: VisionEncoder, decoder: MultimodalDecoder, *, pad_id: int = 0, alpha: float = 0.4):
@@ -163,26 +192,45 @@ class AIMv2Pretrainer(nn.Module):
         self.patch_size = encoder.cfg.patch_size
 
     def forward(
-        self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor | int | None = None
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        prefix_len: torch.Tensor | int | None = None,
+        grid_hw: torch.Tensor | None = None,
     ) -> PretrainOutput:
-        B, _, H, W = images.shape
-        N = (H // self.patch_size) * (W // self.patch_size)
-        prefix_len = resolve_prefix_len(prefix_len, B, N, images.device)  # [B]
+        """images: pixels [B, 3, H, W] (one grid for the batch; ``grid_hw`` is then not read), or patch tokens
+        [B, A, p*p*3] of images at their own grids ``grid_hw`` [B, 2], each padded to A."""
+        B = images.shape[0]
+        if images.ndim == 4:  # one grid: the dense path
+            N = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+            prefix_len = resolve_prefix_len(prefix_len, B, N, images.device)  # [B]
+            feats = self.encoder(images, prefix_len=prefix_len)  # [B, N, D_enc]
+            targets, image_len = pixel_targets(images, self.patch_size), None  # [B, N, P]
+        else:  # own grids, padded: image b's n_b real patches first
+            image_len = grid_hw.to(images.device).prod(1)  # [B]
+            if prefix_len is None:  # one uniform draw per image in {1, ..., n_b - 1}
+                prefix_len = (torch.rand(B, device=images.device) * (image_len - 1)).long() + 1
+            prefix_len = resolve_prefix_len(prefix_len, B, images.shape[1], images.device)  # [B]
+            feats = self.encoder.forward_tokens(images, grid_hw, prefix_len=prefix_len)  # [B, A, D_enc]
+            targets = patch_targets(images)  # [B, A, P]
+        image_pred, text_logits = self.decoder(feats, text, image_len)  # [B, N-1, P], [B, T, V]
 
-        feats = self.encoder(images, prefix_len=prefix_len)  # [B, N, D_enc]
-        image_pred, text_logits = self.decoder(feats, text)  # [B, N-1, P], [B, T, V]
-
-        # image: regress normalized patch k+1 from position k, only for non-prefix targets
-        image_sum, image_count = image_regression_terms(image_pred, images, prefix_len, self.patch_size)
+        # image: regress normalized patch k+1 from position k, only for non-prefix (real) targets
+        image_sum, image_count = patch_regression_terms(image_pred, targets, prefix_len, image_len)
         # text: next-token cross-entropy over non-pad tokens
         text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
         return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len)
 
-    def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
+    def loss_counts(
+        self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor, grid_hw: torch.Tensor | None = None
+    ) -> dict:
         """The valid targets forward will count, without running the model: non-prefix patches, non-pad tokens."""
-        N = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
-        return {"image_loss": image_target_count(prefix_len, N), "text_loss": count((text != self.pad_id).sum())}
+        if images.ndim == 4:
+            n = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+        else:
+            n = grid_hw.to(prefix_len.device).prod(1)  # [B] each image's own patches
+        return {"image_loss": image_target_count(prefix_len, n), "text_loss": count((text != self.pad_id).sum())}
 
 
 def create_pretraining_model(

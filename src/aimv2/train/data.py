@@ -7,8 +7,10 @@ is keyed by the sample's global index. So:
   - ranks and workers never see the same sample, nor draw the same prefix sequence,
   - resuming at step k continues the stream exactly (the data position is the step).
 
-Native resolution (``native=NativeSchedule``): step s has its own grid and global batch B_s, both drawn from
-(seed, s) alone, and holds samples [start(s), start(s) + B_s); the rest is as above.
+Native resolution (``native=NativeSchedule``): step s has its own area A_s and global batch B_s, both drawn from
+(seed, s) alone, and holds samples [start(s), start(s) + B_s); the rest is as above. One grid per step: the images
+are one dense tensor. Per image (train/native.py): each image comes at its own grid with at most A_s patches, and
+the batch is its patch tokens, padded to A_s (:func:`pack_patches`), with the grid of every image.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.faults import FAULT_KINDS
 from ..data.transforms import native_fit
-from ..objectives.aimv2 import PrefixSampler
-from .native import NativeSchedule
+from ..objectives.aimv2 import PrefixSampler, patchify
+from .native import NativeSchedule, fit_grid
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [B, 3, H, W]
+    images: torch.Tensor  # uint8 [B, 3, H, W], or per-image native: patch tokens uint8 [B, A, p*p*3] (pack_patches)
     text: torch.Tensor  # long [B, T], right-padded
     prefix_len: torch.Tensor  # long [B]
     indices: torch.Tensor  # long [B] global sample indices (indexable data) or stream positions (shards)
@@ -40,6 +42,7 @@ class Batch:
     source_counts: torch.Tensor | None = None  # shards: long [S] samples of the batch from each source
     # shards: long [len(FAULT_KINDS)] samples this worker's readers skipped so far (this process), by kind
     skipped: torch.Tensor | None = None
+    grid_hw: torch.Tensor | None = None  # per-image native: long [B, 2], each image's own grid (gh, gw)
 
     def pin_memory(self):
         self.images, self.text = self.images.pin_memory(), self.text.pin_memory()
@@ -97,6 +100,23 @@ class _StepStream(IterableDataset):
         H, W = images.shape[-2:]
         return (H // self.patch_size) * (W // self.patch_size)
 
+    def _image_hw(self, area: int, aspect: float | None, global_index: int | None = None) -> tuple[int, int]:
+        """Per-image native: (H, W) pixels of an image with aspect ratio ``aspect`` (height / width) at most ``area``
+        patches; ``aspect=None`` (data with no shape of its own: the built-in scenes) draws one for sample
+        ``global_index``."""
+        if aspect is None:
+            aspect = self.native.image_aspect(global_index)
+        gh, gw = fit_grid(area, aspect)
+        return gh * self.patch_size, gw * self.patch_size
+
+    def _finish(self, images: list[torch.Tensor], area: int | None):
+        """uint8 images -> (the batch's images, grid_hw or None, patches per image for the prefix draws)."""
+        if area is None:  # one grid
+            stacked = torch.stack(images)  # uint8 [B, 3, H, W]
+            return stacked, None, self._num_patches(stacked)
+        tokens, grid_hw = pack_patches(images, area, self.patch_size)  # [B, A, p*p*3], [B, 2]
+        return tokens, grid_hw, grid_hw.prod(1)
+
 
 class StepBatches(_StepStream):
     """This rank's Batch for steps start_step, ..., steps-1 of an indexable dataset (see the module docstring)."""
@@ -139,11 +159,15 @@ class StepBatches(_StepStream):
         start, local, hw = self._native_step(step)
         first = start + self.rank * local
         indices = torch.arange(first, first + local)  # [B_s / ranks] global sample indices
-        fn = self.native_fn
-        images, captions = zip(*(fn(self._dataset_index(int(i)), int(i), hw) for i in indices), strict=True)
-        images = torch.stack(images)  # [B, 3, gh*p, gw*p] uint8
-        prefix_len = self.prefix.per_sample(indices, self._num_patches(images))  # [B]
-        return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step)
+        area = self.native(step).area if self.native.per_image else None
+        samples = []
+        for i in map(int, indices):
+            size = hw if area is None else partial(self._image_hw, area, global_index=i)  # per image: aspect -> (H, W)
+            samples.append(self.native_fn(self._dataset_index(i), i, size))
+        images, captions = zip(*samples, strict=True)
+        images, grid_hw, n = self._finish(list(images), area)
+        prefix_len = self.prefix.per_sample(indices, n)  # [B] in [1, n_b - 1]
+        return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step, grid_hw=grid_hw)
 
     def __iter__(self):
         for step in self._worker_steps(*self._worker()):
@@ -177,10 +201,13 @@ class ShardStepBatches(_StepStream):
         streams = [s.samples(w, W) for s in self.streams]
         position = {name: s.skip.get(w, 0) for name, s in zip(self.names, self.streams, strict=True)}
         for step in self._worker_steps(w, W):
-            local, fit = self.local_batch, None
+            local, fit, area = self.local_batch, None, None
             if self.native is not None:
                 _, local, hw = self._native_step(step)
                 fit = partial(native_fit, hw=hw)
+                if self.native.per_image:  # each image at its own aspect ratio, at most A_s patches
+                    area = self.native(step).area
+                    fit = partial(_fit_own_aspect, hw_of=partial(self._image_hw, area))
             picks = np.random.default_rng([self.seed, 5, self.rank, w, step]).choice(
                 len(streams), size=local, p=self.weights
             )  # [B] source of each sample
@@ -192,8 +219,8 @@ class ShardStepBatches(_StepStream):
                 images.append(image if fit is None else fit(image))
                 captions.append(caption)
                 positions.append(pos)
-            images = torch.stack(images)  # uint8 [B, 3, H, W]
-            prefix_len = self.prefix(len(picks), self._num_patches(images), rank=self.rank, worker=w, step=step)
+            images, grid_hw, n = self._finish(images, area)  # uint8 [B, 3, H, W], or tokens [B, A, P] + grids
+            prefix_len = self.prefix(len(picks), n, rank=self.rank, worker=w, step=step)
             yield Batch(
                 images,
                 self.encode_text(captions),
@@ -204,7 +231,29 @@ class ShardStepBatches(_StepStream):
                 position=dict(position),
                 source_counts=torch.from_numpy(np.bincount(picks, minlength=len(streams))),
                 skipped=torch.tensor([sum(s.faults.counts.get(k, 0) for s in self.streams) for k in FAULT_KINDS]),
+                grid_hw=grid_hw,
             )
+
+
+def _fit_own_aspect(img, hw_of):
+    """A decoded image at the grid of its own aspect ratio (``hw_of(height / width)``), cropped by less than a patch."""
+    return native_fit(img, hw_of(img.height / img.width))
+
+
+def pack_patches(images: list[torch.Tensor], area: int, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of their own grids as one batch: uint8 [3, gh_b*p, gw_b*p] each -> (patch tokens uint8 [B, area,
+    p*p*3], image b's gh_b * gw_b patches first in raster order (``patchify``'s value order) and zeros after;
+    grid_hw long [B, 2])."""
+    p = patch_size
+    tokens = torch.zeros(len(images), area, p * p * 3, dtype=torch.uint8)
+    grids = []
+    for b, img in enumerate(images):
+        gh, gw = img.shape[-2] // p, img.shape[-1] // p
+        if gh * gw > area or img.shape[-2] % p or img.shape[-1] % p:
+            raise ValueError(f"image {tuple(img.shape)} is not a grid of at most {area} patches of {p} px")
+        tokens[b, : gh * gw] = patchify(img[None], p)[0]
+        grids.append((gh, gw))
+    return tokens, torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
 
 
 def make_loader(stream: _StepStream, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:

@@ -1,52 +1,77 @@
-"""Native-resolution training (the paper's post-training stage): one patch area and grid per step, and a batch size
-that keeps the number of image tokens per step constant.
+"""Native-resolution training (the paper's post-training stage): a patch area per step, and a batch size that keeps
+the number of image tokens per step constant.
 
 Step s draws n from a normal(0, 1) truncated to [-1, 1] and maps it linearly onto [log2 min, log2 max]:
 
     A_s = 2^(lo + (n + 1) / 2 * (hi - lo))  patches      (the paper: lo, hi = 7, 12, so A in [128, 4096], median 2^9.5)
 
-and an aspect ratio r_s = height / width, log-uniform in [1 / R, R]. The step's grid (gh, gw) has gh / gw close to
-r_s and gh * gw <= A_s; every image of the step is brought to that grid (``gh * p`` x ``gw * p`` pixels, the
-aspect ratio decided per step, so a micro-batch is one dense tensor with no padding tokens). The global batch is
+Two ways to shape the images of a step (``data.native.mode``):
 
-    B_s = floor(tokens_per_batch / (gh * gw)), rounded down to a multiple of batch_multiple
+    per_image  (the paper's recipe, the default) every image keeps its own aspect ratio r_i = height / width: its
+               grid (gh_i, gw_i) = fit_grid(A_s, r_i) has gh_i * gw_i <= A_s and gh_i / gw_i within one patch of
+               r_i. The built-in scenes draw r_i log-uniform in [1 / R, R] per sample (keyed by the sample's
+               global index) and are rendered straight at that grid; folder, hf and shard images keep their own
+               ratio. A micro-batch is patch tokens [B, A_s, p*p*3], image i's n_i = gh_i * gw_i real patches
+               first, in its own raster order, then padding that attention and losses mask out.
+    per_step   one aspect ratio r_s per step, log-uniform in [1 / R, R], and one grid fit_grid(A_s, r_s) for every
+               image of the step (each scaled to cover it and cropped): a dense [B, 3, gh*p, gw*p] tensor with no
+               padding, but most images are not seen at their own shape. Kept for comparison, and it is what run
+               folders written before ``mode`` existed resume with.
 
-so B_s * gh * gw <= tokens_per_batch and within (batch_multiple * gh * gw) of it.
+The global batch is B_s = floor(tokens_per_batch / L_s), rounded down to a multiple of batch_multiple, where L_s is the
+step's sequence length: A_s per image (padded), gh * gw per step. So B_s * L_s <= tokens_per_batch, within
+(batch_multiple * L_s) of it.
 
-Every draw is keyed by (seed, step) only (never rank or worker), so all ranks agree on the shape and the batch size
-of every step: DDP and FSDP2 stay in lockstep, and with batch_multiple divisible by ranks x grad_accum the global
-batch does not depend on how many ranks share it. Step s holds the global samples [start(s), start(s) + B_s),
-start(s) = B_0 + ... + B_{s-1}; a resumed run recomputes start(s) from the seed, so the data position and the
-area sequence continue exactly. Draws come in blocks of steps (one vectorized draw per block), so start(s) costs
-microseconds per thousand steps.
+Why padding rather than packing several images into one sequence: one A_s per step and grids that fill A_s closely
+(fit_grid gives up at most a row or column of patches) leave little to pad. benchmarks/native_speed.py counts it
+over 2000 steps with aspect ratios in [1/2, 2]: 2.1% of the image positions at the paper's areas (2^7 to 2^12) and
+8.1% at native-tiny's (2^4 to 2^6), and times it: per image ran at 1.02x the image tokens/s of one grid per step
+(native-tiny on CPU, benchmarks/results/native_speed_cpu.json). Packing could win back those few percent but needs
+block-diagonal prefix and causal masks over sequences several images long, whose dense attention (SDPA on CPU)
+grows with the square of the packed length; padding keeps one image per row, the encoder's own prefix pattern and
+a key mask (AttentionMask.key_valid), which models/attention.py's attend() hands to whichever backend runs it.
+
+Every draw is keyed by (seed, step) only (a scene's aspect ratio by (seed, sample index); never rank or worker),
+so all ranks agree on the shape and the batch size of every step: DDP and FSDP2 stay in lockstep, and with
+batch_multiple divisible by ranks x grad_accum the global batch does not depend on how many ranks share it. Step s
+holds the global samples [start(s), start(s) + B_s), start(s) = B_0 + ... + B_{s-1}; a resumed run recomputes
+start(s) from the seed, so the data position and the area sequence continue exactly. Draws come in blocks of steps
+(one vectorized draw per block), so start(s) costs microseconds per thousand steps.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from ..weights.atomic import atomic_write
+from ..weights.run_folder import list_checkpoints
 from .distributed import DistInfo
 from .guard import TrainingError
 
 _BLOCK = 1024  # steps per vectorized draw
 _TAG = 11  # keeps these generators apart from the other (seed, ...) keyed ones
+MODES = ("per_image", "per_step")
 
 
 @dataclass(frozen=True)
 class StepShape:
     step: int
     area: int  # the drawn budget A_s in patches
-    grid: tuple[int, int]  # (gh, gw) patches, gh * gw <= area
+    grid: tuple[int, int]  # per_step: the step's (gh, gw), gh * gw <= area; per_image: every image has its own
     batch_size: int  # global B_s
     start: int  # global index of the step's first sample
+    per_image: bool = False
 
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """Sequence length of the step: A_s for per-image grids (each image padded to it), else gh * gw."""
+        return self.area if self.per_image else self.grid[0] * self.grid[1]
 
 
 def truncnorm_to_log2(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -82,7 +107,10 @@ class NativeSchedule:
         tokens_per_batch: int,
         max_aspect: float = 2.0,
         batch_multiple: int = 1,
+        mode: str = "per_step",
     ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 2 <= min_patches <= max_patches:
             raise ValueError(f"need 2 <= min_patches <= max_patches, got {min_patches}, {max_patches}")
         if max_aspect < 1:
@@ -94,6 +122,7 @@ class NativeSchedule:
             )
         self.seed, self.min_patches, self.max_patches = seed, min_patches, max_patches
         self.tokens_per_batch, self.max_aspect, self.batch_multiple = tokens_per_batch, max_aspect, batch_multiple
+        self.per_image = mode == "per_image"
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._block_starts = [0]  # global index of the first sample of block b
 
@@ -107,7 +136,8 @@ class NativeSchedule:
             areas = np.clip(np.floor(np.exp2(x) + 1e-9).astype(np.int64), self.min_patches, self.max_patches)
             grids = np.array([fit_grid(int(a), math.exp(r)) for a, r in zip(areas, log_r, strict=True)])
             q = self.batch_multiple
-            sizes = (self.tokens_per_batch // grids.prod(1)) // q * q
+            lengths = areas if self.per_image else grids.prod(1)  # tokens per image, padding included
+            sizes = (self.tokens_per_batch // lengths) // q * q
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             if len(self._blocks) > 4:
                 self._blocks.clear()
@@ -124,7 +154,14 @@ class NativeSchedule:
         b, i = divmod(step, _BLOCK)
         areas, grids, sizes, starts = self._block(b)
         gh, gw = (int(v) for v in grids[i])
-        return StepShape(step, int(areas[i]), (gh, gw), int(sizes[i]), self._block_start(b) + int(starts[i]))
+        start = self._block_start(b) + int(starts[i])
+        return StepShape(step, int(areas[i]), (gh, gw), int(sizes[i]), start, self.per_image)
+
+    def image_aspect(self, global_index: int) -> float:
+        """The aspect ratio (height / width) of sample ``global_index`` where the data has none of its own (the
+        built-in scenes): log-uniform in [1 / max_aspect, max_aspect], keyed by (seed, index) alone."""
+        rng = np.random.default_rng([self.seed, _TAG, 1, int(global_index)])
+        return math.exp(rng.uniform(-math.log(self.max_aspect), math.log(self.max_aspect)))
 
 
 def native_schedule(cfg, info: DistInfo) -> NativeSchedule | None:
@@ -145,4 +182,31 @@ def native_schedule(cfg, info: DistInfo) -> NativeSchedule | None:
         tokens_per_batch=nat.tokens_per_batch,
         max_aspect=nat.max_aspect,
         batch_multiple=nat.batch_multiple,
+        mode=nat.mode or "per_image",  # unset outside a run folder (resolve_native_mode): a new run's default
     )
+
+
+def resolve_native_mode(cfg, out_dir: Path, *, migrate: bool = False) -> None:
+    """Set ``data.native.mode`` where the config leaves it unset (null): the mode of the run ``out_dir`` already
+    holds, so a resumed run keeps its shapes; per_image for a new run. A run folder written before the key existed
+    has ``data.native`` without ``mode``: a native run there trained one grid per step. ``migrate`` (rank 0, holding
+    the run's lock) writes the key into such a config.yaml (per_step; in a run without native resolution, where it
+    means nothing, this run's value), so the folder says what it was trained with and the resume check compares
+    like with like."""
+    nat = cfg.data.native
+    path = out_dir / "config.yaml"
+    doc, saved = None, None
+    if path.is_file() and list_checkpoints(out_dir):
+        doc = yaml.safe_load(path.read_text()) or {}
+        saved = doc.get("data", {}).get("native") if isinstance(doc.get("data"), dict) else None
+    saved = saved if isinstance(saved, dict) else None
+    legacy = saved is not None and "mode" not in saved
+    if nat.mode is None:
+        if saved is not None and saved.get("mode") in MODES:
+            nat.mode = saved["mode"]
+        else:
+            nat.mode = "per_step" if legacy and saved.get("enabled") else "per_image"
+    if legacy:
+        saved["mode"] = "per_step" if saved.get("enabled") else nat.mode
+        if migrate:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(doc, sort_keys=False)))

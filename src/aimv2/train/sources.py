@@ -28,7 +28,8 @@ class Source:
     length: int | None  # None: an endless stream of distinct samples
     tokenizer: Tokenizer
     shards: list[tuple[str, object, float]] | None = None  # source=shards: (name, ShardSamples, weight) each
-    # data.native: (dataset index, global index, (H, W)) -> (uint8 image [3, H, W], caption)
+    # data.native: (dataset index, global index, size) -> (uint8 image [3, H, W], caption); size is the step's (H, W)
+    # (one grid per step) or, per image, a function of the image's aspect ratio (None: it has none) to its (H, W)
     native_fn: Callable[[int, int, tuple[int, int]], tuple[torch.Tensor, str]] | None = None
 
 
@@ -65,14 +66,15 @@ class _FirstReadable:
 
 class _NativeSynthetic:
     """Picklable native sample function of the built-in scenes: the scene rendered straight at the step's
-    (H, W), any aspect ratio (no resize, nothing cropped)."""
+    (H, W), or at the grid of the aspect ratio drawn for it (a scene has no shape of its own), nothing cropped."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def __call__(self, index: int, global_index: int, hw: tuple[int, int]) -> tuple[torch.Tensor, str]:
+    def __call__(self, index: int, global_index: int, hw) -> tuple[torch.Tensor, str]:
         from ..data.synthetic.dataset import synthetic_sample
 
+        hw = hw(None) if callable(hw) else hw
         image, caption = synthetic_sample(index, self.seed, size=tuple(hw))
         return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))), caption
 
@@ -84,10 +86,13 @@ class _NativeFit:
     def __init__(self, get_item):
         self.get_item = get_item
 
-    def __call__(self, index: int, global_index: int, hw: tuple[int, int]) -> tuple[torch.Tensor, str]:
-        from ..data.transforms import native_fit
+    def __call__(self, index: int, global_index: int, hw) -> tuple[torch.Tensor, str]:
+        from ..data.transforms import native_fit, to_rgb
 
         image, caption = self.get_item(index)
+        if callable(hw):  # per image: the grid of its own aspect ratio
+            image = to_rgb(image)
+            hw = hw(image.height / image.width)
         return native_fit(image, hw), caption
 
 

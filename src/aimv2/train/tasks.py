@@ -98,6 +98,7 @@ class ImageTextTask:
 
     def stream(self, source: Source, model: nn.Module, start_step: int, info: DistInfo) -> IterableDataset:
         cfg = self.cfg
+        self.patch_size = model.encoder.cfg.patch_size
         common = dict(
             global_batch=cfg.train.batch_size,
             rank=info.rank,
@@ -114,17 +115,28 @@ class ImageTextTask:
         return StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
 
     def inputs(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        grid_hw = batch.grid_hw  # per-image native: [B, 2], each image's own
+        if grid_hw is None:  # one grid for the batch
+            H, W = batch.images.shape[-2:]
+            grid_hw = torch.tensor([H // self.patch_size, W // self.patch_size]).expand(len(batch.text), 2)
         return {
-            "images": normalize(batch.images, self.cfg.data.mean_std, device),  # [B, 3, H, W] float
+            # [B, 3, H, W] float, or per-image native patch tokens [B, A, p*p*3]
+            "images": normalize(batch.images, self.cfg.data.mean_std, device),
             "text": batch.text.to(device, non_blocking=True),  # [B, T]
             "prefix_len": batch.prefix_len.to(device),  # [B]
+            "grid_hw": grid_hw.to(device),  # [B, 2]
         }
 
     def work(self, model: nn.Module, batch: Batch) -> Work:
+        """Tokens count real image patches (not padding); FLOPs count the padded length, which is computed."""
         p = model.encoder.cfg.patch_size
-        n_patches = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
         B = len(batch.text)
-        tokens = n_patches * B + int((batch.text != self.pad_id).sum())
+        if batch.grid_hw is None:
+            n_patches = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
+            real = n_patches * B
+        else:
+            n_patches, real = batch.images.shape[1], int(batch.grid_hw.prod(1).sum())  # A_s, sum of n_b
+        tokens = real + int((batch.text != self.pad_id).sum())
         return Work(B, tokens, flops_per_sample(model, n_patches, self.cfg.data.context_length) * B, n_patches)
 
     def resumed(self, state: dict) -> None:

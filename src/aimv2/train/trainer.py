@@ -45,6 +45,7 @@ from .data import make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, row_gatherer
 from .guard import NonFiniteGuard, TrainingError
 from .metrics import MetricsLogger, peak_flops
+from .native import resolve_native_mode
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import parallelize
 from .resume import check_same_config, save_run_state, shard_positions, weights_file_stale
@@ -65,8 +66,11 @@ def fit(cfg, task) -> dict:
         lock.acquire()
         for tmp in remove_temp_files(out_dir):
             log.info("removed %s, left by a writer that was killed", tmp)
+        resolve_native_mode(cfg, out_dir, migrate=True)  # before the check: a folder's own mode is part of its config
         check_same_config(cfg, out_dir)
         atomic_write(out_dir / "config.yaml", cfg.save)
+    else:
+        resolve_native_mode(cfg, out_dir)
     try:
         return fit_in_folder(cfg, task, info, device, out_dir)
     finally:
