@@ -41,6 +41,7 @@ from baseline_model import plain_copy, plain_optimizer
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
+from aimv2.models.attention import BACKENDS, set_attention_backend
 from aimv2.objectives import create_pretraining_model
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
@@ -116,6 +117,10 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each block of both (as train.compile=true)")
+    p.add_argument("--attention", default="auto", choices=BACKENDS, help="ours' attention backend (as train.attention)")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="checkpoint each block of ours (as in training)"
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON")
     p.add_argument("--memory-only", action="store_true", help="only measure each variant's peak memory (no timing)")
     args = p.parse_args()
@@ -123,6 +128,7 @@ def main() -> None:
         release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
 
     device = torch.device(args.device)
+    set_attention_backend(args.attention)
     overrides: dict = {}
     if not args.paper_decoder:
         w, d, h, m = (int(x) for x in args.decoder.split(","))
@@ -141,6 +147,10 @@ def main() -> None:
     if not args.no_baseline:
         base = plain_copy(model)  # before compile: the same weights, names unchanged
         models["baseline"] = (base, plain_optimizer(base, OptimConfig()), base)
+    if args.activation_checkpointing:
+        from aimv2.train.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     if args.compile:
         from aimv2.train.parallelize import apply_compile
 
@@ -218,6 +228,9 @@ def main() -> None:
         "text_len": args.text_len,
         "vocab": args.vocab,
         "compile": args.compile,
+        "attention": args.attention,
+        "activation_checkpointing": args.activation_checkpointing,
+        "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
         "warmup": args.warmup,
         "gflops_per_sample": flops / 1e9,
