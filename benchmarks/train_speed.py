@@ -122,6 +122,9 @@ def main() -> None:
         "--activation-checkpointing", action="store_true", help="checkpoint each block of ours (as in training)"
     )
     p.add_argument("--out", type=Path, help="write the results as JSON")
+    p.add_argument(
+        "--profile", type=Path, help="instead of timing: torch.profiler over one step of each variant, tables to here"
+    )
     p.add_argument("--memory-only", action="store_true", help="only measure each variant's peak memory (no timing)")
     args = p.parse_args()
     if args.memory_only:
@@ -168,6 +171,8 @@ def main() -> None:
     precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
 
     variants = [(name, prec) for prec in precisions for name in models]
+    if args.profile:
+        return profile_steps(models, variants, batch, device, args.profile)
     if args.memory_only:
         return write_memory(args.out, {f"{n} {p_}": step_memory(models, (n, p_), batch, device) for n, p_ in variants})
 
@@ -282,6 +287,24 @@ def train_step(models: dict, variant: tuple[str, str], batch: tuple, device: tor
     opt.zero_grad(set_to_none=True)
     _sync(device)
     return time.perf_counter() - t0
+
+
+def profile_steps(models: dict, variants: list, batch: tuple, device: torch.device, out: Path) -> None:
+    """One profiled step per variant after a warmup step: the ops by self time, printed and written to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = []
+    for v in variants:
+        train_step(models, v, batch, device)
+        with profile(activities=activities) as prof:
+            train_step(models, v, batch, device)
+        table = prof.key_averages().table(sort_by=sort, row_limit=20)
+        text.append(f"== {v[0]} {v[1]}\n{table}")
+        print(text[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text))
 
 
 def step_memory(models: dict, variant: tuple[str, str], batch: tuple, device: torch.device) -> float | None:
