@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from machine import machine_info
 
-from aimv2.models.attention import AttentionMask, matmul_attention
+from aimv2.models.attention import AttentionMask, additive_mask, causal_additive_mask, matmul_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,7 +46,8 @@ def run(backend: str, q, k, v, mask, grad_out) -> None:
     if backend == "sdpa":
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     else:
-        y = matmul_attention(q, k, v, mask, is_causal=mask is None)
+        bias = causal_additive_mask(q.shape[-2], q.device) if mask is None else additive_mask(mask)
+        y = matmul_attention(q, k, v, bias)
     y.backward(grad_out)
     for t in (q, k, v):
         t.grad = None
@@ -57,7 +58,8 @@ def measure(pattern: str, dtype: torch.dtype, N: int, args, device: torch.device
     mask = pattern_mask(pattern, args.batch_size, N, device)
     with torch.no_grad():  # the same function, else the timing compares nothing
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        b = matmul_attention(q, k, v, mask, is_causal=mask is None)
+        bias = causal_additive_mask(N, device) if mask is None else additive_mask(mask)
+        b = matmul_attention(q, k, v, bias)
         diff = (a.float() - b.float()).abs().max().item()
     if diff > (1e-4 if dtype == torch.float32 else 5e-2):
         raise SystemExit(f"sdpa and matmul differ by {diff:.2e} ({pattern}, {dtype}, N={N})")

@@ -27,6 +27,7 @@ always a real token and every pattern lets every query see it, so no softmax see
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -97,6 +98,7 @@ class AttentionMask:
     key_valid: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(init=False, repr=False, default=None)
     _block_mask: object | None = field(init=False, repr=False, default=None)
+    _additive: torch.Tensor | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
         if self.prefix_len is not None and not self.causal:
@@ -128,6 +130,13 @@ class AttentionMask:
         if self._dense is None and self.masked:
             self._dense = self.materialize()
         return self._dense
+
+    @property
+    def additive(self) -> torch.Tensor | None:
+        """:attr:`dense` as float32 0 / -inf (built once), the form the two-matmul attention adds to its scores."""
+        if self._additive is None and self.masked:
+            self._additive = additive_mask(self.dense)
+        return self._additive
 
     @property
     def block_mask(self):
@@ -197,16 +206,27 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed, is_causal: bool) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v``, the scores materialized, softmax in float32 or wider (q, k, v [B, H, N, hd])."""
-    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # [B, H, N, N]
-    if allowed is None and is_causal:
-        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    acc = torch.promote_types(scores.dtype, torch.float32)  # bf16 / fp16 scores: the softmax in float32
-    weights = torch.softmax(scores, dim=-1, dtype=acc).to(v.dtype)  # [B, H, N, N]
-    return weights @ v  # [B, H, N, hd]
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as float32 0 / -inf, to add to the scores (the add then yields float32 scores directly)."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=8)
+def causal_additive_mask(n: int, device: torch.device) -> torch.Tensor:
+    """float32 [n, n]: 0 on and below the diagonal, -inf above (kept per length: every causal layer adds it)."""
+    return torch.full((n, n), float("-inf"), device=device).triu(1)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` with the scores materialized (q, k, v [B, H, N, hd]).
+
+    bias: float 0 / -inf broadcastable to [B, H, N, N], or None. The softmax runs in float32 (or wider) and its
+    weights are cast back to v's dtype, so in bf16 the two matmuls are bf16 and the normalization is exact."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, N, N]
+    if bias is not None:
+        scores = scores + bias  # float32 bias: float32 scores
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    return torch.softmax(scores.to(acc), dim=-1).to(v.dtype) @ v  # [B, H, N, hd]
 
 
 def attend(
@@ -225,7 +245,13 @@ def attend(
     backend = choose_backend(q.device, q.dtype, q.shape[-2], masked, needs_grad, _forced)
     if backend == "flex" and pattern is not None and pattern.masked:
         return flex_attention(q, k, v, pattern.block_mask)
-    dense = pattern.dense if pattern is not None else mask
     if backend == "matmul":
-        return matmul_attention(q, k, v, dense, is_causal and dense is None)
+        if pattern is not None and pattern.masked:
+            bias = pattern.additive
+        elif mask is not None and not isinstance(mask, AttentionMask):
+            bias = additive_mask(mask)
+        else:
+            bias = causal_additive_mask(q.shape[-2], q.device) if is_causal else None
+        return matmul_attention(q, k, v, bias)
+    dense = pattern.dense if pattern is not None else mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=is_causal and dense is None)
