@@ -151,3 +151,19 @@ def test_rule_table_follows_the_recorded_crossover():
 def test_unknown_backend_is_one_clear_error():
     with pytest.raises(ValueError, match="auto|sdpa|flex|matmul"):
         set_attention_backend("fast")
+
+
+def test_train_attention_key_sets_the_backend_for_the_run(tmp_path):
+    """``train.attention=...`` on the command line reaches attend() through parallelize (the trainer's setup)."""
+    from aimv2.config import load_config
+    from aimv2.train.distributed import DistInfo
+    from aimv2.train.parallelize import parallelize
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 1}\n")
+    cfg = load_config(path, ["train.attention=matmul"])
+    parallelize(torch.nn.Linear(2, 2), cfg.train, DistInfo(), torch.device("cpu"))
+    assert attn.attention_backend() == "matmul"
+    cfg = load_config(path, ["train.attention=fast"])
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        parallelize(torch.nn.Linear(2, 2), cfg.train, DistInfo(), torch.device("cpu"))

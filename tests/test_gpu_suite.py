@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from .conftest import subprocess_env
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
