@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def main() -> None:
     print("CPU_MATMUL_UP_TO = {" + ", ".join(f"{d}: {n}" for d, n in cross.items() if n) + "}")
     if args.out:
         info = dict(
-            machine_info(("torch",)),
+            command="python benchmarks/attention_crossover.py " + " ".join(sys.argv[1:]),
+            **machine_info(("torch",)),
             threads=torch.get_num_threads(),
             shape=dict(batch=args.batch_size, heads=args.heads, head_dim=args.head_dim),
             reps=args.reps,

@@ -39,7 +39,7 @@ BACKENDS = ("auto", "sdpa", "flex", "matmul")
 # Longest sequence at which the two-matmul attention beat the fused CPU kernel, per dtype, in a training step's
 # forward + backward (benchmarks/results/attention_crossover_cpu.json, which the benchmark prints in this form).
 # A dtype missing here always takes SDPA on CPU.
-CPU_MATMUL_UP_TO: dict[torch.dtype, int] = {torch.bfloat16: 128}
+CPU_MATMUL_UP_TO: dict[torch.dtype, int] = {torch.bfloat16: 192}
 
 _forced = "auto"  # set_attention_backend()
 
