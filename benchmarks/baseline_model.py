@@ -5,7 +5,8 @@ loss, computed the way one writes it first, op by op:
 
 - attention is ``softmax(q k^T / sqrt(d) + mask) v`` with the scores materialized ([B, H, N, N]) and the mask an
   additive float tensor (0 or -inf; [B, 1, N, N] for the encoder's prefix mask, [N, N] for the causal decoder),
-  where ours calls ``F.scaled_dot_product_attention`` with a boolean mask or ``is_causal``;
+  where ours goes through ``aimv2.models.attention.attend`` (fused SDPA with a boolean mask or ``is_causal``; on
+  CPU in bf16 up to the measured crossover length the same two matmuls, which are faster there);
 - RMSNorm is ``x * rsqrt(mean(x^2) + eps) * w`` in float32, where ours calls the fused ``F.rms_norm``;
 - the caption loss is ``log_softmax`` + ``gather`` + a masked mean, where ours calls ``F.cross_entropy``; the image
   loss is the same masked MSE written out;

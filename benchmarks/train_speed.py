@@ -41,6 +41,7 @@ from baseline_model import plain_copy, plain_optimizer
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
+from aimv2.models.attention import BACKENDS, set_attention_backend
 from aimv2.objectives import create_pretraining_model
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
@@ -116,13 +117,21 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each block of both (as train.compile=true)")
+    p.add_argument("--attention", default="auto", choices=BACKENDS, help="ours' attention backend (as train.attention)")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="checkpoint each block of ours (as in training)"
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON")
+    p.add_argument(
+        "--profile", type=Path, help="instead of timing: torch.profiler over one step of each variant, tables to here"
+    )
     p.add_argument("--memory-only", action="store_true", help="only measure each variant's peak memory (no timing)")
     args = p.parse_args()
     if args.memory_only:
         release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
 
     device = torch.device(args.device)
+    set_attention_backend(args.attention)
     overrides: dict = {}
     if not args.paper_decoder:
         w, d, h, m = (int(x) for x in args.decoder.split(","))
@@ -141,6 +150,10 @@ def main() -> None:
     if not args.no_baseline:
         base = plain_copy(model)  # before compile: the same weights, names unchanged
         models["baseline"] = (base, plain_optimizer(base, OptimConfig()), base)
+    if args.activation_checkpointing:
+        from aimv2.train.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     if args.compile:
         from aimv2.train.parallelize import apply_compile
 
@@ -158,6 +171,8 @@ def main() -> None:
     precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
 
     variants = [(name, prec) for prec in precisions for name in models]
+    if args.profile:
+        return profile_steps(models, variants, batch, device, args.profile)
     if args.memory_only:
         return write_memory(args.out, {f"{n} {p_}": step_memory(models, (n, p_), batch, device) for n, p_ in variants})
 
@@ -218,6 +233,9 @@ def main() -> None:
         "text_len": args.text_len,
         "vocab": args.vocab,
         "compile": args.compile,
+        "attention": args.attention,
+        "activation_checkpointing": args.activation_checkpointing,
+        "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
         "warmup": args.warmup,
         "gflops_per_sample": flops / 1e9,
@@ -269,6 +287,24 @@ def train_step(models: dict, variant: tuple[str, str], batch: tuple, device: tor
     opt.zero_grad(set_to_none=True)
     _sync(device)
     return time.perf_counter() - t0
+
+
+def profile_steps(models: dict, variants: list, batch: tuple, device: torch.device, out: Path) -> None:
+    """One profiled step per variant after a warmup step: the ops by self time, printed and written to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = []
+    for v in variants:
+        train_step(models, v, batch, device)
+        with profile(activities=activities) as prof:
+            train_step(models, v, batch, device)
+        table = prof.key_averages().table(sort_by=sort, row_limit=20)
+        text.append(f"== {v[0]} {v[1]}\n{table}")
+        print(text[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text))
 
 
 def step_memory(models: dict, variant: tuple[str, str], batch: tuple, device: torch.device) -> float | None:

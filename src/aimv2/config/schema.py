@@ -137,6 +137,9 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    # auto | sdpa | flex | matmul: how attention is computed (aimv2.models.attention; auto chooses per device,
+    # dtype and sequence length: FlexAttention for prefix masks on CUDA, the measured faster way on CPU)
+    attention: str = "auto"
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the whole model); ignored on 1 process
     activation_checkpointing: bool = False
     checkpoint_every: int = 500

@@ -2,7 +2,8 @@
 
 Every block is pre-norm: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``. Attention goes through
 :func:`aimv2.models.attention.attend`, which takes the pattern as an :class:`AttentionMask` (or a boolean
-tensor, ``True`` meaning "may attend") and runs PyTorch's fused attention kernels.
+tensor, ``True`` meaning "may attend") and runs it through the backend chosen for the device, dtype and length
+(fused SDPA, FlexAttention on CUDA for prefix masks, or two matmuls on CPU in bf16 at short lengths).
 """
 
 from __future__ import annotations

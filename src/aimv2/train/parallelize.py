@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from ..config import TrainConfig
+from ..models.attention import set_attention_backend
 from .distributed import DistInfo
 
 
@@ -24,15 +25,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module, dynamic: bool = False) -> None:
+def apply_compile(model: nn.Module, dynamic: bool = False, backend: str = "inductor") -> None:
     """Compile each block in place (parameter names unchanged): one graph reused by every layer of a stack.
 
     ``dynamic=True`` (native-resolution runs, whose batch size and sequence length change every step) compiles
     with symbolic shapes from the start, so a new (B, N) reuses the graph instead of recompiling; fixed-resolution
-    runs keep static shapes (``dynamic=False``), the fastest kernels for their one shape."""
+    runs keep static shapes (``dynamic=False``), the fastest kernels for their one shape. ``backend``: torch.compile's
+    (``eager`` traces without generating code, for quick checks of the compiled code path)."""
     for blocks in block_lists(model):
         for blk in blocks:
-            blk.compile(dynamic=dynamic)
+            blk.compile(dynamic=dynamic, backend=backend)
 
 
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
@@ -51,7 +53,9 @@ def parallelize(
     model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device, dynamic_shapes: bool = False
 ) -> nn.Module:
     """Returns the module to call in the training step (the same module, or its DDP wrapper).
-    ``dynamic_shapes``: the batch and sequence length vary per step (native resolution); see apply_compile."""
+    ``dynamic_shapes``: the batch and sequence length vary per step (native resolution); see apply_compile.
+    Also sets the attention backend of ``cfg.attention`` (process-wide, before anything is compiled)."""
+    set_attention_backend(cfg.attention)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
