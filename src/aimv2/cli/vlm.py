@@ -16,7 +16,7 @@ instruction conversations; the encoder frozen (objectives/vlm.py). The image's t
 placeholder of the prompt; the loss covers the answers only.
 
 actions:
-  tiny-lm OUT                  write a tiny random Llama and a character-level tokenizer (tests, laptop demo)
+  tiny-lm OUT                  write a tiny random Llama and a word-level tokenizer (tests, laptop demo)
   train CONFIG [key=value]     train one stage (resumable: re-run the same command on the same out_dir)
   ask RUN IMAGE "question"     answer one question about an image (greedy, or --sample)
   eval RUN [--data FILE]       VQA accuracy per question type (held-out built-in scenes by default);
@@ -44,8 +44,10 @@ examples:
   aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny vlm.lm=runs/tiny-lm out_dir=runs/s1
   torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ..."""
 
-TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a character-level tokenizer with a chat template, written with
-save_pretrained: the LM of the tests and the laptop demo (nothing downloads)."""
+TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a word-level tokenizer with a chat template, written with
+save_pretrained: the LM of the tests and the laptop demo (nothing downloads). The tokenizer's vocabulary is the
+built-in scenes' closed one (every word a caption, question or answer can hold), so an answer is one token; other
+words read as <unk>. Use a real LM folder for real data."""
 
 ASK_DESCRIPTION = """Answer a question about an image, generated with the LM's KV cache: greedy by default, sampled
 with --sample. The image is resized to the run's input size (the tile grid at the encoder's resolution).
@@ -70,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    t = sub.add_parser("tiny-lm", help="write a tiny random Llama + character tokenizer", formatter_class=fmt,
+    t = sub.add_parser("tiny-lm", help="write a tiny random Llama + word-level tokenizer", formatter_class=fmt,
                        description=TINY_DESCRIPTION)  # fmt: skip
     t.add_argument("out", metavar="OUT", help="output folder")
     t.add_argument("--width", type=int, default=64, help="hidden size (default: 64)")
