@@ -3,6 +3,7 @@ itself; the chat-template labelling, LLaVA records, the built-in questions and V
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +229,20 @@ def test_a_prompt_without_its_placeholder_is_an_error_that_says_why(lm_dir):
     ids[0][ids[0] == model.image_token_id] = tok.pad_token_id
     with pytest.raises(ValueError, match=r"exactly one <image> placeholder .* got \[0, 1\]"):
         model(images, ids, labels, mask)
+
+
+def test_vlm_scene_writes_the_image_the_evaluation_scores(tmp_path, capsys):
+    """`aimv2 vlm scene` is how a user gets a held-out scene to `ask` about: its PNG must hold the pixels the
+    evaluation feeds the model for that scene, and it must list that scene's questions with their answers."""
+    from aimv2.cli import main
+    from aimv2.eval.vqa import synthetic_vqa_samples
+
+    assert main(["vlm", "scene", "2", str(tmp_path / "s.png"), "--size", "32"]) in (0, None)
+    printed = capsys.readouterr().out
+    written = torch.from_numpy(np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).copy()).permute(2, 0, 1)
+    evaluated = synthetic_vqa_samples(3, (32, 32))  # in the order of heldout_questions
+    asked = [(qa, sample) for (i, qa), sample in zip(heldout_questions(3), evaluated, strict=True) if i == 2]
+    assert asked
+    for qa, (_, image, question, refs) in asked:
+        assert torch.equal(image, written) and question == qa.question
+        assert any(line.split() == [qa.kind, *question.split(), *refs] for line in printed.splitlines())
