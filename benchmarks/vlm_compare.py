@@ -9,8 +9,8 @@ with VQAv2's accuracy per question type, mean +- std over the seeds (the VLM's s
 order; the encoders are pretrained once). ``--tiles`` adds the AIMv2 encoder with a 2 x 2 grid of tiles (+ global
 view) over images twice the encoder's resolution, where each object covers a quarter of the patches it does at 1 x 1.
 
-    OMP_NUM_THREADS=1 python benchmarks/vlm_compare.py [--seeds 3] [--pre-steps N] [--s1 N] [--s2 N] [--tiles]
-        [--jobs 2] [--out benchmarks/results/vlm_compare_cpu.json]
+    OMP_NUM_THREADS=1 python benchmarks/vlm_compare.py [--tiles] [--seeds 3] [--pre-steps N] [--s1 N] [--s2 N]
+        [--batch N] [--jobs 2] [--out benchmarks/results/vlm_compare_cpu.json]
 
 Independent runs (the two pretrainings, then every encoder x seed) go ``--jobs`` at a time, each its own process
 with OMP_NUM_THREADS threads. Runs go to --work (default runs/vlm-compare); an existing finished run is reused
@@ -49,7 +49,7 @@ def pretrain(work: Path, objective: str, args) -> str:
         "model.decoder={embed_dim: 128, depth: 2, num_heads: 2, mlp_hidden_dim: 256}",
         f"train.steps={args.pre_steps}",
         f"train.checkpoint_every={args.pre_steps}",
-        f"train.batch_size={args.batch}",
+        f"train.batch_size={args.pre_batch}",
         f"out_dir={out}",
         *QUIET,
     ]
@@ -98,13 +98,14 @@ def threads() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pre-steps", type=int, default=300, help="pretraining steps of each encoder")
-    p.add_argument("--s1", type=int, default=100, help="stage-1 steps")
+    p.add_argument("--pre-steps", type=int, default=250, help="pretraining steps of each encoder")
+    p.add_argument("--pre-batch", type=int, default=32, help="pretraining batch")
+    p.add_argument("--s1", type=int, default=30, help="stage-1 steps")
     p.add_argument("--s2", type=int, default=300, help="stage-2 steps")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16, help="VLM batch")
     p.add_argument("--depth", type=int, default=4, help="encoder blocks")
     p.add_argument("--img-size", type=int, default=32, help="encoder resolution")
-    p.add_argument("--scenes", type=int, default=200, help="held-out scenes evaluated (one question per type)")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes evaluated (one question per type)")
     p.add_argument("--tiles", action="store_true", help="also AIMv2 with 2 x 2 tiles at twice the resolution")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default: 2)")
     p.add_argument("--work", default="runs/vlm-compare")
@@ -120,15 +121,20 @@ def main() -> None:
     if not (lm / "config.json").exists():
         build_tiny_lm(lm, width=64, depth=2, heads=2)
     pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=threads)
-    with pool:
+    random = "aimv2-tiny-patch8-64"  # the same architecture, untrained
+    with pool:  # the random-init runs need no pretraining: they fill the pool while the encoders pretrain
         pre = {o: pool.submit(pretrain, work, o, args) for o in ("aimv2", "clip")}
-        encoders = {name: f.result() for name, f in pre.items()} | {"random": "aimv2-tiny-patch8-64"}
-        plan = {name: (enc, (1, 1)) for name, enc in encoders.items()}
+        jobs = {"random": [pool.submit(vlm, work, "random", random, lm, s, args) for s in range(args.seeds)]}
+        aimv2 = pre["aimv2"].result()
+        jobs["aimv2"] = [pool.submit(vlm, work, "aimv2", aimv2, lm, s, args) for s in range(args.seeds)]
         if args.tiles:
-            plan["aimv2-2x2"] = (encoders["aimv2"], (2, 2))
-        jobs = {name: [pool.submit(vlm, work, name, enc, lm, s, args, tiles) for s in range(args.seeds)]
-                for name, (enc, tiles) in plan.items()}  # fmt: skip
-        runs = {name: [f.result() for f in fs] for name, fs in jobs.items()}
+            jobs["aimv2-2x2"] = [
+                pool.submit(vlm, work, "aimv2-2x2", aimv2, lm, s, args, (2, 2)) for s in range(args.seeds)
+            ]
+        clip = pre["clip"].result()
+        jobs["clip"] = [pool.submit(vlm, work, "clip", clip, lm, s, args) for s in range(args.seeds)]
+        order = ["aimv2", "clip", "random"] + (["aimv2-2x2"] if args.tiles else [])
+        runs = {name: [f.result() for f in jobs[name]] for name in order}
     results = {name: summarize(rs) for name, rs in runs.items()}
     record = {
         "machine": machine_info(),
