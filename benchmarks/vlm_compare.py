@@ -7,7 +7,8 @@ steps, batch and optimizer), and (c) a random init, each frozen inside the same 
 captions), then stage 2 (projector + LM on question conversations). Scored on held-out scenes (never trained on)
 with VQAv2's accuracy per question type, mean +- std over the seeds (the VLM's seed: init of the projector, data
 order; the encoders are pretrained once). ``--tiles`` adds the AIMv2 encoder with a 2 x 2 grid of tiles (+ global
-view) over images twice the encoder's resolution, where each object covers a quarter of the patches it does at 1 x 1.
+view) over images twice the encoder's resolution: each object covers four times the patches it does at 1 x 1, where
+the smallest objects (radius 0.075 of the side: 2.4 px at 32 px) sit inside one 8-px patch.
 
     OMP_NUM_THREADS=1 python benchmarks/vlm_compare.py [--tiles] [--seeds 3] [--pre-steps N] [--s1 N] [--s2 N]
         [--batch N] [--jobs 2] [--out benchmarks/results/vlm_compare_cpu.json]
@@ -138,7 +139,7 @@ def main() -> None:
     results = {name: summarize(rs) for name, rs in runs.items()}
     record = {
         "machine": machine_info(),
-        "args": vars(args),
+        "args": vars(args) | {"out": os.path.relpath(args.out, ROOT)},
         "wall_s": round(time.perf_counter() - start, 1),
         "results": results,
         "train_s": {name: [r["train_s"] for r in rs] for name, rs in runs.items()},
