@@ -7,21 +7,26 @@ steps, batch and optimizer), and (c) a random init, each frozen inside the same 
 captions), then stage 2 (projector + LM on question conversations). Scored on held-out scenes (never trained on)
 with VQAv2's accuracy per question type, mean +- std over the seeds (the VLM's seed: init of the projector, data
 order; the encoders are pretrained once). ``--tiles`` adds the AIMv2 encoder with a 2 x 2 grid of tiles (+ global
-view) over images twice the encoder's resolution, where each object covers a quarter of the patches it does at 1 x 1.
+view) over images twice the encoder's resolution: each object covers four times the patches it does at 1 x 1, where
+the smallest objects (radius 0.075 of the side: 2.4 px at 32 px) sit inside one 8-px patch.
 
-    python benchmarks/vlm_compare.py [--seeds 3] [--pre-steps 300] [--s1 100] [--s2 300] [--tiles]
-        [--out benchmarks/results/vlm_compare_cpu.json]
+    OMP_NUM_THREADS=1 python benchmarks/vlm_compare.py [--tiles] [--seeds 3] [--pre-steps N] [--s1 N] [--s2 N]
+        [--batch N] [--jobs 2] [--out benchmarks/results/vlm_compare_cpu.json]
 
-Runs go to --work (default runs/vlm-compare); an existing finished run is reused (each stage resumes).
+Independent runs (the two pretrainings, then every encoder x seed) go ``--jobs`` at a time, each its own process
+with OMP_NUM_THREADS threads. Runs go to --work (default runs/vlm-compare); an existing finished run is reused
+(each stage resumes), so the wall time recorded is that of a fresh --work only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,7 +39,7 @@ from aimv2.train.vlm_task import train_vlm
 from aimv2.weights.lm import build_tiny_lm, load_vlm_run
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["train.progress=false", "log.tensorboard=false", "data.num_workers=1"]
+QUIET = ["train.progress=false", "log.tensorboard=false", "data.num_workers=0"]  # one process per run
 
 
 def pretrain(work: Path, objective: str, args) -> str:
@@ -45,7 +50,7 @@ def pretrain(work: Path, objective: str, args) -> str:
         "model.decoder={embed_dim: 128, depth: 2, num_heads: 2, mlp_hidden_dim: 256}",
         f"train.steps={args.pre_steps}",
         f"train.checkpoint_every={args.pre_steps}",
-        f"train.batch_size={args.batch}",
+        f"train.batch_size={args.pre_batch}",
         f"out_dir={out}",
         *QUIET,
     ]
@@ -87,41 +92,59 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def threads() -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pre-steps", type=int, default=300, help="pretraining steps of each encoder")
-    p.add_argument("--s1", type=int, default=100, help="stage-1 steps")
+    p.add_argument("--pre-steps", type=int, default=250, help="pretraining steps of each encoder")
+    p.add_argument("--pre-batch", type=int, default=32, help="pretraining batch")
+    p.add_argument("--s1", type=int, default=30, help="stage-1 steps")
     p.add_argument("--s2", type=int, default=300, help="stage-2 steps")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16, help="VLM batch")
     p.add_argument("--depth", type=int, default=4, help="encoder blocks")
     p.add_argument("--img-size", type=int, default=32, help="encoder resolution")
-    p.add_argument("--scenes", type=int, default=200, help="held-out scenes evaluated (one question per type)")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes evaluated (one question per type)")
     p.add_argument("--tiles", action="store_true", help="also AIMv2 with 2 x 2 tiles at twice the resolution")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default: 2)")
     p.add_argument("--work", default="runs/vlm-compare")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/vlm_compare_cpu.json"))
     args = p.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    threads()
     from machine import machine_info
 
+    start = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     lm = work / "tiny-lm"
     if not (lm / "config.json").exists():
         build_tiny_lm(lm, width=64, depth=2, heads=2)
-    encoders = {
-        "aimv2": pretrain(work, "aimv2", args),
-        "clip": pretrain(work, "clip", args),
-        "random": "aimv2-tiny-patch8-64",
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=threads)
+    random = "aimv2-tiny-patch8-64"  # the same architecture, untrained
+    with pool:  # the random-init runs need no pretraining: they fill the pool while the encoders pretrain
+        pre = {o: pool.submit(pretrain, work, o, args) for o in ("aimv2", "clip")}
+        jobs = {"random": [pool.submit(vlm, work, "random", random, lm, s, args) for s in range(args.seeds)]}
+        aimv2 = pre["aimv2"].result()
+        jobs["aimv2"] = [pool.submit(vlm, work, "aimv2", aimv2, lm, s, args) for s in range(args.seeds)]
+        if args.tiles:
+            jobs["aimv2-2x2"] = [
+                pool.submit(vlm, work, "aimv2-2x2", aimv2, lm, s, args, (2, 2)) for s in range(args.seeds)
+            ]
+        clip = pre["clip"].result()
+        jobs["clip"] = [pool.submit(vlm, work, "clip", clip, lm, s, args) for s in range(args.seeds)]
+        order = ["aimv2", "clip", "random"] + (["aimv2-2x2"] if args.tiles else [])
+        runs = {name: [f.result() for f in jobs[name]] for name in order}
+    results = {name: summarize(rs) for name, rs in runs.items()}
+    record = {
+        "machine": machine_info(),
+        "args": vars(args) | {"out": os.path.relpath(args.out, ROOT)},
+        "wall_s": round(time.perf_counter() - start, 1),
+        "results": results,
+        "train_s": {name: [r["train_s"] for r in rs] for name, rs in runs.items()},
+        "examples": {name: rs[0]["examples"][:4] for name, rs in runs.items()},
     }
-    results: dict[str, dict] = {}
-    for name, enc in encoders.items():
-        results[name] = summarize([vlm(work, name, enc, lm, s, args) for s in range(args.seeds)])
-    if args.tiles:
-        results["aimv2-2x2"] = summarize(
-            [vlm(work, "aimv2-2x2", encoders["aimv2"], lm, s, args, tiles=(2, 2)) for s in range(args.seeds)]
-        )
-    record = {"machine": machine_info(), "args": vars(args), "results": results}
     Path(args.out).write_text(json.dumps(record, indent=1))
     kinds = sorted(k for k in next(iter(results.values())) if k != "accuracy")
     print("| encoder | accuracy | " + " | ".join(k.split("/")[1] for k in kinds) + " |")
@@ -129,6 +152,7 @@ def main() -> None:
     for name, r in results.items():
         cells = [f"{r[k]['mean']:.3f} +- {r[k]['std']:.3f}" for k in ["accuracy", *kinds]]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"wall time {record['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

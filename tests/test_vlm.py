@@ -3,6 +3,7 @@ itself; the chat-template labelling, LLaVA records, the built-in questions and V
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from PIL import Image
 
 from aimv2.data.chat import IGNORE, encode_conversation, pad_batch, render
 from aimv2.data.sources.llava import LlavaConversations, to_messages
+from aimv2.data.synthetic.captions import caption
 from aimv2.data.synthetic.questions import (
     QUESTION_TYPES,
     SyntheticConversations,
@@ -135,12 +137,32 @@ def test_labels_cover_the_answers_and_the_turn_end_only(lm_dir):
         {"role": "assistant", "content": "3"},
     ]
     ids, labels = encode_conversation(tok, messages, 512)
-    answered = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
-    assert answered == "red</s>\n3</s>\n"
+    answered = tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert answered == ["red", "</s>", "3", "</s>"]
     tok.chat_template = None  # the plain template
     assert render(tok, messages).startswith("<s>USER: <image>\nWhat colour is the star?\nASSISTANT: red</s>\n")
     ids, labels = encode_conversation(tok, messages, 512)
-    assert tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE]) == "red</s>\n3</s>\n"
+    answered = tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert answered == ["red", "</s>", "3", "</s>"]
+
+
+def test_the_tiny_tokenizer_reads_every_built_in_text_and_answers_in_one_word(lm_dir):
+    """Word-level over the scenes' closed vocabulary: no caption, question or answer of either stream holds a word
+    outside it (an <unk> would teach the LM nothing), every answer is one token, and decoding gives the text back."""
+    _, tok = _model(lm_dir)
+    for split in ("train", "heldout"):
+        for i in range(150):
+            spec, rng = question_scene(i, 0, split)
+            for qas in scene_questions(spec).values():
+                for qa in qas:
+                    assert tok.unk_token_id not in tok(qa.question, add_special_tokens=False)["input_ids"], qa
+                    assert len(tok(qa.answer, add_special_tokens=False)["input_ids"]) == 1, qa
+            cap = caption(spec, rng)
+            ids = tok(cap, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, cap
+            assert tok.decode(ids).replace(" :", ":") == cap.lower()  # the decoder's cleanup joins , . ? only
+    assert tok.convert_ids_to_tokens(tok("Is it purple?", add_special_tokens=False)["input_ids"]) == [
+        "is", "<unk>", "purple", "?"]  # fmt: skip
 
 
 def test_llava_records_from_a_json_file_and_an_image_folder(tmp_path):
@@ -207,3 +229,20 @@ def test_a_prompt_without_its_placeholder_is_an_error_that_says_why(lm_dir):
     ids[0][ids[0] == model.image_token_id] = tok.pad_token_id
     with pytest.raises(ValueError, match=r"exactly one <image> placeholder .* got \[0, 1\]"):
         model(images, ids, labels, mask)
+
+
+def test_vlm_scene_writes_the_image_the_evaluation_scores(tmp_path, capsys):
+    """`aimv2 vlm scene` is how a user gets a held-out scene to `ask` about: its PNG must hold the pixels the
+    evaluation feeds the model for that scene, and it must list that scene's questions with their answers."""
+    from aimv2.cli import main
+    from aimv2.eval.vqa import synthetic_vqa_samples
+
+    assert main(["vlm", "scene", "2", str(tmp_path / "s.png"), "--size", "32"]) in (0, None)
+    printed = capsys.readouterr().out
+    written = torch.from_numpy(np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).copy()).permute(2, 0, 1)
+    evaluated = synthetic_vqa_samples(3, (32, 32))  # in the order of heldout_questions
+    asked = [(qa, sample) for (i, qa), sample in zip(heldout_questions(3), evaluated, strict=True) if i == 2]
+    assert asked
+    for qa, (_, image, question, refs) in asked:
+        assert torch.equal(image, written) and question == qa.question
+        assert any(line.split() == [qa.kind, *question.split(), *refs] for line in printed.splitlines())

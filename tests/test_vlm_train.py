@@ -133,10 +133,11 @@ def test_ask_and_eval_read_the_run_back(parts, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "grad_accum"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "grad_accum"])
 def test_two_processes_or_micro_batches_train_like_one(parts, tmp_path, parallel):
-    """2-process DDP (gloo) and 2 accumulation micro-batches: the same global-batch loss and weights as one process
-    (answer counts differ per micro-batch and rank: the sums over the global count make them add up)."""
+    """2-process DDP and FSDP2 (gloo; FSDP shards each LM decoder layer) and 2 accumulation micro-batches: the same
+    global-batch loss and weights as one process (answer counts differ per micro-batch and rank: the sums over the
+    global count make them add up)."""
     steps = ["train.steps=3", "train.checkpoint_every=3"]
     single = tmp_path / "single"
     subprocess.run(_cmd(parts, single, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
@@ -145,7 +146,7 @@ def test_two_processes_or_micro_batches_train_like_one(parts, tmp_path, parallel
         cmd = _cmd(parts, multi, *steps, "train.grad_accum=2")
     else:
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd = [*run, "-m", *_cmd(parts, multi, *steps)[2:]]
+        cmd = [*run, "-m", *_cmd(parts, multi, *steps, f"train.parallel={parallel}")[2:]]
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     for s, m in zip(_metrics(single), _metrics(multi), strict=True):
@@ -153,3 +154,16 @@ def test_two_processes_or_micro_batches_train_like_one(parts, tmp_path, parallel
     a, b = load_file(single / "vlm.safetensors"), load_file(multi / "vlm.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_units_are_our_blocks_and_the_lm_decoder_layers(parts):
+    """What apply_fsdp shards one by one in a VLM: the encoder's blocks and each of the LM's decoder layers (found
+    through transformers' _no_split_modules, so any causal LM works), nothing else (the root takes the rest)."""
+    from aimv2.objectives.vlm import VisionLanguageModel
+    from aimv2.train.parallelize import block_lists, lm_layers
+    from aimv2.weights.lm import load_causal_lm
+
+    lm, tok = load_causal_lm(parts / "lm")
+    model = VisionLanguageModel(create_model("aimv2-tiny-patch8-64", depth=2, img_size=16), lm, 5)
+    assert [list(b) for b in block_lists(model)] == [list(model.encoder.blocks)]
+    assert lm_layers(model) == list(lm.model.layers) and len(lm_layers(model)) == lm.config.num_hidden_layers

@@ -16,7 +16,8 @@ instruction conversations; the encoder frozen (objectives/vlm.py). The image's t
 placeholder of the prompt; the loss covers the answers only.
 
 actions:
-  tiny-lm OUT                  write a tiny random Llama and a character-level tokenizer (tests, laptop demo)
+  tiny-lm OUT                  write a tiny random Llama and a word-level tokenizer (tests, laptop demo)
+  scene INDEX OUT.png          write held-out built-in scene INDEX and print its questions and answers
   train CONFIG [key=value]     train one stage (resumable: re-run the same command on the same out_dir)
   ask RUN IMAGE "question"     answer one question about an image (greedy, or --sample)
   eval RUN [--data FILE]       VQA accuracy per question type (held-out built-in scenes by default);
@@ -27,6 +28,7 @@ examples:
   aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny-synthetic vlm.lm=runs/tiny-lm
   aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.encoder=runs/tiny-synthetic vlm.lm=runs/tiny-lm \\
       vlm.init_from=runs/vlm-stage1
+  aimv2 vlm scene 3 scene.png --size 32
   aimv2 vlm ask runs/vlm-stage2 scene.png "What colour is the star?"
   aimv2 vlm eval runs/vlm-stage2 --scenes 200
   aimv2 vlm eval runs/vlm-stage2 --data vqa.json --images vqa-images/
@@ -44,8 +46,17 @@ examples:
   aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny vlm.lm=runs/tiny-lm out_dir=runs/s1
   torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ..."""
 
-TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a character-level tokenizer with a chat template, written with
-save_pretrained: the LM of the tests and the laptop demo (nothing downloads)."""
+TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a word-level tokenizer with a chat template, written with
+save_pretrained: the LM of the tests and the laptop demo (nothing downloads). The tokenizer's vocabulary is the
+built-in scenes' closed one (every word a caption, question or answer can hold), so an answer is one token; other
+words read as <unk>. Use a real LM folder for real data."""
+
+SCENE_DESCRIPTION = """Write held-out scene INDEX of the built-in data (the stream `aimv2 vlm eval` scores, never
+trained on) as a PNG, and print every question about it that has an unambiguous answer, with the answer: something
+to try `aimv2 vlm ask` on. Give --size the run's input size to see exactly the image the evaluation sees.
+
+example:
+  aimv2 vlm scene 3 scene.png --size 32"""
 
 ASK_DESCRIPTION = """Answer a question about an image, generated with the LM's KV cache: greedy by default, sampled
 with --sample. The image is resized to the run's input size (the tile grid at the encoder's resolution).
@@ -70,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    t = sub.add_parser("tiny-lm", help="write a tiny random Llama + character tokenizer", formatter_class=fmt,
+    t = sub.add_parser("tiny-lm", help="write a tiny random Llama + word-level tokenizer", formatter_class=fmt,
                        description=TINY_DESCRIPTION)  # fmt: skip
     t.add_argument("out", metavar="OUT", help="output folder")
     t.add_argument("--width", type=int, default=64, help="hidden size (default: 64)")
@@ -78,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--heads", type=int, default=2, help="attention heads (default: 2)")
     t.add_argument("--seed", type=int, default=0, help="init seed (default: 0)")
     t.set_defaults(_action=run_tiny_lm)
+
+    c = sub.add_parser("scene", help="write a held-out scene and print its questions", formatter_class=fmt,
+                       description=SCENE_DESCRIPTION)  # fmt: skip
+    c.add_argument("index", metavar="INDEX", type=int, help="held-out scene index (0, 1, ...)")
+    c.add_argument("out", metavar="OUT.png", help="output image file")
+    c.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    c.add_argument("--seed", type=int, default=0, help="data seed, the run's `seed` (default: 0)")
+    c.set_defaults(_action=run_scene)
 
     p = sub.add_parser("train", help="train one stage from a YAML config", description=TRAIN_DESCRIPTION,
                        formatter_class=fmt)  # fmt: skip
@@ -119,6 +138,21 @@ def run_tiny_lm(args) -> int:
 
     out = build_tiny_lm(args.out, width=args.width, depth=args.depth, heads=args.heads, seed=args.seed)
     print(f"tiny LM written to {out}")
+    return 0
+
+
+def run_scene(args) -> int:
+    from ..data.synthetic.questions import question_scene, scene_questions
+    from ..data.synthetic.scenes import render
+
+    if args.index < 0:
+        raise ValueError(f"INDEX must be >= 0, got {args.index}")
+    spec, _ = question_scene(args.index, args.seed, "heldout")
+    render(spec, args.size).save(args.out)
+    print(f"held-out scene {args.index} written to {args.out} ({args.size} x {args.size})")
+    for kind, qas in scene_questions(spec).items():
+        for qa in qas:
+            print(f"  {kind:<10} {qa.question:<45} {qa.answer}")
     return 0
 
 

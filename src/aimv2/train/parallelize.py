@@ -37,14 +37,22 @@ def apply_compile(model: nn.Module, dynamic: bool = False, backend: str = "induc
             blk.compile(dynamic=dynamic, backend=backend)
 
 
+def lm_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of any transformers model inside ``model`` (a VLM's LM): the modules whose class its
+    ``_no_split_modules`` names (``LlamaDecoderLayer``, ...), transformers' own list of the units it never splits."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+    """``fully_shard`` each of our blocks and each LM decoder layer (one all-gather per layer in flight instead of
+    the whole LM's), then the root for the rest (embeddings, heads, the projector)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kw = {"mp_policy": mp} if mp else {}
-    for blocks in block_lists(model):
-        for blk in blocks:
-            fully_shard(blk, **kw)
+    for blk in [b for blocks in block_lists(model) for b in blocks] + lm_layers(model):
+        fully_shard(blk, **kw)
     fully_shard(model, **kw)
     return model
 

@@ -25,13 +25,23 @@ import numpy as np
 import torch
 
 from ..sources.llava import to_messages
-from .captions import caption
+from .captions import caption, caption_words
 from .scenes import SceneSpec, render, sample_scene
 
 QUESTION_TYPES = ("count", "colour", "shape", "size", "position", "background")
 SPLITS = {"train": 0, "heldout": 1}
 MIN_DX = 0.1  # least horizontal distance of two centres (fraction of the side) for a left/right question
 CAPTION_PROMPT = "<image>\nDescribe the image."
+
+
+# The words the question templates below use besides the scene vocabulary (a tokenizer can be built from them).
+QUESTION_WORDS = "how many shapes are there what colour is the object shape size or left right of background".split()
+
+
+def text_words() -> list[str]:
+    """Every word, number and punctuation mark a built-in caption, question or answer can contain, sorted."""
+    numbers = [str(n) for n in range(10)]  # counts (a scene has at most a handful of objects)
+    return sorted(set(caption_words()) | set(QUESTION_WORDS) | {"describe", "image"} | set(numbers) | set(",.:?"))
 
 
 class QA(NamedTuple):
