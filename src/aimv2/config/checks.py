@@ -7,6 +7,9 @@ import math
 from ..errors import UserError
 from .schema import Config, LitConfig
 
+# The backends of aimv2.models.attention (config sits below models and cannot import it; a test keeps both equal).
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "matmul")
+
 
 class ConfigError(UserError, ValueError):
     """A config that cannot be run: the message names the key, the value and the valid range."""
@@ -81,6 +84,10 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
         (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}"),
         (t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp|fsdp, got {t.parallel!r}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}"),
+        (
+            t.attention in ATTENTION_BACKENDS,
+            f"train.attention must be {'|'.join(ATTENTION_BACKENDS)}, got {t.attention!r}",
+        ),
         in_range("train.checkpoint_every", t.checkpoint_every, 1),
         in_range("train.keep_last", t.keep_last, 1),
         in_range("train.log_every", t.log_every, 1),
