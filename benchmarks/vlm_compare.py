@@ -116,7 +116,7 @@ def main() -> None:
     from machine import machine_info
 
     start = time.perf_counter()
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # runs record their encoder and LM by this path: vlm ask works from anywhere
     work.mkdir(parents=True, exist_ok=True)
     lm = work / "tiny-lm"
     if not (lm / "config.json").exists():
