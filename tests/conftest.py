@@ -23,6 +23,25 @@ TINY_RUN = [
 ]
 
 
+# configs/native-tiny.yaml at 4 to 16 patches and 128 tokens a step, 6 steps with a checkpoint at 3
+NATIVE_RUN = [
+    "model.encoder_overrides={depth: 2}",
+    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
+    "data.context_length=24",
+    "data.num_workers=0",
+    "data.native.min_patches=4",
+    "data.native.max_patches=16",
+    "data.native.tokens_per_batch=128",
+    "data.native.batch_multiple=4",
+    "train.steps=6",
+    "train.checkpoint_every=3",
+    "train.log_every=1",
+    "train.progress=false",
+    "log.tensorboard=false",
+    "optim.warmup_steps=2",
+]
+
+
 def subprocess_env() -> dict:
     """The environment for `python -m aimv2 ...` in a child process: this checkout's sources, one thread."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import NATIVE_RUN, ROOT, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,7 +18,6 @@ from aimv2.data.transforms import native_max_side
 from aimv2.objectives.aimv2 import patchify
 from aimv2.train.native import NativeSchedule, fit_grid
 
-ROOT = Path(__file__).resolve().parents[1]
 P = 8
 
 
@@ -299,24 +298,6 @@ def _jpegs(tar: Path) -> list:
     with tarfile.open(tar) as t:
         members = sorted((m for m in t.getmembers() if m.name.endswith(".jpg")), key=lambda m: m.name)
         return [io.BytesIO(t.extractfile(m).read()) for m in members]
-
-
-NATIVE_RUN = [
-    "model.encoder_overrides={depth: 2}",
-    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
-    "data.context_length=24",
-    "data.num_workers=0",
-    "data.native.min_patches=4",
-    "data.native.max_patches=16",
-    "data.native.tokens_per_batch=128",
-    "data.native.batch_multiple=4",
-    "train.steps=6",
-    "train.checkpoint_every=3",
-    "train.log_every=1",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "optim.warmup_steps=2",
-]
 
 
 def test_config_errors_name_the_problem():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import subprocess_env
+from conftest import NATIVE_RUN, ROOT, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,7 +24,6 @@ from aimv2.objectives.aimv2 import patchify
 from aimv2.train.data import StepBatches, pack_patches
 from aimv2.train.native import NativeSchedule, fit_grid
 
-ROOT = Path(__file__).resolve().parents[1]
 P = 8
 GRIDS = [(2, 5), (4, 3), (3, 3), (1, 7)]  # wide, tall, square, a strip: 10, 12, 9, 7 patches
 AREA = 13  # every image padded to 13 tokens
@@ -250,24 +249,6 @@ def test_paper_scale_budget_per_image():
 
 
 # ----------------------------------------------------------------------------------------------- runs
-RUN = [
-    "model.encoder_overrides={depth: 2}",
-    "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128}",
-    "data.context_length=24",
-    "data.num_workers=0",
-    "data.native.min_patches=4",
-    "data.native.max_patches=16",
-    "data.native.tokens_per_batch=128",
-    "data.native.batch_multiple=4",
-    "train.steps=6",
-    "train.checkpoint_every=3",
-    "train.log_every=1",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "optim.warmup_steps=2",
-]
-
-
 def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -275,7 +256,7 @@ def _rows(out: Path) -> list[dict]:
 def _train(out: Path, *extra: str, path=ROOT / "configs/native-tiny.yaml"):
     from aimv2.train import train
 
-    return train(load_config(path, [*RUN, f"out_dir={out}", *extra]))
+    return train(load_config(path, [*NATIVE_RUN, f"out_dir={out}", *extra]))
 
 
 def test_a_run_folder_written_before_the_mode_key_resumes_per_step(tmp_path):
@@ -312,7 +293,7 @@ def _cli(out: Path, *extra: str, env=None, nproc=1) -> subprocess.CompletedProce
     if nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
         launch.append("aimv2")
-    cmd = [*launch, "pretrain", str(ROOT / "configs/native-tiny.yaml"), *RUN, f"out_dir={out}", *extra]
+    cmd = [*launch, "pretrain", str(ROOT / "configs/native-tiny.yaml"), *NATIVE_RUN, f"out_dir={out}", *extra]
     return subprocess.run(cmd, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=400)
 
 
