@@ -42,6 +42,23 @@ NATIVE_RUN = [
 ]
 
 
+def native_pretraining_model(**overrides):
+    """A two-block native (sin-cos) pretraining model with a small decoder, seeded, in eval mode."""
+    import aimv2
+
+    torch.manual_seed(0)
+    return aimv2.create_pretraining_model(
+        "aimv2-tiny-patch8-native",
+        vocab_size=50,
+        depth=2,
+        decoder_depth=2,
+        decoder_embed_dim=64,
+        decoder_num_heads=2,
+        decoder_mlp_hidden_dim=128,
+        **overrides,
+    ).eval()
+
+
 def subprocess_env() -> dict:
     """The environment for `python -m aimv2 ...` in a child process: this checkout's sources, one thread."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))

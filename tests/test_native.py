@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NATIVE_RUN, ROOT, subprocess_env
+from conftest import NATIVE_RUN, ROOT, native_pretraining_model, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -143,25 +143,11 @@ def test_synthetic_scenes_render_at_any_aspect():
     assert cap3 == cap and wide.size == (64, 24)
 
 
-def _native_model(**kw):
-    torch.manual_seed(0)
-    return aimv2.create_pretraining_model(
-        "aimv2-tiny-patch8-native",
-        vocab_size=50,
-        depth=2,
-        decoder_depth=2,
-        decoder_embed_dim=64,
-        decoder_num_heads=2,
-        decoder_mlp_hidden_dim=128,
-        **kw,
-    ).eval()
-
-
 @pytest.mark.parametrize("hw", [(16, 40), (40, 16)])
 def test_objective_does_not_leak_on_non_square_sincos_grids(hw):
     """Perturbation and gradient checks of the native (sin-cos) model on wide and tall grids: the prediction of
     patch k+1 (at position k) sees the prefix and patches <= k, never patch k+1 or later."""
-    model = _native_model()
+    model = native_pretraining_model()
     H, W = hw
     gw = W // P
     N = (H // P) * gw
@@ -195,7 +181,7 @@ def test_grad_accum_on_a_native_batch_gives_the_global_mean_gradient():
     from aimv2.train.distributed import DistInfo
     from aimv2.train.trainer import train_step
 
-    model = _native_model().train()
+    model = native_pretraining_model().train()
     torch.manual_seed(2)
     B, H, W = 12, 16, 40
     images = normalize(torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), "imagenet", torch.device("cpu"))

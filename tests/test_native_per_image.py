@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import NATIVE_RUN, ROOT, subprocess_env
+from conftest import NATIVE_RUN, ROOT, native_pretraining_model, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
-import aimv2
 from aimv2.config import ConfigError, load_config
 from aimv2.objectives.aimv2 import patchify
 from aimv2.train.data import StepBatches, pack_patches
@@ -27,19 +26,6 @@ from aimv2.train.native import NativeSchedule, fit_grid
 P = 8
 GRIDS = [(2, 5), (4, 3), (3, 3), (1, 7)]  # wide, tall, square, a strip: 10, 12, 9, 7 patches
 AREA = 13  # every image padded to 13 tokens
-
-
-def _model():
-    torch.manual_seed(0)
-    return aimv2.create_pretraining_model(
-        "aimv2-tiny-patch8-native",
-        vocab_size=50,
-        depth=2,
-        decoder_depth=2,
-        decoder_embed_dim=64,
-        decoder_num_heads=2,
-        decoder_mlp_hidden_dim=128,
-    ).eval()
 
 
 def _batch(seed=1):
@@ -62,7 +48,7 @@ def _real(b: int) -> int:
 def test_each_row_equals_its_image_alone_on_the_dense_path():
     """Encoder features, patch predictions, caption logits and loss terms of every row equal the existing
     ``encoder(pixels)`` / ``model(pixels, ...)`` on that image alone at its own grid (a naive reference)."""
-    model = _model()
+    model = native_pretraining_model()
     images, tokens, grids, text, prefix = _batch()
     with torch.no_grad():
         out = model(tokens, text, prefix, grids)
@@ -91,7 +77,7 @@ def test_no_row_sees_another_image_or_the_padding():
     """Perturbation: changing image j or any padding leaves every other row's outputs exactly as they were.
     Gradient reach: d(outputs of row i) / d(tokens of row j) == 0 for j != i, and the loss has no gradient at
     padding; within a row, prediction k reaches the prefix and patches <= k only."""
-    model = _model()
+    model = native_pretraining_model()
     _, tokens, grids, text, prefix = _batch()
     base = model(tokens, text, prefix, grids)
 
@@ -130,7 +116,7 @@ def test_grad_accum_on_a_padded_batch_gives_the_global_mean_gradient():
     from aimv2.train.distributed import DistInfo
     from aimv2.train.trainer import train_step
 
-    model = _model().train()
+    model = native_pretraining_model().train()
     _, tokens, grids, text, prefix = _batch(seed=4)
     out = model(tokens, text, prefix, grids)
     out.loss.backward()
