@@ -59,6 +59,27 @@ def native_pretraining_model(**overrides):
     ).eval()
 
 
+def native_stream(sched, native_fn, rank: int, world: int, *, start_step: int = 0, steps: int = 6):
+    """The native-resolution batch stream of ``sched`` for one of ``world`` ranks, global batch 8, patch 8, over
+    ``native_fn(index, global_index, hw) -> (uint8 image, caption)``, every caption encoded as four ones."""
+    from aimv2.train.data import StepBatches
+
+    return StepBatches(
+        None,
+        length=None,
+        native_fn=native_fn,
+        global_batch=8,
+        rank=rank,
+        world_size=world,
+        start_step=start_step,
+        steps=steps,
+        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
+        seed=0,
+        patch_size=8,
+        native=sched,
+    )
+
+
 def subprocess_env() -> dict:
     """The environment for `python -m aimv2 ...` in a child process: this checkout's sources, one thread."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NATIVE_RUN, ROOT, native_pretraining_model, subprocess_env
+from conftest import NATIVE_RUN, ROOT, native_pretraining_model, native_stream, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -83,26 +83,11 @@ def test_native_fit_keeps_aspect_and_crops_only_the_overhang():
 
 
 def _stream(rank, world, *, start_step=0, steps=6, native_fn=None):
-    from aimv2.train.data import StepBatches
-
     def native(index, global_index, hw):
         return torch.full((3, *hw), index % 251, dtype=torch.uint8), f"caption {index}"
 
     sched = NativeSchedule(seed=3, min_patches=4, max_patches=16, tokens_per_batch=128, batch_multiple=4)
-    return StepBatches(
-        None,
-        length=None,
-        native_fn=native_fn or native,
-        global_batch=8,
-        rank=rank,
-        world_size=world,
-        start_step=start_step,
-        steps=steps,
-        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
-        seed=0,
-        patch_size=P,
-        native=sched,
-    )
+    return native_stream(sched, native_fn or native, rank, world, start_step=start_step, steps=steps)
 
 
 def test_ranks_share_each_steps_area_but_not_images_or_prefixes():

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import NATIVE_RUN, ROOT, native_pretraining_model, subprocess_env
+from conftest import NATIVE_RUN, ROOT, native_pretraining_model, native_stream, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
 from aimv2.config import ConfigError, load_config
 from aimv2.objectives.aimv2 import patchify
-from aimv2.train.data import StepBatches, pack_patches
+from aimv2.train.data import pack_patches
 from aimv2.train.native import NativeSchedule, fit_grid
 
 P = 8
@@ -139,20 +139,7 @@ def _stream(rank, world, native_fn, *, start_step=0, steps=8):
     sched = NativeSchedule(
         seed=3, min_patches=4, max_patches=32, tokens_per_batch=256, batch_multiple=4, mode="per_image"
     )
-    return StepBatches(
-        None,
-        length=None,
-        native_fn=native_fn,
-        global_batch=8,
-        rank=rank,
-        world_size=world,
-        start_step=start_step,
-        steps=steps,
-        encode_text=lambda caps: torch.ones(len(caps), 4, dtype=torch.long),
-        seed=0,
-        patch_size=P,
-        native=sched,
-    ), sched
+    return native_stream(sched, native_fn, rank, world, start_step=start_step, steps=steps), sched
 
 
 class _Photos:
