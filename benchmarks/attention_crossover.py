@@ -6,12 +6,17 @@ sequence length, for the two patterns training uses: the encoder's prefix mask (
 decoder's plain causal flag. The two backends alternate call by call, so load from other jobs hits both alike;
 the median of ``--reps`` calls is kept. Both are first checked to compute the same values.
 
+With ``--compile`` each backend's forward is a ``torch.compile``d function (backward through AOTAutograd), as
+attention runs inside a compiled model: there the matmul way's mask, softmax and casts fuse into one kernel, so its
+crossover is longer; it gives ``CPU_MATMUL_UP_TO_COMPILED``.
+
 It prints, per dtype, the longest length up to which ``matmul`` was faster for both patterns at every length
 measured (the crossover), in the form of ``aimv2.models.attention.CPU_MATMUL_UP_TO``; a dtype where ``matmul``
 loses already at the shortest length gets no entry (SDPA always).
 
     python benchmarks/attention_crossover.py --out benchmarks/results/attention_crossover_cpu.json
     python benchmarks/attention_crossover.py --lengths 64,256,1024 --reps 5     # quicker
+    python benchmarks/attention_crossover.py --compile --out benchmarks/results/attention_crossover_cpu_compiled.json
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 from machine import machine_info
 
-from aimv2.models.attention import AttentionMask, additive_mask, causal_additive_mask, matmul_attention
+from aimv2.models.attention import AttentionMask, additive_mask, causal_additive_mask, causal_bias, matmul_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,13 +48,21 @@ def pattern_mask(pattern: str, B: int, N: int, device: torch.device) -> torch.Te
     return AttentionMask(N, causal=True, prefix_len=prefix).dense  # [B, 1, N, N]
 
 
-def run(backend: str, q, k, v, mask, grad_out) -> None:
-    if backend == "sdpa":
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    else:
-        bias = causal_additive_mask(q.shape[-2], q.device) if mask is None else additive_mask(mask)
-        y = matmul_attention(q, k, v, bias)
-    y.backward(grad_out)
+def sdpa_forward(q, k, v, mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def matmul_forward(q, k, v, mask):
+    causal = causal_bias if torch.compiler.is_compiling() else causal_additive_mask  # as attend() does
+    bias = causal(q.shape[-2], q.device) if mask is None else additive_mask(mask)
+    return matmul_attention(q, k, v, bias)
+
+
+FORWARD = {"sdpa": sdpa_forward, "matmul": matmul_forward}
+
+
+def run(forward, q, k, v, mask, grad_out) -> None:
+    forward(q, k, v, mask).backward(grad_out)
     for t in (q, k, v):
         t.grad = None
 
@@ -65,11 +78,15 @@ def measure(pattern: str, dtype: torch.dtype, N: int, args, device: torch.device
     if diff > (1e-4 if dtype == torch.float32 else 5e-2):
         raise SystemExit(f"sdpa and matmul differ by {diff:.2e} ({pattern}, {dtype}, N={N})")
     grad_out = torch.randn_like(q)
+    forward = dict(FORWARD)
+    if args.compile:  # fresh graphs per shape (torch.compile keeps only a few shapes of a function before eager)
+        torch.compiler.reset()
+        forward = {name: torch.compile(fn, dynamic=False) for name, fn in FORWARD.items()}
     times: dict[str, list[float]] = {"sdpa": [], "matmul": []}
     for r in range(args.warmup + args.reps):
         for backend in ("sdpa", "matmul") if r % 2 else ("matmul", "sdpa"):
             t0 = time.perf_counter()
-            run(backend, q, k, v, mask, grad_out)
+            run(forward[backend], q, k, v, mask, grad_out)
             if r >= args.warmup:
                 times[backend].append(time.perf_counter() - t0)
     sdpa, mm = statistics.median(times["sdpa"]), statistics.median(times["matmul"])
@@ -97,8 +114,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="time both backends compiled (see above)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+
     device = torch.device(args.device)
     rows = []
     for dname in args.dtypes.split(","):
@@ -112,7 +131,8 @@ def main() -> None:
                     flush=True,
                 )
     cross = {d: crossover(rows, d) for d in args.dtypes.split(",")}
-    print("CPU_MATMUL_UP_TO = {" + ", ".join(f"{d}: {n}" for d, n in cross.items() if n) + "}")
+    name = "CPU_MATMUL_UP_TO_COMPILED" if args.compile else "CPU_MATMUL_UP_TO"
+    print(name + " = {" + ", ".join(f"{d}: {n}" for d, n in cross.items() if n) + "}")
     if args.out:
         info = dict(
             command="python benchmarks/attention_crossover.py " + " ".join(sys.argv[1:]),
@@ -120,6 +140,7 @@ def main() -> None:
             threads=torch.get_num_threads(),
             shape=dict(batch=args.batch_size, heads=args.heads, head_dim=args.head_dim),
             reps=args.reps,
+            compiled=args.compile,
             rows=rows,
             matmul_faster_up_to=cross,
         )

@@ -138,37 +138,61 @@ def test_dispatch_rule(device, dtype, n, masked, grad, forced, want):
     assert choose_backend(device, dtype, n, masked, grad, forced) == want
 
 
-def test_rule_table_follows_the_recorded_crossover():
+@pytest.mark.parametrize(
+    "dtype,n,want",
+    [
+        (torch.bfloat16, 256, "matmul"),  # the encoder at 224 px: past the eager crossover, within the compiled one
+        (torch.bfloat16, 333, "matmul"),  # the decoder (256 image + 77 text positions)
+        (torch.bfloat16, 512, "sdpa"),
+        (torch.float32, 96, "sdpa"),  # fp32 keeps the fused kernel compiled too
+    ],
+)
+def test_dispatch_rule_inside_compile(dtype, n, want):
+    assert choose_backend(CPU, dtype, n, True, True, "auto", compiled=True) == want
+    assert choose_backend(CUDA, dtype, n, True, True, "auto", compiled=True) == "flex"  # the rule is CPU's only
+
+
+@pytest.mark.parametrize(
+    "record,table",
+    [
+        ("attention_crossover_cpu.json", "CPU_MATMUL_UP_TO"),
+        ("attention_crossover_cpu_compiled.json", "CPU_MATMUL_UP_TO_COMPILED"),
+    ],
+)
+def test_rule_table_follows_the_recorded_crossover(record, table):
     import json
     from pathlib import Path
 
-    rec = json.loads((Path(__file__).parents[1] / "benchmarks/results/attention_crossover_cpu.json").read_text())
+    rec = json.loads((Path(__file__).parents[1] / "benchmarks/results" / record).read_text())
+    assert rec.get("compiled", False) == table.endswith("COMPILED")
     names = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for name, n in rec["matmul_faster_up_to"].items():
-        assert attn.CPU_MATMUL_UP_TO.get(names[name]) == n, f"CPU_MATMUL_UP_TO disagrees with the record for {name}"
+        assert getattr(attn, table).get(names[name]) == n, f"{table} disagrees with the record for {name}"
 
 
-def test_unknown_backend_is_one_clear_error():
-    with pytest.raises(ValueError, match="auto|sdpa|flex|matmul"):
-        set_attention_backend("fast")
-
-
-def test_train_attention_key_sets_the_backend_for_the_run(tmp_path):
-    """``train.attention=...`` on the command line reaches attend() through parallelize (the trainer's setup)."""
-    from aimv2.config import load_config
-    from aimv2.train.distributed import DistInfo
-    from aimv2.train.parallelize import parallelize
-
-    path = tmp_path / "c.yaml"
-    path.write_text("train: {steps: 1}\n")
-    cfg = load_config(path, ["train.attention=matmul"])
-    parallelize(torch.nn.Linear(2, 2), cfg.train, DistInfo(), torch.device("cpu"))
-    assert attn.attention_backend() == "matmul"
-    with pytest.raises(ValueError, match=r"train.attention must be auto\|sdpa\|flex\|matmul, got 'fast'"):
-        load_config(path, ["train.attention=fast"])  # refused where it enters, before any model is built
-
-
-def test_config_knows_the_same_backends_as_the_models():
-    from aimv2.config.checks import ATTENTION_BACKENDS
-
-    assert ATTENTION_BACKENDS == attn.BACKENDS
+@pytest.mark.parametrize("prefix", [torch.tensor([100, 1, 256]), None])
+def test_compiled_attend_takes_the_matmul_way_and_matches_the_reference(prefix, monkeypatch):
+    """Inside torch.compile on CPU in bf16 at 256 tokens (past the eager crossover, within the compiled one) attend()
+    takes the two-matmul way, the causal bias built in the graph rather than from the eager cache, and its values
+    and gradients match the written-out softmax."""
+    n = 256
+    mask = AttentionMask(n, causal=True, prefix_len=prefix)
+    taken = []
+    real = attn.matmul_attention
+    monkeypatch.setattr(attn, "matmul_attention", lambda *a: taken.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, HD, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    fn = torch.compile(lambda q, k, v: attend(q, k, v, mask, is_causal=True), backend="eager", fullgraph=True)
+    y = fn(q, k, v)
+    assert taken, "the compiled call did not take the matmul way"
+    y.float().sum().backward()
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = (j <= i)[None, None] | (
+        j[None, None] < (prefix if prefix is not None else torch.zeros(B))[:, None, None, None]
+    )
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference(q64, k64, v64, allowed)
+    want.sum().backward()
+    torch.testing.assert_close(y.double(), want, atol=3e-2, rtol=3e-2)
+    for got, ref in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=5e-2, rtol=5e-2)

@@ -18,7 +18,8 @@ different lengths share a batch. :class:`AttentionMask` holds the pattern instea
              SDPA with a mask falls back to a slower kernel. Chosen on CUDA for prefix and padding masks.
     matmul   ``softmax(q k^T / sqrt(d)) v`` as two matmuls. On CPU in bf16 the fused kernel is slower than
              this at our sequence lengths (``benchmarks/attention_crossover.py``), so there it is chosen up to
-             the measured crossover length (:data:`CPU_MATMUL_UP_TO`).
+             the measured crossover length (:data:`CPU_MATMUL_UP_TO`; inside ``torch.compile``, where its mask,
+             softmax and casts fuse into one kernel, :data:`CPU_MATMUL_UP_TO_COMPILED`).
 
 ``auto`` applies :func:`choose_backend`; :func:`set_attention_backend` (or ``train.attention`` in a config)
 forces one. Masks are boolean with ``True`` meaning "may attend". A query row is never fully masked: key 0 is
@@ -40,6 +41,9 @@ BACKENDS = ("auto", "sdpa", "flex", "matmul")
 # forward + backward (benchmarks/results/attention_crossover_cpu.json, which the benchmark prints in this form).
 # A dtype missing here always takes SDPA on CPU.
 CPU_MATMUL_UP_TO: dict[torch.dtype, int] = {torch.bfloat16: 192}
+# The same inside torch.compile (attention_crossover.py --compile: attention_crossover_cpu_compiled.json). In fp32
+# neither way wins at every length there, so fp32 keeps the fused kernel.
+CPU_MATMUL_UP_TO_COMPILED: dict[torch.dtype, int] = {torch.bfloat16: 333}
 
 _forced = "auto"  # set_attention_backend()
 
@@ -61,19 +65,27 @@ def attention_backend() -> str:
 
 
 def choose_backend(
-    device: torch.device, dtype: torch.dtype, seq_len: int, masked: bool, needs_grad: bool, forced: str = "auto"
+    device: torch.device,
+    dtype: torch.dtype,
+    seq_len: int,
+    masked: bool,
+    needs_grad: bool,
+    forced: str = "auto",
+    compiled: bool = False,
 ) -> str:
     """The backend that computes one attention call: sdpa | flex | matmul.
 
     masked: the pattern is more than full or plain causal (a prefix or padding keys), i.e. SDPA needs a mask.
-    needs_grad: autograd records the call (FlexAttention has no CPU backward)."""
+    needs_grad: autograd records the call (FlexAttention has no CPU backward).
+    compiled: the call is traced by torch.compile (its crossover on CPU is longer)."""
     if forced == "flex":
         return "sdpa" if device.type == "cpu" and needs_grad else "flex"
     if forced != "auto":
         return forced
     if device.type == "cuda":
         return "flex" if masked else "sdpa"  # unmasked: SDPA's flash kernel with or without is_causal
-    if device.type == "cpu" and seq_len <= CPU_MATMUL_UP_TO.get(dtype, 0):
+    up_to = CPU_MATMUL_UP_TO_COMPILED if compiled else CPU_MATMUL_UP_TO
+    if device.type == "cpu" and seq_len <= up_to.get(dtype, 0):
         return "matmul"
     return "sdpa"
 
@@ -211,10 +223,13 @@ def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
-@functools.lru_cache(maxsize=8)
-def causal_additive_mask(n: int, device: torch.device) -> torch.Tensor:
-    """float32 [n, n]: 0 on and below the diagonal, -inf above (kept per length: every causal layer adds it)."""
+def causal_bias(n: int, device: torch.device) -> torch.Tensor:
+    """float32 [n, n]: 0 on and below the diagonal, -inf above."""
     return torch.full((n, n), float("-inf"), device=device).triu(1)
+
+
+# kept per length in eager (every causal layer adds it); a compiled graph builds it once as a constant instead
+causal_additive_mask = functools.lru_cache(maxsize=8)(causal_bias)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -242,7 +257,8 @@ def attend(
         is_causal = pattern.is_plain_causal
     masked = pattern.masked if pattern is not None else mask is not None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    backend = choose_backend(q.device, q.dtype, q.shape[-2], masked, needs_grad, _forced)
+    compiled = torch.compiler.is_compiling()
+    backend = choose_backend(q.device, q.dtype, q.shape[-2], masked, needs_grad, _forced, compiled)
     if backend == "flex" and pattern is not None and pattern.masked:
         return flex_attention(q, k, v, pattern.block_mask)
     if backend == "matmul":
@@ -251,7 +267,8 @@ def attend(
         elif mask is not None and not isinstance(mask, AttentionMask):
             bias = additive_mask(mask)
         else:
-            bias = causal_additive_mask(q.shape[-2], q.device) if is_causal else None
+            causal = causal_bias if compiled else causal_additive_mask  # dynamo does not trace through lru_cache
+            bias = causal(q.shape[-2], q.device) if is_causal else None
         return matmul_attention(q, k, v, bias)
     dense = pattern.dense if pattern is not None else mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=is_causal and dense is None)
