@@ -291,7 +291,7 @@ def pretrain_step_speed(size: dict, device: torch.device, attention: str, ac: bo
         model = pretrain_model(size, device)
         if ac:
             apply_activation_checkpointing(model)
-        apply_compile(model, backend=size["compile_backend"])
+        apply_compile(model, backend=size["compile_backend"], whole=True)  # as the trainer compiles on one process
         opt = build_optimizer(model, OptimConfig())
         images, text, prefix = batch_for(model, size, device)
         enc = model.encoder.cfg

@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--no-baseline", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block of both (as train.compile=true)")
+    p.add_argument("--compile", action="store_true", help="compile both whole (train.compile on 1 process)")
     p.add_argument("--attention", default="auto", choices=BACKENDS, help="ours' attention backend (as train.attention)")
     p.add_argument(
         "--activation-checkpointing", action="store_true", help="checkpoint each block of ours (as in training)"
@@ -158,7 +158,7 @@ def main() -> None:
         from aimv2.train.parallelize import apply_compile
 
         for m_, _, _ in models.values():
-            apply_compile(m_)
+            apply_compile(m_, whole=True)  # as the trainer compiles on one process
     enc = model.encoder.cfg
     n_patches = enc.grid_size[0] * enc.grid_size[1]
     B = args.batch_size
