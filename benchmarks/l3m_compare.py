@@ -10,9 +10,11 @@ at the sizes of the comparison: 224 px, patch 14, encoder 384 x 12 (6 heads), de
 77 text tokens, batch 8 (53.6M parameters in both: the architectures match to the class token). Per precision
 (fp32; bf16 as autocast over fp32 weights) the steps alternate between the two, in an order that swaps every
 round, so load from other jobs hits both alike; the ratio is the median over rounds of l3m's step time over ours
-(paired) and of the medians. Also reported: each one's achieved FLOP/s as a fraction of the best large-matmul
-FLOP/s measured in this run for that dtype (the same FLOP count, ``aimv2.train.metrics.flops_per_sample``, for
-both, since the architectures are the same).
+(paired) and of the medians. With ``--compile`` both are compiled as their AIMv2 recipes run them: l3m's config
+sets ``torch_compile: true``, for which its runner wraps the whole model in ``torch.compile``; ours is compiled
+as our trainer does on one process with ``train.compile: true`` (``apply_compile(whole=True)``). Also reported:
+each one's achieved FLOP/s as a fraction of the best large-matmul FLOP/s measured in this run for that dtype (the
+same FLOP count, ``aimv2.train.metrics.flops_per_sample``, for both, since the architectures are the same).
 
 l3m is read from a local checkout (``--l3m-src``, e.g. ``git clone https://github.com/apple/ml-l3m``); none of
 its code is part of this repository. It needs ``hydra-core`` and ``omegaconf`` importable (install them into a
@@ -20,6 +22,8 @@ separate environment, or a ``pip install --target`` folder on ``PYTHONPATH``); i
 import time, which is replaced by an empty module when absent (nothing of it is called).
 
     PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --out benchmarks/results/l3m_compare_cpu.json
+    PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --compile \
+        --out benchmarks/results/l3m_compare_cpu_compiled.json
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aimv2.config import OptimConfig
 from aimv2.objectives import create_pretraining_model
 from aimv2.train.metrics import flops_per_sample
 from aimv2.train.optim import build_optimizer
+from aimv2.train.parallelize import apply_compile
 
 SIZES = dict(img=224, patch=14, width=384, enc_depth=12, heads=6, dec_depth=4, hidden=1024, vocab=32000, text=77)
 
@@ -88,6 +93,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed rounds per precision (one step of each model)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--compile", action="store_true", help="compile both, as their recipes do (see above)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if not (args.l3m_src / "src/l3m").is_dir():
@@ -96,6 +102,9 @@ def main() -> None:
     torch.manual_seed(0)
     l3m_model, l3m_loss = build_l3m(args.l3m_src)
     ours = build_ours()
+    if args.compile:  # the warm-up rounds compile (at least one is needed, for the timed steps to be compiled)
+        l3m_model = torch.compile(l3m_model)
+        apply_compile(ours, whole=True)
     cfg = OptimConfig()
     opt_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     B, s = args.batch_size, SIZES
@@ -163,6 +172,7 @@ def main() -> None:
             sizes=dict(SIZES, batch=B),
             params=params,
             gflops_per_sample=flops / 1e9,
+            compiled=args.compile,
             l3m_optimizer="torch.optim.AdamW, our lr / betas / eps / weight decay on every parameter",
             results=results,
             ratios={f"ours/l3m {k} step, paired": v["ours/l3m speed, paired"] for k, v in results.items()},
