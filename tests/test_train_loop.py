@@ -383,3 +383,24 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
     assert ds.get_item(3) is None and ds.faults.counts == {"bad_image": 1}
     image, caption = ds.get_item(4)
     assert image.mode == "RGB" and caption == synthetic_sample(4, size=32)[1]
+
+
+@pytest.mark.parametrize(
+    "objective,dynamic,want",
+    [("aimv2", False, True), ("aimv2", True, False), ("other", False, False)],
+)
+def test_compile_takes_the_whole_model_only_where_it_is_one_graph(monkeypatch, objective, dynamic, want):
+    """train.compile on one process: the whole AIMv2 model as one graph at fixed shapes; per block at native
+    resolution (shapes change every step) and for objectives that do not declare ``whole_graph``."""
+    from aimv2.config import TrainConfig
+    from aimv2.objectives import create_pretraining_model
+    from aimv2.train import parallelize as par
+    from aimv2.train.distributed import DistInfo
+
+    calls = []
+    monkeypatch.setattr(par, "apply_compile", lambda model, dynamic, whole: calls.append((dynamic, whole)))
+    model = create_pretraining_model("aimv2-tiny-patch8-32", vocab_size=64, decoder_depth=1)
+    if objective == "other":
+        model.whole_graph = False
+    assert par.parallelize(model, TrainConfig(compile=True), DistInfo(), torch.device("cpu"), dynamic) is model
+    assert calls == [(dynamic, want)]

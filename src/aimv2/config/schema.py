@@ -136,8 +136,8 @@ class TrainConfig:
     batch_size: int = 64  # global batch (all ranks, all accumulation micro-steps)
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    # torch.compile: the whole model as one graph on one process at fixed shapes; each block under DDP / FSDP2 and
-    # at native resolution (train/parallelize.py apply_compile)
+    # torch.compile: AIMv2 pretraining on one process at fixed shapes as one graph; each block otherwise (under DDP /
+    # FSDP2, at native resolution, and for the other objectives; train/parallelize.py apply_compile)
     compile: bool = False
     # auto | sdpa | flex | matmul: how attention is computed (aimv2.models.attention; auto chooses per device,
     # dtype and sequence length: FlexAttention for prefix masks on CUDA, the measured faster way on CPU)

@@ -182,6 +182,7 @@ class AIMv2Pretrainer(nn.Module):
 
     input_names = ("images", "text", "prefix_len", "grid_hw")
     whole_batch = False
+    whole_graph = True  # the dense path compiles as one graph (native batches keep per-block graphs)
 
     def __init__(self, encoder: VisionEncoder, decoder: MultimodalDecoder, *, pad_id: int = 0, alpha: float = 0.4):
         super().__init__()

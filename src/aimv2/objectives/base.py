@@ -19,6 +19,8 @@ Besides ``forward``, an objective tells the trainer what it needs without runnin
     loss_counts(**inputs) -> {part: count}   the same counts forward will report, from the inputs alone
     whole_batch          True when the loss couples the samples of a batch (contrastive negatives): the batch
                          is then never split into micro-batches
+    whole_graph          (optional, default False) True when forward traces as one graph without breaks, so
+                         ``train.compile`` on one process compiles the whole model rather than each block
 """
 
 from __future__ import annotations

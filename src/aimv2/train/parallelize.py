@@ -72,13 +72,15 @@ def parallelize(
 ) -> nn.Module:
     """Returns the module to call in the training step (the same module, or its DDP wrapper).
     ``dynamic_shapes``: the batch and sequence length vary per step (native resolution); see apply_compile.
-    ``cfg.compile`` compiles the whole model on one process at fixed shapes, each block otherwise (apply_compile).
+    ``cfg.compile`` compiles the whole model on one process at fixed shapes when the objective declares that its
+    forward is one graph (``whole_graph``, objectives/base.py), each block otherwise (apply_compile).
     Also sets the attention backend of ``cfg.attention`` (process-wide, before anything is compiled)."""
     set_attention_backend(cfg.attention)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
-        apply_compile(model, dynamic=dynamic_shapes, whole=not info.distributed and not dynamic_shapes)
+        whole = getattr(model, "whole_graph", False) and not info.distributed and not dynamic_shapes
+        apply_compile(model, dynamic=dynamic_shapes, whole=whole)
     if not info.distributed:
         return model
     if cfg.parallel == "fsdp":
