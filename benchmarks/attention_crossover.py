@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from machine import machine_info
 
-from aimv2.models.attention import AttentionMask, additive_mask, causal_additive_mask, causal_bias, matmul_attention
+from aimv2.models.attention import AttentionMask, additive_mask, causal_additive_mask, matmul_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,8 +53,7 @@ def sdpa_forward(q, k, v, mask):
 
 
 def matmul_forward(q, k, v, mask):
-    causal = causal_bias if torch.compiler.is_compiling() else causal_additive_mask  # as attend() does
-    bias = causal(q.shape[-2], q.device) if mask is None else additive_mask(mask)
+    bias = causal_additive_mask(q.shape[-2], q.device) if mask is None else additive_mask(mask)
     return matmul_attention(q, k, v, bias)
 
 
@@ -117,7 +116,6 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="time both backends compiled (see above)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-
     device = torch.device(args.device)
     rows = []
     for dname in args.dtypes.split(","):

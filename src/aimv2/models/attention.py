@@ -228,8 +228,13 @@ def causal_bias(n: int, device: torch.device) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), device=device).triu(1)
 
 
-# kept per length in eager (every causal layer adds it); a compiled graph builds it once as a constant instead
-causal_additive_mask = functools.lru_cache(maxsize=8)(causal_bias)
+_cached_causal_bias = functools.lru_cache(maxsize=8)(causal_bias)
+
+
+def causal_additive_mask(n: int, device: torch.device) -> torch.Tensor:
+    """:func:`causal_bias`, kept per length in eager (every causal layer adds it). Inside torch.compile it is built
+    in the graph instead (once, as a constant): dynamo does not trace through ``lru_cache``."""
+    return causal_bias(n, device) if torch.compiler.is_compiling() else _cached_causal_bias(n, device)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -267,8 +272,7 @@ def attend(
         elif mask is not None and not isinstance(mask, AttentionMask):
             bias = additive_mask(mask)
         else:
-            causal = causal_bias if compiled else causal_additive_mask  # dynamo does not trace through lru_cache
-            bias = causal(q.shape[-2], q.device) if is_causal else None
+            bias = causal_additive_mask(q.shape[-2], q.device) if is_causal else None
         return matmul_attention(q, k, v, bias)
     dense = pattern.dense if pattern is not None else mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=is_causal and dense is None)
