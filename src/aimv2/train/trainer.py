@@ -15,6 +15,8 @@ built, which weights file it exports). Everything else is here, the same for eve
     guard        the optimizer step only when the loss and the gradient norm are finite (train/guard.py)
     metrics      metrics.jsonl, TensorBoard, W&B, the progress bar (train/metrics.py)
     checkpoints  every train.checkpoint_every steps and at the end, then the task's weights file
+    host memory  on the CPU, glibc's malloc keeps freed memory for the next step instead of faulting it in
+                 afresh (train/host_memory.py; process-wide, and left alone where the user set MALLOC_* themselves)
 
 The path of one batch:
 
@@ -44,6 +46,7 @@ from . import checkpointing as ckpt
 from .data import make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, row_gatherer
 from .guard import NonFiniteGuard, TrainingError
+from .host_memory import keep_freed_host_memory
 from .metrics import MetricsLogger, peak_flops
 from .native import resolve_native_mode
 from .optim import build_optimizer, lr_at, set_lr
@@ -58,6 +61,9 @@ def fit(cfg, task) -> dict:
     """Run (or resume) the training that ``cfg`` and ``task`` describe; returns the last logged metrics."""
     info = init_distributed(device_type(cfg))
     device = pick_device(cfg, info)
+    if device.type == "cpu":  # the step's own tensors live in host memory: keep it mapped between steps
+        why_not = keep_freed_host_memory()
+        log.debug("host memory: %s", f"glibc's thresholds left as they are ({why_not})" if why_not else "kept")
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)  # a task that builds weights before the data (LiT's encoder) builds them alike
     lock = RunLock(out_dir)
