@@ -1,4 +1,4 @@
-"""Our AIMv2 training step against Apple's own (apple/ml-l3m), side by side in one process.
+"""Our AIMv2 training step against Apple's own (apple/ml-l3m), side by side: one process each, taking turns.
 
 What it measures: seconds per full optimizer step (forward, loss, backward, gradient clipping at 1.0, AdamW) of
 
@@ -7,14 +7,24 @@ What it measures: seconds per full optimizer step (forward, loss, backward, grad
   with the sizes below written into its ``constants``), with ``torch.optim.AdamW`` on its parameters;
 
 at the sizes of the comparison: 224 px, patch 14, encoder 384 x 12 (6 heads), decoder 384 x 4, vocabulary 32000,
-77 text tokens, batch 8 (53.6M parameters in both: the architectures match to the class token). Per precision
-(fp32; bf16 as autocast over fp32 weights) the steps alternate between the two, in an order that swaps every
-round, so load from other jobs hits both alike; the ratio is the median over rounds of l3m's step time over ours
-(paired) and of the medians. With ``--compile`` both are compiled as their AIMv2 recipes run them: l3m's config
-sets ``torch_compile: true``, for which its runner wraps the whole model in ``torch.compile``; ours is compiled
-as our trainer does on one process with ``train.compile: true`` (``apply_compile(whole=True)``). Also reported:
-each one's achieved FLOP/s as a fraction of the best large-matmul FLOP/s measured in this run for that dtype (the
-same FLOP count, ``aimv2.train.metrics.flops_per_sample``, for both, since the architectures are the same).
+77 text tokens, batch 8 (53.6M parameters in both: the architectures match to the class token).
+
+Each runs in its own process, with its own process set-up, and the two take turns: the parent asks one for a step
+while the other waits, in an order that swaps every round, so load from other jobs and the machine's drift hit
+both alike (this machine's speed drifts by up to 30% over minutes, so only steps paired in time compare). The ratio
+is the median over rounds of l3m's step time over ours (paired) and of the medians. Per precision: fp32, and bf16
+as autocast over fp32 weights.
+
+- ``--compile``: both compiled as their AIMv2 recipes run them: l3m's config sets ``torch_compile: true``, for
+  which its runner wraps the whole model in ``torch.compile``; ours as our trainer does with ``train.compile:
+  true`` on one process (``apply_compile(whole=True)``).
+- ``--host-memory``: our trainer keeps freed host memory on the CPU (``aimv2.train.host_memory``: glibc's mmap and
+  trim thresholds raised, so a step does not fault in its large tensors afresh); l3m's runner does not. ``as-run``
+  (the default) times each with its own set-up; ``both-kept`` and ``both-default`` give both the same, so that
+  only the two codes differ. The minor page faults per step are reported for each.
+
+Also reported: each one's achieved FLOP/s as a fraction of the best large-matmul FLOP/s measured in this run for
+that dtype (the same FLOP count, ``aimv2.train.metrics.flops_per_sample``, for both: the architectures match).
 
 l3m is read from a local checkout (``--l3m-src``, e.g. ``git clone https://github.com/apple/ml-l3m``); none of
 its code is part of this repository. It needs ``hydra-core`` and ``omegaconf`` importable (install them into a
@@ -24,6 +34,7 @@ import time, which is replaced by an empty module when absent (nothing of it is 
     PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --out benchmarks/results/l3m_compare_cpu.json
     PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --compile \
         --out benchmarks/results/l3m_compare_cpu_compiled.json
+    PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --compile --host-memory both-kept
 """
 
 from __future__ import annotations
@@ -39,9 +50,11 @@ from pathlib import Path
 import torch
 from machine import machine_info
 from train_speed import matmul_peak
+from turns import Turns, paired_speedup
 
 from aimv2.config import OptimConfig
 from aimv2.objectives import create_pretraining_model
+from aimv2.train.host_memory import keep_freed_host_memory
 from aimv2.train.metrics import flops_per_sample
 from aimv2.train.optim import build_optimizer
 from aimv2.train.parallelize import apply_compile
@@ -86,83 +99,127 @@ def build_ours():
     )
 
 
+def contestant(name: str, l3m_src: Path | None, compile_: bool, keep_memory: bool, batch: int, conn) -> None:
+    """One contestant (``ours`` or ``l3m``) in its own process (benchmarks/turns.py): build it, then run one timed
+    step per precision received.
+
+    Its own process, so that it runs with its own process set-up: ``keep_memory`` is what our trainer does on the
+    CPU (``keep_freed_host_memory``); l3m's runner leaves glibc's malloc as it is."""
+    import resource
+
+    memory = "glibc defaults"
+    if keep_memory:
+        memory = keep_freed_host_memory() or "kept (keep_freed_host_memory)"
+    torch.manual_seed(0)
+    if name == "l3m":
+        model, l3m_loss = build_l3m(l3m_src)
+        opt_cfg = OptimConfig()
+        opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=opt_cfg.lr,
+            betas=tuple(opt_cfg.betas),
+            eps=opt_cfg.eps,
+            weight_decay=opt_cfg.weight_decay,
+        )
+    else:
+        model = build_ours()
+        opt = build_optimizer(model, OptimConfig())
+    if compile_:  # the warm-up rounds compile (at least one is needed, for the timed steps to be compiled)
+        if name == "l3m":
+            model = torch.compile(model)
+        else:
+            apply_compile(model, whole=True)
+    images, text, prefix = inputs(batch)
+    n = (SIZES["img"] // SIZES["patch"]) ** 2
+    not_prefix = torch.arange(n)[None] >= prefix[:, None]  # l3m's encoder_prefix_mask: True past the prefix
+
+    def loss_of() -> torch.Tensor:
+        if name == "l3m":
+            data = {"image": images, "text": text, "encoder_prefix_mask": not_prefix}
+            return l3m_loss(model(data), model=model)[0]
+        return model(images, text, prefix_len=prefix).loss
+
+    conn.send({"params": sum(p_.numel() for p_ in model.parameters()), "host memory": memory})
+    while (msg := conn.recv()) is not None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=msg == "bf16"):
+            loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        conn.send((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+
+
+def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one batch both step on: images [B, 3, 224, 224], full-length captions [B, 77], prefix lengths [B]."""
+    s = SIZES
+    n = (s["img"] // s["patch"]) ** 2
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, s["img"], s["img"], generator=g)
+    text = torch.randint(3, s["vocab"], (batch, s["text"]), generator=g)
+    return images, text, torch.randint(1, n, (batch,), generator=g)
+
+
+HOST_MEMORY = {  # --host-memory: which contestant keeps freed host memory (see contestant)
+    "as-run": {"ours": True, "l3m": False},
+    "both-kept": {"ours": True, "l3m": True},
+    "both-default": {"ours": False, "l3m": False},
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--l3m-src", type=Path, required=True, help="a checkout of github.com/apple/ml-l3m")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed rounds per precision (one step of each model)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each (compilation, the heap's growth)")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--compile", action="store_true", help="compile both, as their recipes do (see above)")
+    p.add_argument(
+        "--host-memory",
+        choices=tuple(HOST_MEMORY),
+        default="as-run",
+        help="as-run: ours keeps freed host memory as our trainer does, l3m as its runner leaves it (default); "
+        "both-kept / both-default: the same for both, so that only the two codes differ",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if not (args.l3m_src / "src/l3m").is_dir():
         raise SystemExit(f"--l3m-src {args.l3m_src}: no src/l3m inside; pass a checkout of apple/ml-l3m")
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    l3m_model, l3m_loss = build_l3m(args.l3m_src)
-    ours = build_ours()
-    if args.compile:  # the warm-up rounds compile (at least one is needed, for the timed steps to be compiled)
-        l3m_model = torch.compile(l3m_model)
-        apply_compile(ours, whole=True)
-    cfg = OptimConfig()
-    opt_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    B, s = args.batch_size, SIZES
-    n = (s["img"] // s["patch"]) ** 2
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(B, 3, s["img"], s["img"], generator=g)
-    text = torch.randint(3, s["vocab"], (B, s["text"]), generator=g)
-    prefix = torch.randint(1, n, (B,), generator=g)
-    not_prefix = torch.arange(n)[None] >= prefix[:, None]  # l3m's encoder_prefix_mask: True past the prefix
-
-    def l3m_loss_of():
-        data = {"image": images, "text": text, "encoder_prefix_mask": not_prefix}
-        return l3m_loss(l3m_model(data), model=l3m_model)[0]
-
-    models = {
-        "ours": (ours, build_optimizer(ours, cfg), lambda: ours(images, text, prefix_len=prefix).loss),
-        "l3m": (l3m_model, torch.optim.AdamW(l3m_model.parameters(), **opt_kw), l3m_loss_of),
-    }
-    params = {k: sum(p_.numel() for p_ in m.parameters()) for k, (m, _, _) in models.items()}
-    flops = flops_per_sample(ours, n, s["text"])
-    print(f"params: ours {params['ours'] / 1e6:.2f}M, l3m {params['l3m'] / 1e6:.2f}M; {flops / 1e9:.1f} GFLOP/sample")
-
-    def step(name: str, precision: str) -> float:
-        model, opt, loss_fn = models[name]
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
+    keep = HOST_MEMORY[args.host_memory]
+    contestants = {name: (contestant, (name, args.l3m_src, args.compile, keep[name], args.batch_size)) for name in keep}
+    s, B = SIZES, args.batch_size
+    flops = flops_per_sample(build_ours(), (s["img"] // s["patch"]) ** 2, s["text"])
     results: dict = {}
-    for prec in args.precisions.split(","):
-        for _ in range(args.warmup):
-            step("ours", prec), step("l3m", prec)
-        times: dict[str, list[float]] = {"ours": [], "l3m": []}
-        for r in range(args.steps):
-            for name in ("ours", "l3m") if r % 2 == 0 else ("l3m", "ours"):
-                times[name].append(step(name, prec))
-            print(f"  {prec} round {r + 1}/{args.steps}: ours {times['ours'][-1]:.2f}s  l3m {times['l3m'][-1]:.2f}s")
-        peak = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32)
-        res = {"matmul_peak_tflops": peak / 1e12, "times": times}
-        for name in ("ours", "l3m"):
-            med = statistics.median(times[name])
-            res[f"{name} step_s"] = med
-            res[f"{name} fraction of matmul peak"] = B * flops / med / peak
-        res["ours/l3m speed, paired"] = statistics.median(
-            b / a for a, b in zip(times["ours"], times["l3m"], strict=True)
-        )
-        res["ours/l3m speed, medians"] = res["l3m step_s"] / res["ours step_s"]
-        results[prec] = res
+    with Turns(contestants) as turns:
+        setup = turns.setup
+        params = {k: v["params"] for k, v in setup.items()}
         print(
-            f"{prec}: ours {res['ours step_s']:.3f}s, l3m {res['l3m step_s']:.3f}s per step; ours/l3m "
-            f"{res['ours/l3m speed, paired']:.2f}x paired; of the matmul peak: ours "
-            f"{100 * res['ours fraction of matmul peak']:.0f}%, l3m {100 * res['l3m fraction of matmul peak']:.0f}%"
+            f"params: ours {params['ours'] / 1e6:.2f}M, l3m {params['l3m'] / 1e6:.2f}M; {flops / 1e9:.1f} GFLOP/sample"
         )
+        print("host memory: " + ", ".join(f"{k} {v['host memory']}" for k, v in setup.items()))
+        for prec in args.precisions.split(","):
+            times, faults = turns.rounds(prec, args.steps, args.warmup)
+            peak = matmul_peak(torch.device("cpu"), torch.bfloat16 if prec == "bf16" else torch.float32)
+            res = {"matmul_peak_tflops": peak / 1e12, "times": times}
+            for name in ("ours", "l3m"):
+                med = statistics.median(times[name])
+                res[f"{name} step_s"] = med
+                res[f"{name} fraction of matmul peak"] = B * flops / med / peak
+                res[f"{name} minor page faults per step"] = statistics.median(faults[name])
+            res["ours/l3m speed, paired"] = paired_speedup(times["l3m"], times["ours"])
+            res["ours/l3m speed, medians"] = res["l3m step_s"] / res["ours step_s"]
+            results[prec] = res
+            print(
+                f"{prec}: ours {res['ours step_s']:.3f}s, l3m {res['l3m step_s']:.3f}s per step; ours/l3m "
+                f"{res['ours/l3m speed, paired']:.2f}x paired; of the matmul peak: ours "
+                f"{100 * res['ours fraction of matmul peak']:.0f}%, l3m "
+                f"{100 * res['l3m fraction of matmul peak']:.0f}%; page faults per step: ours "
+                f"{res['ours minor page faults per step']:.0f}, l3m {res['l3m minor page faults per step']:.0f}"
+            )
     if args.out:
         shown_args = ["PATH" if a == str(args.l3m_src) else a for a in sys.argv[1:]]  # no local paths in results
         info = dict(
@@ -173,6 +230,7 @@ def main() -> None:
             params=params,
             gflops_per_sample=flops / 1e9,
             compiled=args.compile,
+            host_memory={k: v["host memory"] for k, v in setup.items()},
             l3m_optimizer="torch.optim.AdamW, our lr / betas / eps / weight decay on every parameter",
             results=results,
             ratios={f"ours/l3m {k} step, paired": v["ours/l3m speed, paired"] for k, v in results.items()},

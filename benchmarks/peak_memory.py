@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+from aimv2.train.host_memory import M_MMAP_THRESHOLD  # glibc's mallopt parameter number (malloc.h)
+
 MMAP_THRESHOLD_BYTES = 64 * 1024
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")

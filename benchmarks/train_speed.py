@@ -3,7 +3,8 @@
 What it measures: samples/s of full optimizer steps (forward, backward, gradient clipping, AdamW) on a fixed model
 and batch, for each precision asked (``fp32``; ``bf16`` is autocast over fp32 weights), of
 
-- ``ours``: ``aimv2.models.create_pretraining_model`` and ``aimv2.train.optim.build_optimizer``, as the trainer runs;
+- ``ours``: ``aimv2.models.create_pretraining_model`` and ``aimv2.train.optim.build_optimizer``, as the trainer runs
+  (on the CPU with freed host memory kept, ``aimv2.train.host_memory``, which the baseline then shares);
 - ``baseline``: the same architecture, weights and loss computed the plain way (``baseline_model.py``: attention as
   ``softmax(q k^T / sqrt(d) + mask) v`` with a materialized additive mask, RMSNorm and cross-entropy written out,
   AdamW's per-parameter loop), so the ratio says what our way of computing buys.
@@ -43,6 +44,7 @@ from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_f
 from aimv2.config import OptimConfig
 from aimv2.models.attention import BACKENDS, set_attention_backend
 from aimv2.objectives import create_pretraining_model
+from aimv2.train.host_memory import keep_freed_host_memory
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
 
@@ -127,10 +129,12 @@ def main() -> None:
     )
     p.add_argument("--memory-only", action="store_true", help="only measure each variant's peak memory (no timing)")
     args = p.parse_args()
+    device = torch.device(args.device)
+    host_memory = "not the CPU"
     if args.memory_only:
         release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
-
-    device = torch.device(args.device)
+    elif device.type == "cpu":  # as the trainer does on the CPU (both models share this process, hence it)
+        host_memory = keep_freed_host_memory() or "kept (keep_freed_host_memory)"
     set_attention_backend(args.attention)
     overrides: dict = {}
     if not args.paper_decoder:
@@ -235,6 +239,7 @@ def main() -> None:
         "compile": args.compile,
         "attention": args.attention,
         "activation_checkpointing": args.activation_checkpointing,
+        "host_memory": host_memory,
         "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
         "warmup": args.warmup,

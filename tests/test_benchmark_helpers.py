@@ -1,4 +1,5 @@
-"""The benchmark suite's helpers: peak-memory measurement (benchmarks/peak_memory.py)."""
+"""The benchmark suite's helpers: peak-memory measurement (benchmarks/peak_memory.py), paired turns of
+contestants in their own processes (benchmarks/turns.py)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,29 @@ def test_measure_in_fresh_process_reads_the_memory_only_run(monkeypatch, tmp_pat
     assert peak_memory.measure_in_fresh_process(str(script), []) == {"x": 1.5}
     script.write_text("import sys; sys.exit(2)")
     assert peak_memory.measure_in_fresh_process(str(script), []) is None
+
+
+def _sleeper(delay: float, conn) -> None:
+    """A contestant for Turns: steps by sleeping ``delay`` s; in the page-fault slot it sends the step's start (us)."""
+    import time
+
+    conn.send({"delay": delay})
+    while conn.recv() is not None:
+        start = time.time()
+        time.sleep(delay)
+        conn.send((time.time() - start, round(start * 1e6)))
+
+
+def test_turns_run_one_contestant_at_a_time_in_a_swapping_order(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from turns import Turns, paired_speedup
+
+    with Turns({"a": (_sleeper, (0.05,)), "b": (_sleeper, (0.1,))}) as turns:
+        assert turns.setup == {"a": {"delay": 0.05}, "b": {"delay": 0.1}}
+        times, starts = turns.rounds("fp32", steps=4, warmup=1, show=lambda line: None)
+    steps = sorted(
+        (start / 1e6, seconds, name) for name in times for start, seconds in zip(starts[name], times[name], strict=True)
+    )
+    assert [name for *_, name in steps] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the order swaps every round
+    assert all(s0 + d0 <= s1 for (s0, d0, _), (s1, _, _) in zip(steps, steps[1:], strict=False))  # one at a time
+    assert paired_speedup(times["b"], times["a"]) == pytest.approx(2.0, rel=0.3)

@@ -1,0 +1,73 @@
+"""Contestants in their own processes, taking turns: the paired timing of benchmarks whose contestants must not
+share a process (each keeps its own process set-up, such as the malloc thresholds of ``aimv2.train.host_memory``).
+
+Each contestant is a function ``target(*args, conn)`` run in a spawned process: it builds what it times, sends one
+dict describing itself, then for every precision it receives ("fp32" / "bf16") runs one step and sends back
+``(seconds, minor page faults)``, until it receives None. Only one contestant steps at a time (the others wait in
+``recv``), and the order swaps every round, so the machine's drift and other jobs' load hit all alike.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+
+
+class Turns:
+    """The contestants' processes, started one at a time (each builds alone), closed on exit."""
+
+    def __init__(self, contestants: dict[str, tuple]):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs, self.setup = {}, [], {}
+        try:
+            for name, (target, args) in contestants.items():
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=target, args=(*args, there))
+                proc.start()
+                self.procs.append(proc)
+                self.conns[name] = here
+                self.setup[name] = here.recv()
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, name: str, precision: str) -> tuple[float, int]:
+        self.conns[name].send(precision)
+        return self.conns[name].recv()
+
+    def rounds(self, precision: str, steps: int, warmup: int, show=print) -> tuple[dict, dict]:
+        """``warmup`` untimed steps of each, then ``steps`` rounds of one step each in a swapping order:
+        ({name: [seconds]}, {name: [minor page faults]})."""
+        names = list(self.conns)
+        for _ in range(warmup):
+            for name in names:
+                self.step(name, precision)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        faults: dict[str, list[int]] = {n: [] for n in names}
+        for r in range(steps):
+            for name in names if r % 2 == 0 else names[::-1]:
+                seconds, minflt = self.step(name, precision)
+                times[name].append(seconds)
+                faults[name].append(minflt)
+            show(f"  {precision} round {r + 1}/{steps}: " + "  ".join(f"{n} {times[n][-1]:.2f}s" for n in names))
+        return times, faults
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns.values(), self.procs, strict=False):
+            if proc.is_alive():
+                conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> Turns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def paired_speedup(slow: list[float], fast: list[float]) -> float:
+    """The median over rounds of one step time over the other's in the same round."""
+    return statistics.median(s / f for s, f in zip(slow, fast, strict=True))
