@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     contestants = {
-        name: (contestant, ("ours", None, args.compile, keep, args.batch_size))
+        name: (contestant, ("ours", None, None, args.compile, keep, args.batch_size))
         for name, keep in (("kept", True), ("default", False))
     }
     results: dict = {}

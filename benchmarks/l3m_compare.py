@@ -3,8 +3,9 @@
 What it measures: seconds per full optimizer step (forward, loss, backward, gradient clipping at 1.0, AdamW) of
 
 - ``ours``: ``create_pretraining_model`` + ``build_optimizer``, as our trainer runs it;
-- ``l3m``: the model and loss that l3m's ``configs/aimv2/001_aimv2_hfdata.yaml`` instantiates (its hydra config,
-  with the sizes below written into its ``constants``), with ``torch.optim.AdamW`` on its parameters;
+- ``l3m``: the model, loss and optimizer that l3m's ``configs/aimv2/001_aimv2_hfdata.yaml`` instantiates (its
+  hydra config, with the sizes below written into its ``constants``; the optimizer is its ``AdamLH``, or with
+  ``--l3m-optimizer torch-adamw`` ``torch.optim.AdamW`` on every parameter);
 
 at the sizes of the comparison: 224 px, patch 14, encoder 384 x 12 (6 heads), decoder 384 x 4, vocabulary 32000,
 77 text tokens, batch 8 (53.6M parameters in both: the architectures match to the class token).
@@ -62,8 +63,13 @@ from aimv2.train.parallelize import apply_compile
 SIZES = dict(img=224, patch=14, width=384, enc_depth=12, heads=6, dec_depth=4, hidden=1024, vocab=32000, text=77)
 
 
-def build_l3m(src: Path):
-    """l3m's AIMv2 model and loss at SIZES, from its own config file: (model, loss)."""
+def build_l3m(src: Path, optimizer: str = "config"):
+    """l3m's AIMv2 model, loss and optimizer at SIZES, from its own config file: (model, loss, optimizer).
+
+    optimizer: ``config`` builds what the config asks for, as l3m's runner does (``create_optimizer`` with its
+    ``optim`` section merged over ``configs/defaults.yaml``: ``AdamLH``, its AdamW with fully decoupled weight
+    decay, a loop over the parameters, with the config's weight-decay exclusions); ``torch-adamw`` is
+    ``torch.optim.AdamW`` on every parameter with our lr / betas / eps / weight decay."""
     sys.path.insert(0, str(src / "src"))
     sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # imported by l3m.engine, never used here
     try:
@@ -83,7 +89,19 @@ def build_l3m(src: Path):
     c.vision_num_blocks, c.text_num_blocks = s["enc_depth"], s["dec_depth"]
     c.text_vocab_size, c.context_length = s["vocab"], s["text"]
     c.prefix_range = [1, c.num_patches - 1]
-    return instantiate(cfg.model.meta_model), instantiate(cfg.loss)
+    model = instantiate(cfg.model.meta_model)
+    if optimizer == "config":
+        from l3m.optim.optimizer import create_optimizer
+
+        opt, _ = create_optimizer(
+            model, OmegaConf.merge(OmegaConf.load(src / "configs/defaults.yaml").optim, cfg.optim)
+        )
+    else:
+        o = OptimConfig()
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+    return model, instantiate(cfg.loss), opt
 
 
 def build_ours():
@@ -99,7 +117,9 @@ def build_ours():
     )
 
 
-def contestant(name: str, l3m_src: Path | None, compile_: bool, keep_memory: bool, batch: int, conn) -> None:
+def contestant(
+    name: str, l3m_src: Path | None, l3m_optimizer: str | None, compile_: bool, keep_memory: bool, batch: int, conn
+) -> None:
     """One contestant (``ours`` or ``l3m``) in its own process (benchmarks/turns.py): build it, then run one timed
     step per precision received.
 
@@ -112,15 +132,7 @@ def contestant(name: str, l3m_src: Path | None, compile_: bool, keep_memory: boo
         memory = keep_freed_host_memory() or "kept (keep_freed_host_memory)"
     torch.manual_seed(0)
     if name == "l3m":
-        model, l3m_loss = build_l3m(l3m_src)
-        opt_cfg = OptimConfig()
-        opt = torch.optim.AdamW(
-            model.parameters(),
-            lr=opt_cfg.lr,
-            betas=tuple(opt_cfg.betas),
-            eps=opt_cfg.eps,
-            weight_decay=opt_cfg.weight_decay,
-        )
+        model, l3m_loss, opt = build_l3m(l3m_src, l3m_optimizer)
     else:
         model = build_ours()
         opt = build_optimizer(model, OptimConfig())
@@ -185,12 +197,22 @@ def main() -> None:
         help="as-run: ours keeps freed host memory as our trainer does, l3m as its runner leaves it (default); "
         "both-kept / both-default: the same for both, so that only the two codes differ",
     )
+    p.add_argument(
+        "--l3m-optimizer",
+        choices=("config", "torch-adamw"),
+        default="config",
+        help="config: the optimizer l3m's AIMv2 config builds (AdamLH, a loop over the parameters; default); "
+        "torch-adamw: torch.optim.AdamW with our hyperparameters",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if not (args.l3m_src / "src/l3m").is_dir():
         raise SystemExit(f"--l3m-src {args.l3m_src}: no src/l3m inside; pass a checkout of apple/ml-l3m")
     keep = HOST_MEMORY[args.host_memory]
-    contestants = {name: (contestant, (name, args.l3m_src, args.compile, keep[name], args.batch_size)) for name in keep}
+    contestants = {
+        name: (contestant, (name, args.l3m_src, args.l3m_optimizer, args.compile, keep[name], args.batch_size))
+        for name in keep
+    }
     s, B = SIZES, args.batch_size
     flops = flops_per_sample(build_ours(), (s["img"] // s["patch"]) ** 2, s["text"])
     results: dict = {}
@@ -231,7 +253,10 @@ def main() -> None:
             gflops_per_sample=flops / 1e9,
             compiled=args.compile,
             host_memory={k: v["host memory"] for k, v in setup.items()},
-            l3m_optimizer="torch.optim.AdamW, our lr / betas / eps / weight decay on every parameter",
+            l3m_optimizer={
+                "config": "its config's (l3m.optim.adamw_lh.AdamLH through l3m.optim.optimizer.create_optimizer)",
+                "torch-adamw": "torch.optim.AdamW, our lr / betas / eps / weight decay on every parameter",
+            }[args.l3m_optimizer],
             results=results,
             ratios={f"ours/l3m {k} step, paired": v["ours/l3m speed, paired"] for k, v in results.items()},
         )
