@@ -404,17 +404,3 @@ def test_compile_takes_the_whole_model_only_where_it_is_one_graph(monkeypatch, o
         model.whole_graph = False
     assert par.parallelize(model, TrainConfig(compile=True), DistInfo(), torch.device("cpu"), dynamic) is model
     assert calls == [(dynamic, want)]
-
-
-@pytest.mark.parametrize("backend,want", [("inductor", {"cpp_wrapper": True}), ("eager", None)])
-def test_a_whole_model_on_the_cpu_compiles_with_the_cpp_wrapper(monkeypatch, backend, want):
-    """apply_compile(whole=True) asks inductor for its C++ wrapper on the CPU (the measured faster step); a backend
-    other than inductor gets no inductor options."""
-    from aimv2.objectives import create_pretraining_model
-    from aimv2.train.parallelize import apply_compile
-
-    model = create_pretraining_model("aimv2-tiny-patch8-32", vocab_size=64, decoder_depth=1)
-    seen = []
-    monkeypatch.setattr(model, "compile", lambda **kw: seen.append(kw))
-    apply_compile(model, whole=True, backend=backend)
-    assert seen == [{"dynamic": False, "backend": backend, "options": want}]

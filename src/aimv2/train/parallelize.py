@@ -38,16 +38,9 @@ def apply_compile(model: nn.Module, dynamic: bool = False, backend: str = "induc
     length change every step) compiles with symbolic shapes from the start, so a new (B, N) reuses the graph
     instead of recompiling; fixed-resolution runs keep static shapes (``dynamic=False``), the fastest kernels for
     their one shape. ``backend``: torch.compile's (``eager`` traces without generating code, for quick checks of
-    the compiled code path).
-
-    A whole model on the CPU is compiled with inductor's C++ wrapper (``cpp_wrapper``): the code that calls the
-    graph's kernels is C++ instead of Python. At the l3m comparison sizes that made the step 1.03x faster in fp32
-    and 1.02x in bf16 (paired, two processes), for about 45 s more of compilation on the first step (51 s -> 97 s
-    there, cold cache), which a run of a few thousand steps repays many times over."""
+    the compiled code path)."""
     if whole:
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        options = {"cpp_wrapper": True} if on_cpu and backend == "inductor" else None
-        model.compile(dynamic=dynamic, backend=backend, options=options)
+        model.compile(dynamic=dynamic, backend=backend)
         return
     for blocks in block_lists(model):
         for blk in blocks:
