@@ -5,12 +5,12 @@ gradient (79 MB each at batch 8), the gradients of the embedding and the text he
 backward. glibc's ``malloc`` serves blocks over its mmap threshold (which grows to at most 32 MB) with a fresh
 ``mmap`` and unmaps them on ``free``, and it hands the free top of the heap back to the kernel once it exceeds
 the trim threshold (twice the mmap threshold). Every page of memory returned that way is a page fault, and a
-page zeroed by the kernel, when the next step touches it again: about 170,000 minor page faults per step at the
-sizes of the l3m comparison (benchmarks/host_memory_speed.py, compiled fp32), 0.3-0.4 s of system CPU time.
+page zeroed by the kernel, when the next step touches it again: 110,000-190,000 minor page faults per step at
+the sizes of the l3m comparison (benchmarks/host_memory_speed.py, compiled fp32), 0.3-0.4 s of system CPU time.
 
 :func:`keep_freed_host_memory` raises both thresholds (``mallopt``), so freed blocks stay in the heap and are
 reused by the next step: no page faults after the first steps. On the 2-core machine the recorded paired run gained
-1.02x in fp32 and 1.05x in bf16 (benchmarks/results/host_memory_speed_cpu.json; machines with many threads
+1.03x in fp32 and 1.06x in bf16 (benchmarks/results/host_memory_speed_cpu.json; machines with many threads
 faulting at once may gain more, which is not measured here). The price is that the process keeps the memory of its
 peak step until it exits, which is what a training process does anyway (the CUDA caching allocator does the same).
 
