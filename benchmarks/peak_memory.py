@@ -39,9 +39,7 @@ malloc calls are skipped silently.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -49,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from aimv2.train.host_memory import M_MMAP_THRESHOLD  # glibc's mallopt parameter number (malloc.h)
+from aimv2.train.host_memory import M_MMAP_THRESHOLD, glibc  # (M_MMAP_THRESHOLD: mallopt's parameter number)
 
 MMAP_THRESHOLD_BYTES = 64 * 1024
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -65,12 +63,12 @@ def release_freed_memory() -> None:
     on every call return the free heap pages to the kernel. Every CPU ``PeakMemory`` block calls it too."""
     global _LIBC, MALLOC_TUNED
     if _LIBC is None:
-        if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        _LIBC = glibc()
+        if _LIBC is None:
             return
         try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             MALLOC_TUNED = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-        except (OSError, AttributeError):
+        except AttributeError:
             return
     try:
         _LIBC.malloc_trim(0)

@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # Run in a fresh interpreter: measuring on CPU changes glibc's malloc for the whole process, which the rest of the
 # test session should not inherit, and the heap left by earlier tests must not decide the result.
 PROBE = """
-import json, sys
+import json, platform, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import peak_memory as pm
@@ -43,7 +43,7 @@ with pm.PeakMemory("cpu") as m:
     xs = [torch.ones(2**18) for _ in range(50)]  # 50 MiB in 1 MiB tensors
     del xs
 out["alloc_50_after_churn"] = m.mib
-out["glibc"] = pm.platform.libc_ver()[0] == "glibc"
+out["glibc"] = platform.libc_ver()[0] == "glibc"
 pm.CLEAR_REFS = pm.Path("/nonexistent/clear_refs")
 with pm.PeakMemory("cpu") as m:
     x = torch.ones(2**18)

@@ -35,11 +35,23 @@ TRIM_THRESHOLD = (1 << 31) - 1
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc on Linux (the one whose ``mallopt`` these thresholds are), else
+    None. Also used by the benchmarks' memory measurement (benchmarks/peak_memory.py)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_host_memory() -> str | None:
     """Raise glibc's mmap and trim thresholds for the rest of this process (and the workers it forks).
 
     Returns None when they were set, else why nothing was changed (one short phrase, for the log)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return "not glibc"
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc / tcmalloc replace malloc: mallopt is not theirs
         return "another malloc is preloaded"
@@ -48,7 +60,6 @@ def keep_freed_host_memory() -> str | None:
         user.append("GLIBC_TUNABLES")
     if user:
         return f"{user[0]} is set"
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return "mallopt refused the thresholds"
     return None
