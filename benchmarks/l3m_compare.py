@@ -151,7 +151,10 @@ def contestant(
             return l3m_loss(model(data), model=model)[0]
         return model(images, text, prefix_len=prefix).loss
 
-    conn.send({"params": sum(p_.numel() for p_ in model.parameters()), "host memory": memory})
+    setup = {"params": sum(p_.numel() for p_ in model.parameters()), "host memory": memory}
+    if name == "ours":  # the FLOP count of both (the architectures match)
+        setup["flops per sample"] = flops_per_sample(model, n, SIZES["text"])
+    conn.send(setup)
     while (msg := conn.recv()) is not None:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
@@ -213,11 +216,11 @@ def main() -> None:
         name: (contestant, (name, args.l3m_src, args.l3m_optimizer, args.compile, keep[name], args.batch_size))
         for name in keep
     }
-    s, B = SIZES, args.batch_size
-    flops = flops_per_sample(build_ours(), (s["img"] // s["patch"]) ** 2, s["text"])
+    B = args.batch_size
     results: dict = {}
     with Turns(contestants) as turns:
         setup = turns.setup
+        flops = setup["ours"]["flops per sample"]
         params = {k: v["params"] for k, v in setup.items()}
         print(
             f"params: ours {params['ours'] / 1e6:.2f}M, l3m {params['l3m'] / 1e6:.2f}M; {flops / 1e9:.1f} GFLOP/sample"
