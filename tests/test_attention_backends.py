@@ -196,3 +196,29 @@ def test_compiled_attend_takes_the_matmul_way_and_matches_the_reference(prefix, 
     torch.testing.assert_close(y.double(), want, atol=3e-2, rtol=3e-2)
     for got, ref in ((q, q64), (k, k64), (v, v64)):
         torch.testing.assert_close(got.grad.double(), ref.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_unknown_backend_is_one_clear_error():
+    with pytest.raises(ValueError, match="auto|sdpa|flex|matmul"):
+        set_attention_backend("fast")
+
+
+def test_train_attention_key_sets_the_backend_for_the_run(tmp_path):
+    """``train.attention=...`` on the command line reaches attend() through parallelize (the trainer's setup)."""
+    from aimv2.config import load_config
+    from aimv2.train.distributed import DistInfo
+    from aimv2.train.parallelize import parallelize
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 1}\n")
+    cfg = load_config(path, ["train.attention=matmul"])
+    parallelize(torch.nn.Linear(2, 2), cfg.train, DistInfo(), torch.device("cpu"))
+    assert attn.attention_backend() == "matmul"
+    with pytest.raises(ValueError, match=r"train.attention must be auto\|sdpa\|flex\|matmul, got 'fast'"):
+        load_config(path, ["train.attention=fast"])  # refused where it enters, before any model is built
+
+
+def test_config_knows_the_same_backends_as_the_models():
+    from aimv2.config.checks import ATTENTION_BACKENDS
+
+    assert ATTENTION_BACKENDS == attn.BACKENDS
