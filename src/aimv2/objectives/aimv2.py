@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.decoder import DecoderConfig, MultimodalDecoder, default_decoder_config
 from ..models.encoder import VisionEncoder
 from ..models.registry import build_encoder, model_size
 from .base import LossTerms, count
+from .token_cross_entropy import token_cross_entropy_sum
 
 
 @dataclass
@@ -118,9 +118,8 @@ def image_regression_terms(
 
 def caption_terms(text_logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy of text_logits [B, T, V] against text [B, T], summed over non-pad tokens;
-    returns (sum float32, count)."""
-    ce = F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten(), ignore_index=pad_id, reduction="sum")
-    return ce, count((text != pad_id).sum())
+    returns (sum float32, count). The sum is ``F.cross_entropy``'s with a one-pass backward (token_cross_entropy.py)."""
+    return token_cross_entropy_sum(text_logits, text, pad_id), count((text != pad_id).sum())
 
 
 def pretraining_terms(
