@@ -22,14 +22,13 @@ loses already at the shortest length gets no entry (SDPA always).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, write_record
 
 from aimv2.models.attention import AttentionMask, additive_mask, causal_additive_mask, matmul_attention
 
@@ -142,8 +141,7 @@ def main() -> None:
             rows=rows,
             matmul_faster_up_to=cross,
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+        write_record(args.out, info)
         print(f"wrote {args.out}")
 
 

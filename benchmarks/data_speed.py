@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import write_record
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
@@ -182,8 +183,7 @@ def main() -> None:
         f"plain {fmt_mib(peak['plain'])}"
     )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_record(Path(args.out), result)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -294,8 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory_only:
         mems = measure_memory(models, x, precisions, device)
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"peak_memory_mib": mems}, indent=2) + "\n")
+            machine.write_record(args.out, {"peak_memory_mib": mems})
         return {"peak_memory_mib": mems}
     diffs = check_outputs({k: v for k, v in models.items() if k != "ours+compile"}, x)
     print("  fp32 max |output - ours|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()), flush=True)
@@ -323,8 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_batch": times,
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        machine.write_record(args.out, result)
         print(f"\nwrote {args.out}")
     return result
 

@@ -14,14 +14,13 @@ step of each (the cost the setting removes: a page handed back to the kernel and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 from l3m_compare import SIZES, contestant
-from machine import machine_info
+from machine import machine_info, write_record
 from turns import Turns, paired_speedup
 
 
@@ -65,8 +64,7 @@ def main() -> None:
             results=results,
             ratios={f"kept/default {k} step, paired": v["kept/default speed, paired"] for k, v in results.items()},
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+        write_record(args.out, info)
         print(f"wrote {args.out}")
 
 

@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/inference_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        machine.write_record(args.out, result)
     return result
 
 

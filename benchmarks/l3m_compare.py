@@ -41,7 +41,6 @@ import time, which is replaced by an empty module when absent (nothing of it is 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ import types
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, write_record
 from train_speed import matmul_peak
 from turns import Turns, paired_speedup
 
@@ -263,8 +262,7 @@ def main() -> None:
             results=results,
             ratios={f"ours/l3m {k} step, paired": v["ours/l3m speed, paired"] for k, v in results.items()},
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+        write_record(args.out, info)
         print(f"wrote {args.out}")
 
 

@@ -1,9 +1,10 @@
-"""What machine a benchmark ran on, for the recorded results (shared by the scripts; no torch import)."""
+"""What machine a benchmark ran on, and the writing of its recorded result (shared by the scripts; no torch import)."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 from pathlib import Path
@@ -36,3 +37,9 @@ def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "t
         except importlib.metadata.PackageNotFoundError:
             info[pkg] = None
     return info
+
+
+def write_record(path: Path, record: dict) -> None:
+    """``record`` as indented JSON at ``path`` (its folder made if missing), as most benchmarks record theirs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")

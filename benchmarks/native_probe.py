@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import write_record
 
 from aimv2.cli import main as cli
 from aimv2.config import load_config
@@ -147,8 +148,7 @@ def main() -> None:
     }
     print(json.dumps(info["top1"]), json.dumps(info["per_image_minus_per_step"]))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+        write_record(args.out, info)
         print(f"wrote {args.out}")
 
 

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import write_record
 from peak_memory import PeakMemory, fmt_mib, max_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
@@ -317,8 +318,7 @@ def main() -> None:
         f"77-token captions) has fixed/per_step FLOPs per image token {paper_work:.2f} (counted, not timed)"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+        write_record(args.out, info)
         print(f"wrote {args.out}")
 
 

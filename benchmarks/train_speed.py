@@ -30,7 +30,6 @@ the measurement needs a malloc setting that would slow the timed steps (see ``pe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 from baseline_model import plain_copy, plain_optimizer
+from machine import write_record
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
@@ -273,8 +273,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}x")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+        write_record(args.out, info)
         print(f"wrote {args.out}")
 
 
@@ -324,8 +323,7 @@ def step_memory(models: dict, variant: tuple[str, str], batch: tuple, device: to
 def write_memory(out: Path | None, mems: dict) -> None:
     """The ``--memory-only`` result: ``{"peak_memory_mib": {variant: MiB}}``."""
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"peak_memory_mib": mems}, indent=2) + "\n")
+        write_record(out, {"peak_memory_mib": mems})
 
 
 def _dtype(precision: str) -> torch.dtype:
