@@ -44,6 +44,7 @@ from machine import machine_info
 from aimv2.config import OptimConfig
 from aimv2.models.attention import set_attention_backend
 from aimv2.objectives import create_pretraining_model
+from aimv2.train.grad_clip import clip_gradients
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
 
@@ -228,7 +229,7 @@ def check_wrapped_training(size: dict, device: torch.device) -> dict:
                 for _ in range(3):
                     loss = step_model(*batch).loss
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    clip_gradients(model, 1.0)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     losses.append(loss.item())
@@ -301,7 +302,7 @@ def pretrain_step_speed(size: dict, device: torch.device, attention: str, ac: bo
             with bf16(device):
                 loss = model(images, text, prefix).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip_gradients(model, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 

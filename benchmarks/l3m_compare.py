@@ -2,10 +2,12 @@
 
 What it measures: seconds per full optimizer step (forward, loss, backward, gradient clipping at 1.0, AdamW) of
 
-- ``ours``: ``create_pretraining_model`` + ``build_optimizer``, as our trainer runs it;
+- ``ours``: ``create_pretraining_model`` + ``build_optimizer``, clipped by ``clip_gradients``, as our trainer runs
+  it;
 - ``l3m``: the model, loss and optimizer that l3m's ``configs/aimv2/001_aimv2_hfdata.yaml`` instantiates (its
   hydra config, with the sizes below written into its ``constants``; the optimizer is its ``AdamLH``, or with
-  ``--l3m-optimizer torch-adamw`` ``torch.optim.AdamW`` on every parameter);
+  ``--l3m-optimizer torch-adamw`` ``torch.optim.AdamW`` on every parameter), clipped as its loss scaler does
+  (``clip_grad_norm_(..., foreach=True)``);
 
 at the sizes of the comparison: 224 px, patch 14, encoder 384 x 12 (6 heads), decoder 384 x 4, vocabulary 32000,
 77 text tokens, batch 8 (53.6M parameters in both: the architectures match to the class token).
@@ -54,6 +56,7 @@ from turns import Turns, paired_speedup
 
 from aimv2.config import OptimConfig
 from aimv2.objectives import create_pretraining_model
+from aimv2.train.grad_clip import clip_gradients
 from aimv2.train.host_memory import keep_freed_host_memory
 from aimv2.train.metrics import flops_per_sample
 from aimv2.train.optim import build_optimizer
@@ -160,7 +163,10 @@ def contestant(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=msg == "bf16"):
             loss = loss_of()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if name == "l3m":  # as l3m's loss scaler clips (l3m/optim/scaler.py)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, norm_type=2.0, foreach=True)
+        else:  # as our trainer clips (train/grad_clip.py)
+            clip_gradients(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0

@@ -56,6 +56,7 @@ from peak_memory import PeakMemory, fmt_mib, max_mib, measure_in_fresh_process, 
 from aimv2.config import OptimConfig
 from aimv2.data.transforms import normalize
 from aimv2.objectives import create_pretraining_model
+from aimv2.train.grad_clip import clip_gradients
 from aimv2.train.metrics import flops_per_sample
 from aimv2.train.native import NativeSchedule, fit_grid
 from aimv2.train.optim import build_optimizer
@@ -180,7 +181,7 @@ def main() -> None:
         x = normalize(images, "imagenet", device)
         out = model(x, text.to(device), prefix.to(device), None if grids is None else grids.to(device))
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)

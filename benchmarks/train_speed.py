@@ -44,6 +44,7 @@ from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_f
 from aimv2.config import OptimConfig
 from aimv2.models.attention import BACKENDS, set_attention_backend
 from aimv2.objectives import create_pretraining_model
+from aimv2.train.grad_clip import clip_gradients
 from aimv2.train.host_memory import keep_freed_host_memory
 from aimv2.train.metrics import flops_per_sample, peak_flops
 from aimv2.train.optim import build_optimizer
@@ -286,7 +287,10 @@ def train_step(models: dict, variant: tuple[str, str], batch: tuple, device: tor
     with _autocast(device, precision):
         loss = loss_fn(*batch)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if name == "ours":  # as the trainer clips (train/grad_clip.py); the baseline the plain way, torch's
+        clip_gradients(model, 1.0)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     _sync(device)

@@ -12,6 +12,8 @@ built, which weights file it exports). Everything else is here, the same for eve
                  by the valid counts of the global batch (objectives/base.py), so the gradient is that of one
                  process on the whole batch, whatever the number of ranks and micro-batches
     freeze       train.freeze_encoder_steps: the encoder's gradients are dropped during a decoder warm-up
+    clip         the global gradient norm, clipped to optim.grad_clip (train/grad_clip.py: torch's rule, with a
+                 faster and more exact norm on the CPU)
     guard        the optimizer step only when the loss and the gradient norm are finite (train/guard.py)
     metrics      metrics.jsonl, TensorBoard, W&B, the progress bar (train/metrics.py)
     checkpoints  every train.checkpoint_every steps and at the end, then the task's weights file
@@ -45,6 +47,7 @@ from ..weights.run_folder import CKPT_DIR, list_checkpoints, load_latest_readabl
 from . import checkpointing as ckpt
 from .data import make_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, row_gatherer
+from .grad_clip import clip_gradients
 from .guard import NonFiniteGuard, TrainingError
 from .host_memory import keep_freed_host_memory
 from .metrics import MetricsLogger, peak_flops
@@ -258,18 +261,6 @@ def train_step(
     out = {"loss": total.loss(), **total.means()}
     out.update(zip(stats, packed[len(parts) :], strict=True))
     return {k: v.float() for k, v in out.items()}
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm (clipped to ``max_norm`` when > 0), a plain tensor also under FSDP2."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-        norm = norm.full_tensor()
-    return norm
 
 
 def device_type(cfg) -> str:
