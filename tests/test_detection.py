@@ -1,11 +1,17 @@
 """Detection: torchvision's heads on the pyramid, COCO data from the scene generator (checked with pycocotools and
-against the rendered pixels), AP on a hand-made prediction file, mIoU by hand, and training through the trainer."""
+against the rendered pixels), AP on a hand-made prediction file, mIoU by hand, and training through the trainer
+(resume, and 2-process DDP against micro-batches)."""
 
+import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -20,9 +26,11 @@ from aimv2.data.synthetic.scenes import Background, SceneObject, SceneSpec, rend
 from aimv2.data.synthetic.vocabulary import SHAPES
 from aimv2.data.transforms import mean_std
 from aimv2.eval.detection import coco_eval, load_detector, mean_iou
-from aimv2.objectives.detection import build_detection_model, to_targets
+from aimv2.objectives.detection import LOSS_PARTS, build_detection_model, to_targets
 from aimv2.train.detection_task import train_detection
 from aimv2.weights import load_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_detector(kind, **kw):
@@ -216,6 +224,49 @@ def test_detection_training_resumes_exactly_and_its_model_evaluates(tmp_path, ca
     records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert all(r["category_id"] in range(1, 8) and len(r["bbox"]) == 4 for r in records)
     assert (tmp_path / "pred" / "000000.boxes.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_like_one_process_with_two_micro_batches(tmp_path):
+    """2-process DDP (gloo) on a global batch of 4 against one process taking it in 2 micro-batches of 2: rank r
+    holds the r-th contiguous half, which is the r-th micro-batch, so FCOS normalizes over the same images and the
+    losses, gradient norms and weights agree up to float summation order. (Taken whole by one process, the batch
+    gives a step-2 loss 2e-4 away and weights 1e-3 away: FCOS's normalization differs, and these tolerances see it.)"""
+    steps = ["train.batch_size=4", "train.checkpoint_every=3"]
+    run(tmp_path, "single", 3, *steps, "train.grad_accum=2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
+    overrides = [*TINY, f"out_dir={tmp_path / 'ddp'}", "train.steps=3", *steps, "train.parallel=ddp"]
+    cmd = [*torchrun, "detect", "train", str(ROOT / "configs/detect-tiny.yaml"), *overrides]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [
+        [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("single", "ddp")
+    ]
+    assert len(metrics[0]) == len(metrics[1]) == 3
+    for s, m in zip(*metrics, strict=True):
+        for key in ("loss", "grad_norm", *LOSS_PARTS["fcos"]):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+    a, _ = load_detector(tmp_path / "single")
+    b, _ = load_detector(tmp_path / "ddp")
+    unlearnable = biases_a_channel_norm_removes(a)
+    assert len(unlearnable) == 8  # FCOS's two towers: 4 x (conv, GroupNorm of one channel per group, ReLU)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if k not in unlearnable:  # their gradient is 0 up to rounding, which AdamW scales into lr-sized steps
+            torch.testing.assert_close(vb, va, rtol=1e-4, atol=3e-5, msg=k)  # ~1e-3 between 1 and 2 micro-batches
+
+
+def biases_a_channel_norm_removes(model: torch.nn.Module) -> set[str]:
+    """Names of conv biases followed by a GroupNorm with one channel per group: a per-channel constant the norm
+    subtracts again, so their true gradient is exactly 0."""
+    out = set()
+    for name, seq in model.named_modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for i, (conv, norm) in enumerate(itertools.pairwise(seq)):
+                if isinstance(conv, torch.nn.Conv2d) and conv.bias is not None and isinstance(norm, torch.nn.GroupNorm):
+                    if norm.num_groups == norm.num_channels:
+                        out.add(f"{name}.{i}.bias")
+    return out
 
 
 def test_detect_cli_errors_are_one_line(tmp_path, capsys):

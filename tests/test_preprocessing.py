@@ -13,6 +13,7 @@ import aimv2
 from aimv2.weights import export_hf
 
 SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"
+needs_shard = pytest.mark.skipif(not SHARD.is_file(), reason="needs the CC12M shard (shared/data beside the checkout)")
 
 
 def cc12m_images(n: int) -> list[Image.Image]:
@@ -39,6 +40,7 @@ def test_defaults_follow_the_model_and_the_release():
         aimv2.preprocessing("aimv2-large-patch14-224", native=True)
 
 
+@needs_shard
 def test_matches_a_plain_torchvision_pipeline():
     """The transform is the reference pipeline written out with torchvision: PIL bicubic short-side resize,
     center crop, /255, mean/std (exactly equal)."""
@@ -59,7 +61,7 @@ def crop_shift(size: tuple[int, int], short: int, crop: int) -> tuple[int, int]:
     return tuple(round((m - crop) / 2) - (m - crop) // 2 for m in (hh, ww))
 
 
-@pytest.mark.skipif(not SHARD.is_file(), reason="needs the CC12M shard")
+@needs_shard
 @pytest.mark.parametrize("mean_std", ["clip", "imagenet"])
 def test_auto_image_processor_reproduces_our_pixels(tmp_path, mean_std):
     """transformers' processor from our export vs ours on 16 real photos. Both resize with PIL's bicubic filter.
