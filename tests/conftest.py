@@ -1,11 +1,16 @@
 """Helpers shared by the test files (``from conftest import ...``; pytest puts this folder on sys.path)."""
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `python -m aimv2` under torchrun on 2 local processes (gloo on CPU): append the subcommand and its arguments
+TORCHRUN_AIMV2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
 
 # a run that stays quiet and in one process: no progress bar, no TensorBoard, data read in the main process
 QUIET = ["train.progress=false", "log.tensorboard=false", "data.num_workers=0"]
@@ -78,6 +83,11 @@ def native_stream(sched, native_fn, rank: int, world: int, *, start_step: int = 
         patch_size=8,
         native=sched,
     )
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """A run folder's metrics.jsonl: one record per logged step."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def subprocess_env() -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, perturb_from, subprocess_env
+from conftest import TINY_RUN, TORCHRUN_AIMV2, perturb_from, read_metrics, subprocess_env
 
 import aimv2
 from aimv2.config import ConfigError, load_config
@@ -258,7 +258,7 @@ def test_three_step_pretrain_run(tmp_path, name):
     env = subprocess_env()
     r = subprocess.run([*cmd, f"out_dir={out}"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2, 3]
     for row in rows:
         assert all(k in row for k in ("loss", "image_loss", "text_loss", "lr", "samples_per_s"))
@@ -274,11 +274,11 @@ def test_clip_two_processes_train_like_one(tmp_path):
     args = ["pretrain", str(ROOT / "configs/tiny-synthetic.yaml"), *BASE, *RUNS["clip"]]
     single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
-    r = subprocess.run([*torchrun, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [*TORCHRUN_AIMV2, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    a = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    a, b = read_metrics(single), read_metrics(multi)
     for s, m in zip(a, b, strict=True):
         for key in ("loss", "grad_norm"):
             assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)

@@ -5,13 +5,11 @@ against the rendered pixels), AP on a hand-made prediction file, mIoU by hand, a
 import itertools
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import ROOT, TORCHRUN_AIMV2, read_metrics, subprocess_env
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -29,8 +27,6 @@ from aimv2.eval.detection import coco_eval, load_detector, mean_iou
 from aimv2.objectives.detection import LOSS_PARTS, build_detection_model, to_targets
 from aimv2.train.detection_task import train_detection
 from aimv2.weights import load_encoder
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_detector(kind, **kw):
@@ -234,15 +230,11 @@ def test_two_process_ddp_trains_like_one_process_with_two_micro_batches(tmp_path
     gives a step-2 loss 2e-4 away and weights 1e-3 away: FCOS's normalization differs, and these tolerances see it.)"""
     steps = ["train.batch_size=4", "train.checkpoint_every=3"]
     run(tmp_path, "single", 3, *steps, "train.grad_accum=2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
     overrides = [*TINY, f"out_dir={tmp_path / 'ddp'}", "train.steps=3", *steps, "train.parallel=ddp"]
-    cmd = [*torchrun, "detect", "train", str(ROOT / "configs/detect-tiny.yaml"), *overrides]
+    cmd = [*TORCHRUN_AIMV2, "detect", "train", str(ROOT / "configs/detect-tiny.yaml"), *overrides]
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    metrics = [
-        [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-        for n in ("single", "ddp")
-    ]
+    metrics = [read_metrics(tmp_path / n) for n in ("single", "ddp")]
     assert len(metrics[0]) == len(metrics[1]) == 3
     for s, m in zip(*metrics, strict=True):
         for key in ("loss", "grad_norm", *LOSS_PARTS["fcos"]):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import read_metrics, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from aimv2.models.encoder import EncoderConfig
@@ -376,7 +376,7 @@ def test_lit_run_writes_outputs_resumes_and_zeroshot_runs(tmp_path, tiny_encoder
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("config.yaml", "metrics.jsonl", "tokenizer.json", "lit.safetensors"):
         assert (out / f).is_file(), f
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [x["step"] for x in rows] == [2, 4] and all("loss" in x and "lr" in x for x in rows)
     model = load_lit(out)
     enc = load_file(tiny_encoder)
@@ -417,8 +417,7 @@ def test_two_process_all_gather_matches_one_process(tmp_path, tiny_encoder):
     cmd = torchrun + ["-m", "aimv2"] + _lit_cmd(multi, tiny_encoder, *steps)[3:]
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (multi / "metrics.jsonl").read_text().splitlines()]
+    a, b = read_metrics(single), read_metrics(multi)
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)

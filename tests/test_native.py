@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NATIVE_RUN, ROOT, native_pretraining_model, native_stream, subprocess_env
+from conftest import (
+    NATIVE_RUN,
+    ROOT,
+    TORCHRUN_AIMV2,
+    native_pretraining_model,
+    native_stream,
+    read_metrics,
+    subprocess_env,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -318,9 +326,7 @@ def test_short_native_run_trains_and_resumes_exactly(tmp_path, monkeypatch, sour
     monkeypatch.setattr(trainer, "save_run_state", original)
     run(tmp_path / "resumed")  # resumes from step 3
 
-    rows = [
-        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "resumed")
-    ]
+    rows = [read_metrics(tmp_path / d) for d in ("ref", "resumed")]
     assert [r["step"] for r in rows[1]] == list(range(1, 7))
     for key in ("loss", "patches", "batch_size"):
         assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
@@ -412,10 +418,11 @@ def test_two_process_native_training_matches_single_process(tmp_path):
     ]
     single, multi = tmp_path / "single", tmp_path / "ddp"
     subprocess.run([sys.executable, "-m", "aimv2", *args, f"out_dir={single}"], env=env, check=True, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
-    r = subprocess.run([*torchrun, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [*TORCHRUN_AIMV2, *args, f"out_dir={multi}"], env=env, capture_output=True, text=True, timeout=400
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, multi)]
+    rows = [read_metrics(d) for d in (single, multi)]
     for s, m in zip(*rows, strict=True):
         assert (m["patches"], m["batch_size"]) == (s["patches"], s["batch_size"])
         for key in ("loss", "image_loss", "text_loss", "grad_norm"):

@@ -5,7 +5,6 @@ on that image alone; grids keep each image's aspect ratio and the step's token b
 per step; grad accumulation, 2-process DDP and a kill -9 resume give the same run."""
 
 import contextlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import NATIVE_RUN, ROOT, native_pretraining_model, native_stream, subprocess_env
+from conftest import NATIVE_RUN, ROOT, native_pretraining_model, native_stream, read_metrics, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -222,10 +221,6 @@ def test_paper_scale_budget_per_image():
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _train(out: Path, *extra: str, path=ROOT / "configs/native-tiny.yaml"):
     from aimv2.train import train
 
@@ -242,7 +237,7 @@ def test_a_run_folder_written_before_the_mode_key_resumes_per_step(tmp_path):
     del cfg["data"]["native"]["mode"]  # as an earlier version wrote it
     (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     _train(old, path=old / "config.yaml")  # resume from the folder's own config, 3 -> 6
-    ref, resumed = _rows(tmp_path / "ref"), _rows(old)
+    ref, resumed = read_metrics(tmp_path / "ref"), read_metrics(old)
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for key in ("loss", "patches", "batch_size"):
         assert [r[key] for r in resumed] == [r[key] for r in ref], key
@@ -278,7 +273,7 @@ def test_kill_9_mid_run_resumes_bit_identically(tmp_path):
     assert r.returncode == 137, r.stderr[-2000:]
     r = _cli(killed)
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = _rows(ref), _rows(killed)
+    a, b = read_metrics(ref), read_metrics(killed)
     assert [r["step"] for r in b] == list(range(1, 7))
     for key in ("loss", "image_loss", "text_loss", "grad_norm", "patches", "batch_size"):
         assert [r[key] for r in a] == [r[key] for r in b], key
@@ -294,7 +289,7 @@ def test_two_process_per_image_training_matches_single_process(tmp_path):
     assert _cli(single, "train.steps=3").returncode == 0
     r = _cli(multi, "train.steps=3", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    for s, m in zip(_rows(single), _rows(multi), strict=True):
+    for s, m in zip(read_metrics(single), read_metrics(multi), strict=True):
         assert (m["patches"], m["batch_size"], m["tokens_per_s"] > 0) == (s["patches"], s["batch_size"], True)
         for key in ("loss", "image_loss", "text_loss", "grad_norm"):
             assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RUN, subprocess_env
+from conftest import TINY_RUN, TORCHRUN_AIMV2, subprocess_env
 
 import aimv2
 from aimv2.cli import main
@@ -315,7 +315,6 @@ def test_frozen_warmup_under_fsdp_matches_single_process(source, tmp_path):
     """2-process FSDP2 (gloo): the encoder stays bit-identical through the warm-up and the run trains like one
     process (the encoder's gradients are reduce-scattered like all others, then dropped)."""
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -331,8 +330,7 @@ def test_frozen_warmup_under_fsdp_matches_single_process(source, tmp_path):
         "optim.lr_mult={encoder: 0.5}",
     ]
     env = subprocess_env()
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
-    cmd = [*run, "pretrain", str(TINY), *common, f"out_dir={tmp_path / 'fsdp'}", "train.parallel=fsdp"]
+    cmd = [*TORCHRUN_AIMV2, "pretrain", str(TINY), *common, f"out_dir={tmp_path / 'fsdp'}", "train.parallel=fsdp"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     train(_cfg(tmp_path / "single", *common[len(TINY_RUN) :]))

@@ -1,7 +1,6 @@
 """The training loop end to end on the built-in data: outputs, kill -9 + resume bit-identical,
 2-process DDP and FSDP2 (gloo) matching single-process training, NaN handling."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, subprocess_env
+from conftest import TINY_RUN, read_metrics, subprocess_env
 from safetensors.torch import load_file
 
 import aimv2
@@ -31,10 +30,6 @@ def _cmd(out_dir, *extra):
     ]
 
 
-def _metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_outputs_and_encoder_loads(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(
@@ -47,7 +42,7 @@ def test_outputs_and_encoder_loads(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("config.yaml", "metrics.jsonl", "encoder.safetensors", "tokenizer.json"):
         assert (out / name).exists(), name
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("loss", "image_loss", "text_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"):
         assert all(key in r for r in rows), key
@@ -62,7 +57,7 @@ def test_outputs_and_encoder_loads(tmp_path):
         text=True,
         timeout=300,
     )
-    assert r.returncode == 0 and len(_metrics(out)) == 4
+    assert r.returncode == 0 and len(read_metrics(out)) == 4
 
 
 def test_changed_config_on_existing_run_is_refused(tmp_path):
@@ -105,7 +100,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ra, rb = _metrics(ref), _metrics(out)
+    ra, rb = read_metrics(ref), read_metrics(out)
     assert [r["step"] for r in rb] == list(range(1, 11))
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
 
@@ -139,7 +134,7 @@ def test_two_process_training_matches_single_process(tmp_path, parallel):
     assert r.returncode == 0, r.stderr[-3000:]
     # compiled kernels fuse and reorder float ops: close, not equal up to summation order only
     rel, wtol = (1e-4, 1e-3) if parallel == "compile" else (1e-5, 1e-5)
-    for s, m in zip(_metrics(single), _metrics(multi), strict=True):
+    for s, m in zip(read_metrics(single), read_metrics(multi), strict=True):
         # the global-batch loss, not an average of per-rank means: equal up to float summation order
         for key in ("loss", "image_loss", "text_loss", "grad_norm"):
             assert m[key] == pytest.approx(s[key], rel=rel), (key, s, m)
@@ -249,7 +244,7 @@ def test_pretrain_on_real_shard_resumes_the_stream_exactly(tmp_path):
     a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["loss"] for r in _metrics(ref)] == [r["loss"] for r in _metrics(resumed)]
+    assert [r["loss"] for r in read_metrics(ref)] == [r["loss"] for r in read_metrics(resumed)]
     # a different worker layout cannot continue the streams exactly: refused with the fix
     (resumed / "checkpoints" / "step_00000004.pt").unlink()
     r = subprocess.run(
@@ -279,7 +274,7 @@ def test_pretrain_on_a_weighted_mixture_of_synth_shards_and_resume(tmp_path):
     ref = tmp_path / "ref"
     r = subprocess.run(_cmd(ref, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = _metrics(ref)
+    rows = read_metrics(ref)
     assert all(abs(row["mix/a"] + row["mix/b"] - 1) < 1e-9 for row in rows)
     share_a = sum(row["mix/a"] for row in rows) / len(rows)
     assert 0.5 < share_a < 0.95  # 32 draws at p = 0.75
@@ -317,7 +312,7 @@ def test_skipped_shard_samples_are_counted_in_metrics(tmp_path):
         _cmd(tmp_path / "run", *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    row = _metrics(tmp_path / "run")[-1]
+    row = read_metrics(tmp_path / "run")[-1]
     assert row["data_skipped/bad_image"] >= 1 and row["data_skipped/no_caption"] >= 1
     assert row["data_skipped"] == row["data_skipped/bad_image"] + row["data_skipped/no_caption"]
     assert "data_skipped/no_image" not in row  # kinds that did not happen are left out
@@ -345,7 +340,7 @@ def test_pretrain_on_a_captioned_image_folder(tmp_path):
     ]
     r = subprocess.run(_cmd(out, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
 
 
 def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
@@ -375,7 +370,7 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
     ]
     r = subprocess.run(_cmd(out, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
 
     from aimv2.data.sources.hf import HFImageText
 
