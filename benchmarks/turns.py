@@ -24,16 +24,28 @@ class Turns:
                 here, there = ctx.Pipe()
                 proc = ctx.Process(target=target, args=(*args, there))
                 proc.start()
+                there.close()  # the child's end lives in the child only: its exit ends our recv with EOFError
                 self.procs.append(proc)
                 self.conns[name] = here
-                self.setup[name] = here.recv()
+                self.setup[name] = self.answer(name)
         except BaseException:
             self.close()
             raise
 
+    def answer(self, name: str):
+        """The next message of contestant ``name``; a contestant that died ends the run, naming it."""
+        try:
+            return self.conns[name].recv()
+        except EOFError:
+            proc = self.procs[list(self.conns).index(name)]
+            proc.join(timeout=10)
+            raise SystemExit(
+                f"contestant {name!r} exited (code {proc.exitcode}) before answering; its error is printed above"
+            ) from None
+
     def step(self, name: str, precision: str) -> tuple[float, int]:
         self.conns[name].send(precision)
-        return self.conns[name].recv()
+        return self.answer(name)
 
     def rounds(self, precision: str, steps: int, warmup: int, show=print) -> tuple[dict, dict]:
         """``warmup`` untimed steps of each, then ``steps`` rounds of one step each in a swapping order:

@@ -181,3 +181,23 @@ def test_turns_run_one_contestant_at_a_time_in_a_swapping_order(monkeypatch):
     assert [name for *_, name in steps] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the order swaps every round
     assert all(s0 + d0 <= s1 for (s0, d0, _), (s1, _, _) in zip(steps, steps[1:], strict=False))  # one at a time
     assert paired_speedup(times["b"], times["a"]) == pytest.approx(2.0, rel=0.3)
+
+
+def _dies(when: str, conn) -> None:
+    """A contestant for Turns that exits with code 3 before its set-up message or at its first step."""
+    import os
+
+    if when == "step":
+        conn.send({})
+        conn.recv()
+    os._exit(3)
+
+
+@pytest.mark.parametrize("when", ["setup", "step"])
+def test_a_contestant_that_dies_ends_the_run_naming_it_instead_of_hanging(monkeypatch, when):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from turns import Turns
+
+    with pytest.raises(SystemExit, match=r"contestant 'b' exited \(code 3\) before answering"):
+        with Turns({"a": (_sleeper, (0.01,)), "b": (_dies, (when,))}) as turns:
+            turns.rounds("fp32", steps=1, warmup=1, show=lambda line: None)
