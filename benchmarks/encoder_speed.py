@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="timed rounds per precision (one forward per model each)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed forwards per model and precision")
-    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    ap.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of ours (compiles in the warmup)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if args.memory_only:
         release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    precisions = [
+        p.strip() for p in (args.precisions or machine.default_precisions(args.device)).split(",") if p.strip()
+    ]
     for p in precisions:
         precision_context(p, torch.device("cpu"))  # validate before the slow part
 

@@ -50,7 +50,7 @@ import types
 from pathlib import Path
 
 import torch
-from machine import machine_info, write_record
+from machine import default_precisions, machine_info, write_record
 from train_speed import matmul_peak
 from turns import Turns, paired_speedup
 
@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed rounds per precision (one step of each model)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each (compilation, the heap's growth)")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
     p.add_argument("--compile", action="store_true", help="compile both, as their recipes do (see above)")
     p.add_argument(
         "--host-memory",
@@ -217,6 +217,7 @@ def main() -> None:
     if not (args.l3m_src / "src/l3m").is_dir():
         raise SystemExit(f"--l3m-src {args.l3m_src}: no src/l3m inside; pass a checkout of apple/ml-l3m")
     keep = HOST_MEMORY[args.host_memory]
+    precisions = (args.precisions or default_precisions("cpu")).split(",")
     contestants = {
         name: (contestant, (name, args.l3m_src, args.l3m_optimizer, args.compile, keep[name], args.batch_size))
         for name in keep
@@ -231,7 +232,7 @@ def main() -> None:
             f"params: ours {params['ours'] / 1e6:.2f}M, l3m {params['l3m'] / 1e6:.2f}M; {flops / 1e9:.1f} GFLOP/sample"
         )
         print("host memory: " + ", ".join(f"{k} {v['host memory']}" for k, v in setup.items()))
-        for prec in args.precisions.split(","):
+        for prec in precisions:
             times, faults = turns.rounds(prec, args.steps, args.warmup)
             peak = matmul_peak(torch.device("cpu"), torch.bfloat16 if prec == "bf16" else torch.float32)
             res = {"matmul_peak_tflops": peak / 1e12, "times": times}

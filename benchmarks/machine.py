@@ -39,6 +39,22 @@ def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "t
     return info
 
 
+def default_precisions(device_type: str) -> str:
+    """The benchmarks' default ``--precisions``: ``fp32,bf16``, or ``fp32`` alone on a CPU without native bf16
+    matmuls, where bf16 would time PyTorch's slow generic fallback (``aimv2.train.precision``); a line says so."""
+    if device_type != "cpu":
+        return "fp32,bf16"
+    from aimv2.train.precision import cpu_bf16_is_fast  # imports torch: only when asked
+
+    if cpu_bf16_is_fast():
+        return "fp32,bf16"
+    print(
+        "bf16 left out: this CPU has no native bf16 matmuls (no AVX-512 BF16/AMX), so bf16 would time PyTorch's "
+        "generic fallback, about 10x slower than fp32; pass --precisions fp32,bf16 to time it anyway"
+    )
+    return "fp32"
+
+
 def write_record(path: Path, record: dict) -> None:
     """``record`` as indented JSON at ``path`` (its folder made if missing), as most benchmarks record theirs."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from baseline_model import plain_copy, plain_optimizer
-from machine import write_record
+from machine import default_precisions, write_record
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (model x precision)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
     p.add_argument("--no-baseline", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile both whole (train.compile on 1 process)")
@@ -173,7 +173,7 @@ def main() -> None:
     prefix = torch.randint(1, n_patches, (B,), device=device)
     batch = (images, text, prefix)
     flops = flops_per_sample(model, n_patches, args.text_len)
-    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    precisions = [x.strip() for x in (args.precisions or default_precisions(device.type)).split(",") if x.strip()]
 
     variants = [(name, prec) for prec in precisions for name in models]
     if args.profile:

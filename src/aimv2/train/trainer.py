@@ -54,6 +54,7 @@ from .metrics import MetricsLogger, peak_flops
 from .native import resolve_native_mode
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import parallelize
+from .precision import cpu_bf16_is_fast
 from .resume import check_same_config, save_run_state, shard_positions, weights_file_stale
 from .run_lock import RunLock
 
@@ -281,6 +282,11 @@ def autocast_for(cfg, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_bf16_is_fast():
+            log.warning(
+                "train.precision=bf16 on a CPU without native bf16 matmuls (no AVX-512 BF16/AMX): they run about "
+                "10x slower than fp32 here (train/precision.py); train.precision: fp32 (or auto) trains faster"
+            )
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

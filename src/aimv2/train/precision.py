@@ -1,0 +1,40 @@
+"""Whether bf16 pays on this CPU: the question behind the trainer's warning and the benchmarks' default precisions.
+
+bf16 autocast on the CPU is fast only where the CPU multiplies bf16 natively: x86 with AVX-512 (BF16, or AMX
+tiles) and Arm with its BF16 extension, where oneDNN runs the matmuls. Elsewhere (x86 with AVX2 only, e.g. AMD
+EPYC before Zen 4) PyTorch falls back to a generic loop that widens each element: there a bf16 matmul runs about
+ten times slower than the fp32 one (a 2-core AMD EPYC, AVX2: 1.4 GFLOP/s in bf16 against 17 in fp32 at 512 x 512;
+``python -c "import aimv2.train.precision as p; print(p.matmul_speeds())"``), so ``train.precision=bf16`` there
+is a large slowdown, not a speed-up.
+
+The test is PyTorch's own: the predicate it asks before it routes a bf16 matmul to oneDNN.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def cpu_bf16_is_fast() -> bool:
+    """True where PyTorch has native bf16 matmuls on this CPU (unknown counts as True: nothing to warn about)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def matmul_speeds(n: int = 512, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n matmul on the CPU in fp32 and in bf16, best of ``reps`` (a quick look, not a benchmark)."""
+    speeds = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        speeds[name] = 2 * n**3 / best / 1e9
+    return speeds
