@@ -290,6 +290,7 @@ def pretrain_step_speed(size: dict, device: torch.device, attention: str, ac: bo
     set_attention_backend(attention)
     try:
         model = pretrain_model(size, device)
+        model.predictions_keep_grad = False  # the trainer reads only the loss terms
         if ac:
             apply_activation_checkpointing(model)
         apply_compile(model, backend=size["compile_backend"], whole=True)  # as the trainer compiles on one process

@@ -137,6 +137,7 @@ def contestant(
         model, l3m_loss, opt = build_l3m(l3m_src, l3m_optimizer)
     else:
         model = build_ours()
+        model.predictions_keep_grad = False  # as our trainer sets it: only the loss terms are read
         opt = build_optimizer(model, OptimConfig())
     if compile_:  # the warm-up rounds compile (at least one is needed, for the timed steps to be compiled)
         if name == "l3m":

@@ -144,6 +144,7 @@ def main() -> None:
         model = create_pretraining_model(
             args.encoder, vocab_size=args.vocab, decoder_max_text_len=args.text_len, **overrides
         ).to(device)
+        model.predictions_keep_grad = False  # as the trainer runs it: only the loss terms are read
         if args.compile:
             from aimv2.train.parallelize import apply_compile
 

@@ -151,6 +151,7 @@ def main() -> None:
     model = create_pretraining_model(
         args.encoder, vocab_size=args.vocab, decoder_max_text_len=args.text_len, **overrides
     ).to(device)
+    model.predictions_keep_grad = False  # as the trainer runs it: only the loss terms are read
     models = {"ours": (model, build_optimizer(model, OptimConfig()), lambda x, t, m: model(x, t, prefix_len=m).loss)}
     if not args.no_baseline:
         base = plain_copy(model)  # before compile: the same weights, names unchanged

@@ -98,6 +98,23 @@ def test_shapes_finite_loss_and_every_parameter_gets_a_gradient(name):
     assert not missing
 
 
+@pytest.mark.parametrize("name", ["cap-prefix", "aimv1", "separate"])
+def test_detached_predictions_leave_every_gradient_as_it_was(name):
+    """predictions_keep_grad=False (what the trainer sets) detaches the returned predictions, not the loss."""
+    model = _model(name)
+    images, text = _batch()
+    grads = {}
+    for keep in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.predictions_keep_grad = keep
+        out = model(images, text, torch.tensor([3, 9, 15]))
+        out.loss.backward()
+        assert all(t.requires_grad == keep for t in (out.image_pred, out.text_logits) if t is not None)
+        grads[keep] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert all(torch.equal(g, grads[False][n]) for n, g in grads[True].items())
+
+
 @pytest.mark.parametrize("name", ["cap-prefix", "cap-bidirectional", "separate"])
 def test_caption_logits_ignore_current_and_later_tokens(name):
     model = _model(name)

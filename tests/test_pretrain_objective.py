@@ -41,6 +41,26 @@ def test_contract_shapes_and_fields():
     assert out.prefix_len.shape == (2,) and ((out.prefix_len >= 1) & (out.prefix_len <= N - 1)).all()
 
 
+def test_detached_predictions_leave_the_loss_and_every_gradient_exactly_as_they_were():
+    """predictions_keep_grad=False (what the trainer sets) detaches only the returned predictions."""
+    model = _model()
+    images, text = _batch()
+    runs = {}
+    for keep in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.predictions_keep_grad = keep
+        out = model(images, text, prefix_len=torch.tensor([3, 10]))
+        out.loss.backward()
+        assert out.text_logits.requires_grad == out.image_pred.requires_grad == keep
+        runs[keep] = (out, {n: p.grad for n, p in model.named_parameters()})
+    (kept, kept_grads), (detached, detached_grads) = runs[True], runs[False]
+    for name in ("loss", "image_loss", "text_loss", "image_pred", "text_logits"):
+        assert torch.equal(getattr(kept, name), getattr(detached, name)), name
+    assert kept_grads.keys() == detached_grads.keys()
+    for n, g in kept_grads.items():
+        assert g is not None and torch.equal(g, detached_grads[n]), n
+
+
 @pytest.mark.parametrize("hw", [(32, 32), (24, 48)])  # square and non-square grids
 def test_patch_prediction_ignores_target_and_later_patches(hw):
     """image_pred[:, j-1] (the prediction of patch j >= M) must not change when patches >= j change."""

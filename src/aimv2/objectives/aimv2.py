@@ -47,9 +47,14 @@ class PretrainOutput:
     # a zero tensor with count 0 (so metrics keep their keys) and a prediction it does not make is None.
 
     @classmethod
-    def from_terms(cls, terms: LossTerms, image_pred, text_logits, prefix_len: torch.Tensor) -> PretrainOutput:
-        """The output whose losses are ``terms`` divided by this batch's own counts."""
+    def from_terms(
+        cls, terms: LossTerms, image_pred, text_logits, prefix_len: torch.Tensor, keep_grad: bool = True
+    ) -> PretrainOutput:
+        """The output whose losses are ``terms`` divided by this batch's own counts; without ``keep_grad`` the
+        predictions are detached (the objective's ``predictions_keep_grad``, objectives/base.py)."""
         means = terms.means()
+        if not keep_grad:
+            image_pred, text_logits = (None if t is None else t.detach() for t in (image_pred, text_logits))
         return cls(terms.loss(), means["image_loss"], means["text_loss"], image_pred, text_logits, prefix_len, terms)
 
 
@@ -182,6 +187,7 @@ class AIMv2Pretrainer(nn.Module):
     input_names = ("images", "text", "prefix_len", "grid_hw")
     whole_batch = False
     whole_graph = True  # the dense path compiles as one graph (native batches keep per-block graphs)
+    predictions_keep_grad = True  # False: image_pred / text_logits come back detached (set by the trainer)
 
     def __init__(self, encoder: VisionEncoder, decoder: MultimodalDecoder, *, pad_id: int = 0, alpha: float = 0.4):
         super().__init__()
@@ -220,7 +226,7 @@ class AIMv2Pretrainer(nn.Module):
         # text: next-token cross-entropy over non-pad tokens
         text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
-        return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len)
+        return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len, self.predictions_keep_grad)
 
     def loss_counts(
         self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor, grid_hw: torch.Tensor | None = None

@@ -21,6 +21,12 @@ Besides ``forward``, an objective tells the trainer what it needs without runnin
                          is then never split into micro-batches
     whole_graph          (optional, default False) True when forward traces as one graph without breaks, so
                          ``train.compile`` on one process compiles the whole model rather than each block
+    predictions_keep_grad  (optional, default True) what the trainer, which reads only ``terms``, sets to False:
+                         the predictions an output carries beside its terms (logits, regressed patches) then come
+                         back detached, while the loss keeps its graph. A compiled forward hands autograd every
+                         differentiable output, and backward then gets a gradient of zeros for each unused one (for
+                         the caption logits [B, T, vocab]: 79 MB filled and added per step at the sizes of
+                         ``benchmarks/l3m_compare.py``)
 """
 
 from __future__ import annotations

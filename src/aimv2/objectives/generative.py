@@ -41,6 +41,7 @@ class GenerativeBaseline(nn.Module):
     # the objective interface (objectives/base.py)
     input_names = ("images", "text", "prefix_len")
     whole_batch = False
+    predictions_keep_grad = True  # False: image_pred / text_logits come back detached (set by the trainer)
 
     """Encoder + a pixel decoder and/or a caption decoder, each a causal :class:`MultimodalDecoder` over
     [image features] (+ [BOS, caption]).
@@ -97,7 +98,7 @@ class GenerativeBaseline(nn.Module):
             text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
 
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
-        return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len)
+        return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len, self.predictions_keep_grad)
 
     def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
         """The valid targets forward will count: non-prefix patches (pixel decoder), non-pad tokens (text)."""

@@ -152,6 +152,8 @@ def fit_in_folder(cfg, task, info: DistInfo, device: torch.device, out_dir: Path
     guard = NonFiniteGuard(bad_in_row, skipped, cfg.train.max_bad_steps, out_dir / CKPT_DIR, info.is_main, metrics)
 
     model.train()
+    if hasattr(model, "predictions_keep_grad"):  # only the loss terms are read here (objectives/base.py)
+        model.predictions_keep_grad = False
     for child in model.children():  # a wholly frozen part (LiT's encoder) behaves as at inference
         params = list(child.parameters())
         if params and not any(p.requires_grad for p in params):
