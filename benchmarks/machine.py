@@ -49,8 +49,8 @@ def default_precisions(device_type: str) -> str:
     if cpu_bf16_is_fast():
         return "fp32,bf16"
     print(
-        "bf16 left out: this CPU has no native bf16 matmuls (no AVX-512 BF16/AMX), so bf16 would time PyTorch's "
-        "generic fallback, about 10x slower than fp32; pass --precisions fp32,bf16 to time it anyway"
+        "bf16 left out: this CPU has no fast bf16 matmuls (no AVX-512), so bf16 would time PyTorch's "
+        "generic fallback, many times slower than fp32; pass --precisions fp32,bf16 to time it anyway"
     )
     return "fp32"
 

@@ -1,10 +1,10 @@
 """Whether bf16 pays on this CPU: the question behind the trainer's warning and the benchmarks' default precisions.
 
-bf16 autocast on the CPU is fast only where the CPU multiplies bf16 natively: x86 with AVX-512 (BF16, or AMX
-tiles) and Arm with its BF16 extension, where oneDNN runs the matmuls. Elsewhere (x86 with AVX2 only, e.g. AMD
-EPYC before Zen 4) PyTorch falls back to a generic loop that widens each element: there a bf16 matmul runs about
-ten times slower than the fp32 one (a 2-core AMD EPYC, AVX2: 1.4 GFLOP/s in bf16 against 17 in fp32 at 512 x 512;
-``python -c "import aimv2.train.precision as p; print(p.matmul_speeds())"``), so ``train.precision=bf16`` there
+bf16 autocast on the CPU is fast only where oneDNN runs its matmuls: x86 with AVX-512 (native with the BF16
+instructions or AMX tiles, near fp32 speed without them) and Arm with its BF16 extension. Elsewhere (x86 with
+AVX2 only, e.g. AMD EPYC before Zen 4) PyTorch falls back to a generic loop that widens each element: on a 2-core
+AMD EPYC (AVX2) a bf16 matmul ran at 0.9-1.4 GFLOP/s against 70-133 in fp32, at 512 x 512 and 1024 x 1024
+(``python -c "import aimv2.train.precision as p; print(p.matmul_speeds())"``), so ``train.precision=bf16`` there
 is a large slowdown, not a speed-up.
 
 The test is PyTorch's own: the predicate it asks before it routes a bf16 matmul to oneDNN.

@@ -286,8 +286,8 @@ def autocast_for(cfg, device: torch.device):
     if precision == "bf16":
         if device.type == "cpu" and not cpu_bf16_is_fast():
             log.warning(
-                "train.precision=bf16 on a CPU without native bf16 matmuls (no AVX-512 BF16/AMX): they run about "
-                "10x slower than fp32 here (train/precision.py); train.precision: fp32 (or auto) trains faster"
+                "train.precision=bf16 on a CPU without fast bf16 matmuls (no AVX-512): they run many "
+                "times slower than fp32 here (train/precision.py); train.precision: fp32 (or auto) trains faster"
             )
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
