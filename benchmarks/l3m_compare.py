@@ -30,9 +30,10 @@ Also reported: each one's achieved FLOP/s as a fraction of the best large-matmul
 that dtype (the same FLOP count, ``aimv2.train.metrics.flops_per_sample``, for both: the architectures match).
 
 l3m is read from a local checkout (``--l3m-src``, e.g. ``git clone https://github.com/apple/ml-l3m``); none of
-its code is part of this repository. It needs ``hydra-core`` and ``omegaconf`` importable (install them into a
-separate environment, or a ``pip install --target`` folder on ``PYTHONPATH``); its engine imports ``wandb`` at
-import time, which is replaced by an empty module when absent (nothing of it is called).
+its code is part of this repository. It needs ``hydra-core`` and ``omegaconf`` importable, and what l3m's modules
+import at import time (``ftfy``, ``regex``, ``fvcore``; install them into a separate environment, or a ``pip
+install --target`` folder on ``PYTHONPATH``); its engine imports ``wandb`` at import time, which is replaced by an
+empty module when absent (nothing of it is called).
 
     PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --out benchmarks/results/l3m_compare_cpu.json
     PYTHONPATH=DEPS python benchmarks/l3m_compare.py --l3m-src ~/ml-l3m --compile \
