@@ -40,7 +40,7 @@ def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "t
 
 
 def default_precisions(device_type: str) -> str:
-    """The benchmarks' default ``--precisions``: ``fp32,bf16``, or ``fp32`` alone on a CPU without native bf16
+    """The benchmarks' default ``--precisions``: ``fp32,bf16``, or ``fp32`` alone on a CPU without fast bf16
     matmuls, where bf16 would time PyTorch's slow generic fallback (``aimv2.train.precision``); a line says so."""
     if device_type != "cpu":
         return "fp32,bf16"
