@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="timed rounds per precision (one forward per model each)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed forwards per model and precision")
-    ap.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
+    ap.add_argument("--precisions", help=machine.PRECISIONS_HELP)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of ours (compiles in the warmup)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
@@ -267,9 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if args.memory_only:
         release_freed_memory()  # before anything is allocated, so that RSS follows the live tensors
-    precisions = [
-        p.strip() for p in (args.precisions or machine.default_precisions(args.device)).split(",") if p.strip()
-    ]
+    precisions = machine.resolve_precisions(args.precisions, torch.device(args.device).type)
     for p in precisions:
         precision_context(p, torch.device("cpu"))  # validate before the slow part
 
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = os.getloadavg()  # 1, 5, 15 min: well above the core count means shared cores
     del models  # the memory run builds its own; free these first
-    measured = measure_in_fresh_process(__file__, argv) or {}
+    measured = measure_in_fresh_process(__file__, [*argv, "--precisions", ",".join(precisions)]) or {}
     mems = {f"{k} {p}": measured.get(f"{k} {p}") for p in precisions for k in times[precisions[0]]}
     summary = summarize(times, mems, args.batch_size)
     print_table(summary, args.batch_size)

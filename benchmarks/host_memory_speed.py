@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from l3m_compare import SIZES, contestant
-from machine import default_precisions, machine_info, write_record
+from machine import PRECISIONS_HELP, machine_info, resolve_precisions, write_record
 from turns import Turns, paired_speedup
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed rounds per precision (one step of each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each (compilation, the heap's growth)")
-    p.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
+    p.add_argument("--precisions", help=PRECISIONS_HELP)
     p.add_argument("--compile", action="store_true", help="compile as the trainer does on one process")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -40,7 +40,7 @@ def main() -> None:
     results: dict = {}
     with Turns(contestants) as turns:
         print("host memory: " + ", ".join(f"{k} {v['host memory']}" for k, v in turns.setup.items()))
-        for prec in (args.precisions or default_precisions("cpu")).split(","):
+        for prec in resolve_precisions(args.precisions, "cpu"):
             times, faults = turns.rounds(prec, args.steps, args.warmup)
             res = {"times": times}
             for name in contestants:

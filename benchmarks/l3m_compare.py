@@ -51,7 +51,7 @@ import types
 from pathlib import Path
 
 import torch
-from machine import default_precisions, machine_info, write_record
+from machine import PRECISIONS_HELP, machine_info, resolve_precisions, write_record
 from train_speed import matmul_peak
 from turns import Turns, paired_speedup
 
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed rounds per precision (one step of each model)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each (compilation, the heap's growth)")
-    p.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
+    p.add_argument("--precisions", help=PRECISIONS_HELP)
     p.add_argument("--compile", action="store_true", help="compile both, as their recipes do (see above)")
     p.add_argument(
         "--host-memory",
@@ -219,7 +219,7 @@ def main() -> None:
     if not (args.l3m_src / "src/l3m").is_dir():
         raise SystemExit(f"--l3m-src {args.l3m_src}: no src/l3m inside; pass a checkout of apple/ml-l3m")
     keep = HOST_MEMORY[args.host_memory]
-    precisions = (args.precisions or default_precisions("cpu")).split(",")
+    precisions = resolve_precisions(args.precisions, "cpu")
     contestants = {
         name: (contestant, (name, args.l3m_src, args.l3m_optimizer, args.compile, keep[name], args.batch_size))
         for name in keep

@@ -39,20 +39,25 @@ def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "t
     return info
 
 
-def default_precisions(device_type: str) -> str:
-    """The benchmarks' default ``--precisions``: ``fp32,bf16``, or ``fp32`` alone on a CPU without fast bf16
-    matmuls, where bf16 would time PyTorch's slow generic fallback (``aimv2.train.precision``); a line says so."""
-    if device_type != "cpu":
-        return "fp32,bf16"
-    from aimv2.train.precision import cpu_bf16_is_fast  # imports torch: only when asked
+PRECISIONS_HELP = "fp32,bf16 (autocast); default both, or fp32 on a CPU without fast bf16"  # --precisions
 
-    if cpu_bf16_is_fast():
-        return "fp32,bf16"
-    print(
-        "bf16 left out: this CPU has no fast bf16 matmuls (no AVX-512), so bf16 would time PyTorch's "
-        "generic fallback, many times slower than fp32; pass --precisions fp32,bf16 to time it anyway"
-    )
-    return "fp32"
+
+def resolve_precisions(asked: str | None, device_type: str) -> list[str]:
+    """The benchmarks' ``--precisions`` as a list: what was asked, else ``fp32`` and ``bf16``, or ``fp32`` alone on
+    a CPU without fast bf16 matmuls, where bf16 would time PyTorch's slow generic fallback
+    (``aimv2.train.precision``); a line says so."""
+    if asked is None:
+        asked = "fp32,bf16"
+        if device_type == "cpu":
+            from aimv2.train.precision import cpu_bf16_is_fast  # imports torch: only when asked
+
+            if not cpu_bf16_is_fast():
+                print(
+                    "bf16 left out: this CPU has no fast bf16 matmuls (no AVX-512), so bf16 would time PyTorch's "
+                    "generic fallback, many times slower than fp32; pass --precisions fp32,bf16 to time it anyway"
+                )
+                asked = "fp32"
+    return [p.strip() for p in asked.split(",") if p.strip()]
 
 
 def write_record(path: Path, record: dict) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from baseline_model import plain_copy, plain_optimizer
-from machine import default_precisions, write_record
+from machine import PRECISIONS_HELP, resolve_precisions, write_record
 from peak_memory import PeakMemory, fmt_mib, measure_in_fresh_process, release_freed_memory
 
 from aimv2.config import OptimConfig
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (model x precision)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--precisions", help="fp32,bf16 (autocast); default both, or fp32 on a CPU without native bf16")
+    p.add_argument("--precisions", help=PRECISIONS_HELP)
     p.add_argument("--no-baseline", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile both whole (train.compile on 1 process)")
@@ -174,7 +174,7 @@ def main() -> None:
     prefix = torch.randint(1, n_patches, (B,), device=device)
     batch = (images, text, prefix)
     flops = flops_per_sample(model, n_patches, args.text_len)
-    precisions = [x.strip() for x in (args.precisions or default_precisions(device.type)).split(",") if x.strip()]
+    precisions = resolve_precisions(args.precisions, device.type)
 
     variants = [(name, prec) for prec in precisions for name in models]
     if args.profile:
@@ -194,7 +194,7 @@ def main() -> None:
             times[v].append(train_step(models, v, batch, device))
         print(f"  step {r + 1}/{args.steps}: " + "  ".join(f"{n} {p_} {times[(n, p_)][-1]:.3f}s" for n, p_ in variants))
 
-    measured = measure_in_fresh_process(__file__, sys.argv[1:]) or {}
+    measured = measure_in_fresh_process(__file__, [*sys.argv[1:], "--precisions", ",".join(precisions)]) or {}
     mems = {v: measured.get(f"{v[0]} {v[1]}") for v in variants}
     peaks = {}
     for prec in precisions:

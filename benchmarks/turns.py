@@ -18,14 +18,14 @@ class Turns:
 
     def __init__(self, contestants: dict[str, tuple]):
         ctx = multiprocessing.get_context("spawn")
-        self.conns, self.procs, self.setup = {}, [], {}
+        self.conns, self.procs, self.setup = {}, {}, {}
         try:
             for name, (target, args) in contestants.items():
                 here, there = ctx.Pipe()
                 proc = ctx.Process(target=target, args=(*args, there))
                 proc.start()
                 there.close()  # the child's end lives in the child only: its exit ends our recv with EOFError
-                self.procs.append(proc)
+                self.procs[name] = proc
                 self.conns[name] = here
                 self.setup[name] = self.answer(name)
         except BaseException:
@@ -37,7 +37,7 @@ class Turns:
         try:
             return self.conns[name].recv()
         except EOFError:
-            proc = self.procs[list(self.conns).index(name)]
+            proc = self.procs[name]
             proc.join(timeout=10)
             raise SystemExit(
                 f"contestant {name!r} exited (code {proc.exitcode}) before answering; its error is printed above"
@@ -65,10 +65,10 @@ class Turns:
         return times, faults
 
     def close(self) -> None:
-        for conn, proc in zip(self.conns.values(), self.procs, strict=False):
+        for name, proc in self.procs.items():
             if proc.is_alive():
-                conn.send(None)
-        for proc in self.procs:
+                self.conns[name].send(None)
+        for proc in self.procs.values():
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
