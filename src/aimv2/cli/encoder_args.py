@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from ..data.transforms import MEAN_STD
+from ..data.workers import default_workers
 from ..eval.quantize import INFERENCE_DTYPES
 
 
@@ -69,7 +70,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default: 64)")
-    r.add_argument("--workers", type=int, default=4, help="image decoding processes, 0 decodes inline (default: 4)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(4),
+        help=f"image decoding processes, 0 decodes inline (default: 4, fewer on fewer CPUs; here {default_workers(4)})",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
 
 

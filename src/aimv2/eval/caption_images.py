@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..data.sources.folders import ImageFiles, ReadError, collate_skip, list_images
 from ..data.transforms import eval_transform
+from ..data.workers import loader_workers
 from .captioning import Caption, Captioner
 
 
@@ -58,7 +59,8 @@ def caption_images(
     ``batch_size`` at a time: readable images in input order, each batch's unreadable ones first. ``progress``: a
     bar on stderr (None: when stderr is a terminal); print beside it with ``tqdm.write``."""
     dataset = ImageFiles(list(paths), transform=eval_transform(captioner.model.encoder.cfg.image_hw))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip)
+    workers = loader_workers(num_workers, len(dataset), batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
     progress = sys.stderr.isatty() if progress is None else progress
     with torch.inference_mode(), tqdm(total=len(paths), desc="caption", unit="img", file=sys.stderr,
                                       disable=not progress) as bar:  # fmt: skip

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..data.sources.folders import ReadError, collate_skip
 from ..data.transforms import normalize
+from ..data.workers import loader_workers
 from ..errors import DataError
 from .quantize import is_int8
 
@@ -116,7 +117,7 @@ def extract_features(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers, total, batch_size),
         collate_fn=collate_skip,
         pin_memory=device.type == "cuda",
     )
