@@ -115,6 +115,11 @@ def _extract_unwritable(t: Path, encoder_file: Path):
     return _extract(t, encoder_file, out="afile/f.safetensors"), "OUT's folder is a file"
 
 
+def _export_onto_weights_file(t: Path, encoder_file: Path):
+    (t / "enc.onnx.data").write_bytes(b"the weights of an earlier, larger export")
+    return ["export", str(encoder_file), str(t / "enc.onnx"), "--no-check"], "enc.onnx.data exists"
+
+
 def _templates_with_braces(t: Path, lit_run: Path):
     (t / "templates.txt").write_text("a photo of a {}.\na {} in {style} style\n")
     images = _images(t / "img" / "cat")
@@ -155,6 +160,8 @@ CASES = {
     "extract all unreadable": lambda t, encoder_file: (_extract(t, encoder_file, broken=True), "none of the 2 images"),
     "extract --blocks 99": lambda t, encoder_file: (_extract(t, encoder_file, "--blocks", "99"), "--blocks 99 out"),
     "extract onto existing file": _extract_exists,
+    "extract --workers -1": lambda t, encoder_file: (_extract(t, encoder_file, "--workers", "-1"), "workers must be"),
+    "export onto a weights file": _export_onto_weights_file,
     "extract unwritable out": _extract_unwritable,
     "zeroshot template braces": _templates_with_braces,
     "zeroshot flat folder": _zeroshot_flat_folder,

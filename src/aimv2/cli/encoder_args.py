@@ -122,9 +122,11 @@ def parse_overrides(items: list[str]) -> dict:
 def encoder_from_args(args):
     """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``), quantized for ``--dtype int8``; a
     bare model name is a random init seeded by ``--seed`` (else 0)."""
-    from ..eval.frozen_encoder import load_frozen_encoder
+    from ..eval.frozen_encoder import load_frozen_encoder, random_init_note
 
     overrides = parse_overrides(args.overrides)
+    if note := random_init_note(args.encoder, args.checkpoint, args.pretrained, getattr(args, "seed", 0)):
+        print(f"note: {note}", file=sys.stderr)
     return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
                                seed=getattr(args, "seed", 0), pretrained=args.pretrained,
                                dtype=encoder_dtype(args))  # fmt: skip

@@ -12,6 +12,9 @@ The batch size is dynamic. For a native (sin-cos) encoder H and W are dynamic to
 size; an encoder with a learned position embedding is exported at its own resolution (pass --set img_size=336 to
 export a 224 checkpoint at 336, its position embedding resized once, on load).
 
+The weights are inside OUT, one file to copy or serve, up to protobuf's 2 GiB limit (AIMv2-L and smaller); a
+larger encoder (huge, 1B, 3B) keeps them in OUT.data, which must stay beside OUT (onnxruntime reads it from there).
+
 After writing, the graph is run in onnxruntime against the PyTorch model (two batch sizes, and two grids for a
 native encoder) and the largest difference is printed; --no-check skips it.
 
@@ -35,13 +38,17 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--no-check", action="store_true", help="do not compare onnxruntime with PyTorch")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT (and OUT.data, the weights of a graph over 2 GiB) if they exist",
+    )
 
 
 def run(args) -> int:
     from ..errors import MissingPackageError
-    from ..eval.frozen_encoder import load_frozen_encoder
-    from ..weights.onnx_export import check_onnx, export_onnx, onnx_input_shape
+    from ..eval.frozen_encoder import load_frozen_encoder, random_init_note
+    from ..weights.onnx_export import check_onnx, export_onnx, onnx_input_shape, weights_file
     from .encoder_args import parse_overrides
 
     def fail(msg: str) -> int:
@@ -51,8 +58,13 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix != ".onnx":
         return fail(f"OUT must end in .onnx, got {out}")
-    if out.exists() and not args.overwrite:
-        return fail(f"{out} exists; pass --overwrite to replace it")
+    existing = [f for f in (out, weights_file(out)) if f.exists()]
+    if existing and not args.overwrite:
+        return fail(
+            f"{' and '.join(map(str, existing))} exist{'s' * (len(existing) == 1)}; pass --overwrite to replace"
+        )
+    if note := random_init_note(args.encoder, args.checkpoint, args.pretrained):
+        print(f"note: {note}", file=sys.stderr)
     encoder = load_frozen_encoder(  # a bad ENCODER is the command's one error line (cli/errors.py)
         args.encoder, checkpoint=args.checkpoint, overrides=parse_overrides(args.overrides), pretrained=args.pretrained
     )
@@ -62,7 +74,12 @@ def run(args) -> int:
         raise MissingPackageError("ONNX export needs onnx and onnxscript: pip install 'aimv2[onnx]'") from None
     export_onnx(encoder, out, opset=args.opset)
     dynamic = "batch, H and W" if encoder.cfg.pos_embed == "sincos" else "batch"
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; dynamic: {dynamic})")
+    data = weights_file(out)
+    if data.exists():  # weights over 2 GiB: beside the graph (onnx_export.MAX_SINGLE_FILE_BYTES)
+        where = f"the graph; its weights in {data} ({data.stat().st_size / 2**20:.1f} MiB): keep the two together"
+    else:
+        where = "weights inside"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {where}; dynamic: {dynamic})")
     if not args.no_check:
         try:
             import onnxruntime  # noqa: F401

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..models import parse_model_name
-from ..weights import create_model, preprocessing
+from ..weights import RELEASES, create_model, preprocessing
 from .quantize import check_dtype, for_inference
 
 
@@ -57,18 +57,37 @@ def load_frozen_encoder(
     return for_inference(_load(spec, checkpoint, dict(overrides or {}), seed, pretrained), dtype)
 
 
+def is_random_init(spec, checkpoint=None, pretrained: bool = False) -> bool:
+    """Whether :func:`load_frozen_encoder` gives random weights for these arguments: a bare model name (not an
+    existing path) with neither ``checkpoint`` nor ``pretrained``."""
+    if pretrained or checkpoint:
+        return False
+    try:
+        parse_model_name(str(spec))
+    except ValueError:
+        return False
+    return not Path(spec).exists()
+
+
+def random_init_note(spec, checkpoint=None, pretrained: bool = False, seed: int = 0) -> str | None:
+    """The line a command prints when ``spec`` gives random weights (None when it does not): a forgotten
+    ``--pretrained`` would otherwise export or evaluate an untrained encoder without a word."""
+    if not is_random_init(spec, checkpoint, pretrained):
+        return None
+    fix = "--pretrained for Apple's weights of that name, " if str(spec) in RELEASES else ""
+    return (
+        f"{spec} is a bare model name: random weights (seed {seed}), the random-init control; pass {fix}"
+        "--checkpoint FILE, or a checkpoint, HF folder or run folder as the encoder, for trained weights"
+    )
+
+
 def _load(spec, checkpoint, overrides: dict, seed: int, pretrained: bool) -> nn.Module:
     """The float32 encoder, in eval mode, by the rules of :func:`load_frozen_encoder`."""
     if pretrained:
         return create_model(str(spec), pretrained=True, **overrides).eval()
     if checkpoint:
         return create_model(str(spec), checkpoint=checkpoint, **overrides).eval()
-    try:
-        parse_model_name(str(spec))
-        is_name = not Path(spec).exists()
-    except ValueError:
-        is_name = False
-    if is_name:
+    if is_random_init(spec):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return create_model(str(spec), **overrides).eval()

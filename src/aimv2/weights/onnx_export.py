@@ -18,6 +18,22 @@ import torch
 from ..models.encoder import VisionEncoder
 
 MAX_GRID = 512  # the largest patch grid side an exported native graph accepts (512 * 14 = 7168 px)
+# A protobuf message cannot exceed 2 GiB, so larger weights go to a second file, ``OUT.onnx.data``, that must stay
+# beside the graph. Below this (AIMv2-L and smaller: 1.2 GB) the weights are inside the one file, which can be
+# copied or served alone.
+MAX_SINGLE_FILE_BYTES = 2**31 - 2**27  # 2 GiB less 128 MiB for the graph itself
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """Where an export of ``path`` keeps its weights when they are too large for the graph file."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def needs_external_data(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s tensors are too large to sit inside one ONNX file (:data:`MAX_SINGLE_FILE_BYTES`)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) > MAX_SINGLE_FILE_BYTES
 
 
 def onnx_input_shape(model: VisionEncoder, batch: int = 2, grid: tuple[int, int] | None = None) -> tuple[int, ...]:
@@ -29,7 +45,9 @@ def onnx_input_shape(model: VisionEncoder, batch: int = 2, grid: tuple[int, int]
 
 def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None = None) -> Path:
     """Write ``model`` (in eval mode, float32, on the CPU) to ``path`` as ONNX with a dynamic batch, and dynamic
-    H, W for a sin-cos encoder."""
+    H, W for a sin-cos encoder. The weights are inside the file, or in :func:`weights_file` beside it where they
+    are over 2 GiB (:func:`needs_external_data`); a weights file of an earlier export that this one does not
+    use is removed, so none is left that belongs to another graph."""
     from torch.export import Dim
 
     model = model.eval()
@@ -41,6 +59,7 @@ def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None
     example = torch.zeros(onnx_input_shape(model, 2, (3, 2) if model.cfg.pos_embed == "sincos" else None))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    external = needs_external_data(model)
     with warnings.catch_warnings():  # the position-embedding cache is a side effect torch.export notes, harmlessly
         warnings.simplefilter("ignore", UserWarning)
         torch.onnx.export(
@@ -52,8 +71,11 @@ def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None
             dynamic_shapes={"pixels": dims},
             opset_version=opset,
             dynamo=True,
+            external_data=external,
             verbose=False,
         )
+    if not external:
+        weights_file(path).unlink(missing_ok=True)
     return path
 
 
