@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..data.workers import default_workers
+from .encoder_args import add_workers_argument
 
 DESCRIPTION = """Caption images with the multimodal decoder of an AIMv2 pretraining run: a direct look at what the
 encoder learned to see. The decoder was trained to predict each image's caption from the encoder's features; here
@@ -65,12 +65,7 @@ def add_arguments(parser) -> None:
     o.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>caption")
     o.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     o.add_argument("--batch-size", type=int, default=32, help="images decoded together (default: 32)")
-    o.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(2),
-        help=f"image decoding processes, 0 decodes inline (default: 2, fewer on fewer CPUs; here {default_workers(2)})",
-    )
+    add_workers_argument(o, 2)
     o.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
 
 

@@ -70,13 +70,23 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default: 64)")
-    r.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(4),
-        help=f"image decoding processes, 0 decodes inline (default: 4, fewer on fewer CPUs; here {default_workers(4)})",
-    )
+    add_workers_argument(r, 4)
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
+
+
+def add_workers_argument(group, cap: int) -> None:
+    """``--workers``: ``cap`` image-decoding processes by default, fewer where fewer CPUs are usable."""
+    n = default_workers(cap)
+    help_ = f"image decoding processes, 0 decodes inline (default: {cap}, fewer on fewer CPUs; here {n})"
+    group.add_argument("--workers", type=int, default=n, help=help_)
+
+
+def note_random_init(args) -> None:
+    """One line on stderr when ``ENCODER`` is a bare model name, i.e. random weights (frozen_encoder)."""
+    from ..eval.frozen_encoder import random_init_note
+
+    if note := random_init_note(args.encoder, args.checkpoint, args.pretrained, getattr(args, "seed", 0)):
+        print(f"note: {note}", file=sys.stderr)
 
 
 def add_native_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,11 +132,10 @@ def parse_overrides(items: list[str]) -> dict:
 def encoder_from_args(args):
     """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``), quantized for ``--dtype int8``; a
     bare model name is a random init seeded by ``--seed`` (else 0)."""
-    from ..eval.frozen_encoder import load_frozen_encoder, random_init_note
+    from ..eval.frozen_encoder import load_frozen_encoder
 
     overrides = parse_overrides(args.overrides)
-    if note := random_init_note(args.encoder, args.checkpoint, args.pretrained, getattr(args, "seed", 0)):
-        print(f"note: {note}", file=sys.stderr)
+    note_random_init(args)
     return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
                                seed=getattr(args, "seed", 0), pretrained=args.pretrained,
                                dtype=encoder_dtype(args))  # fmt: skip

@@ -47,9 +47,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..errors import MissingPackageError
-    from ..eval.frozen_encoder import load_frozen_encoder, random_init_note
+    from ..eval.frozen_encoder import load_frozen_encoder
     from ..weights.onnx_export import check_onnx, export_onnx, onnx_input_shape, weights_file
-    from .encoder_args import parse_overrides
+    from .encoder_args import note_random_init, parse_overrides
 
     def fail(msg: str) -> int:
         print(f"aimv2 export: error: {msg}", file=sys.stderr)
@@ -63,8 +63,7 @@ def run(args) -> int:
         return fail(
             f"{' and '.join(map(str, existing))} exist{'s' * (len(existing) == 1)}; pass --overwrite to replace"
         )
-    if note := random_init_note(args.encoder, args.checkpoint, args.pretrained):
-        print(f"note: {note}", file=sys.stderr)
+    note_random_init(args)
     encoder = load_frozen_encoder(  # a bad ENCODER is the command's one error line (cli/errors.py)
         args.encoder, checkpoint=args.checkpoint, overrides=parse_overrides(args.overrides), pretrained=args.pretrained
     )
