@@ -41,11 +41,17 @@ def test_negative_workers_is_a_clear_error():
         loader_workers(-1, 10, 4)
 
 
-def test_commands_default_to_the_usable_cpus():
+@pytest.mark.parametrize("cpus", [1, 3, 16])
+def test_commands_default_to_the_usable_cpus(monkeypatch, cpus):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     parser = build_parser()
-    for command, cap in [("extract", 4), ("caption", 2)]:
-        args = parser.parse_args([command, "a", "b", "c.safetensors"])
-        assert args.workers == min(cap, usable_cpus()), command
+    commands = {
+        "extract": (["extract", "a", "b", "c.safetensors"], 4),
+        "caption": (["caption", "a", "b", "c.safetensors"], 2),
+        "zeroshot": (["zeroshot", "runs/lit", "--images", "val"], 4),
+    }
+    for command, (argv, cap) in commands.items():
+        assert parser.parse_args(argv).workers == min(cap, cpus), command
 
 
 def test_extract_starts_one_worker_for_one_batch_and_matches_inline(tmp_path, monkeypatch):

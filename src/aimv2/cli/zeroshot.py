@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..eval.quantize import INFERENCE_DTYPES
+from .encoder_args import add_workers_argument
 
 DESCRIPTION = """--images is a folder with one sub-folder per class; folder names are the class names unless
 --classnames renames them.
@@ -35,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--templates", help="prompt templates, one per line with {} for the class name")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the LiT run folder)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the images")
+    add_workers_argument(p, 4)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument(
         "--dtype",
