@@ -13,9 +13,28 @@ import torch
 
 log = logging.getLogger("aimv2.train")
 
-# Dense peak FLOP/s per device for bf16 (and tf32/fp32 where it differs); by substring of the CUDA name.
-_PEAKS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-_PEAKS_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12, "4090": 82.6e12}
+# Dense peak FLOP/s per device (NVIDIA's datasheets) for bf16, and for fp32 without tensor cores; by the first
+# substring of the CUDA name that matches, so the H100's PCIe and NVL cards come before the SXM one ("H100").
+_PEAKS_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+}
+_PEAKS_FP32 = {
+    "H200": 67e12,
+    "H100 PCIe": 51e12,
+    "H100 NVL": 60e12,
+    "H100": 67e12,
+    "A100": 19.5e12,
+    "L40S": 91.6e12,
+    "A10G": 31.2e12,
+    "4090": 82.6e12,
+}
 
 
 def peak_flops(device: torch.device, bf16: bool) -> float | None:
