@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/gpu_suite.py --smoke   # every code path at toy size on CPU (CI: under a minute)
 
 Writes ``benchmarks/results/gpu_<device>/gpu_suite.json`` and ``table.md`` (``<device>`` from the CUDA name,
-e.g. ``gpu_nvidia_h200``; ``--smoke`` writes to a temporary folder unless ``--out-dir`` is given). Parts, each
+e.g. ``gpu_nvidia_h200``; ``--smoke`` writes to a temporary folder unless ``--out-dir`` is given), anew after every
+part, so that a run cut short by a time limit keeps the parts it finished (``pending`` lists the others). Parts, each
 skipped with one line saying why when what it needs is missing (no CUDA, no NCCL, no timm), and each recorded
 with its error, without stopping the others, if it fails (the script then exits 1):
 
@@ -17,7 +18,8 @@ with its error, without stopping the others, if it fails (the script then exits 
   three AdamW steps give the same losses as the unwrapped model.
 - ``encoder``: inference images/s of our encoder against timm's, bf16 autocast, eager and ``torch.compile``.
 - ``pretrain``: the AIMv2-L pretraining step (ViT-L/14 at 224 px with the paper's 1024 x 12 decoder, bf16
-  autocast, per-block compile) with activation checkpointing off and on, then with the prefix mask through SDPA
+  autocast, compiled as the trainer compiles on one process: the whole model as one graph) with activation
+  checkpointing off and on, then with the prefix mask through SDPA
   instead of FlexAttention: samples/s, MFU against the datasheet's dense bf16 peak (H100 SXM and H200: 989
   TFLOP/s), peak memory.
 - ``native``: recompiles of the per-block compiled native-resolution encoder (``dynamic=True``) over a run of
@@ -402,10 +404,24 @@ def table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def write_results(out_dir: Path, info: dict, results: dict, seconds: float, pending: list[str]) -> None:
+    """``gpu_suite.json`` and ``table.md`` of the parts run so far; ``pending`` names the parts not yet run."""
+    record = dict(info, seconds=seconds, results=results, failed=failed(results), pending=pending)
+    (out_dir / "gpu_suite.json").write_text(json.dumps(record, indent=2) + "\n")
+    head = f"{info['device']}, {info['date']}, {seconds:.0f}s"
+    if pending:
+        head += f"; not run yet: {', '.join(pending)}"
+    (out_dir / "table.md").write_text(head + "\n\n" + table(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="every code path at toy size on CPU (CI)")
-    ap.add_argument("--parts", default="checks,encoder,pretrain,native", help="comma-separated subset to run")
+    ap.add_argument(
+        "--parts",
+        default="checks,pretrain,encoder,native",
+        help="comma-separated subset to run, in this order (default: all, the pretraining step's MFU second)",
+    )
     ap.add_argument("--out-dir", type=Path, help="default: benchmarks/results/gpu_<device>/ (a temp dir with --smoke)")
     args = ap.parse_args(argv)
     size = SMOKE if args.smoke else FULL
@@ -422,27 +438,27 @@ def main(argv: list[str] | None = None) -> int:
         slug = re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
         out_dir = Path(tempfile.mkdtemp()) if args.smoke else HERE / "results" / f"gpu_{slug}"
     parts = {"checks": part_checks, "encoder": part_encoder, "pretrain": part_pretrain, "native": part_native}
+    names = args.parts.split(",")
+    if unknown := [n for n in names if n not in parts]:
+        ap.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {','.join(parts)}")
     t0 = time.perf_counter()
     results: dict = {}
-    for name in args.parts.split(","):
-        results[name] = part_checks(size, device) if name == "checks" else run_part(name, parts[name], size, device)
     info = dict(
         machine_info(("torch", "timm")),
         device=dev_name,
         smoke=args.smoke,
         command="python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        seconds=time.perf_counter() - t0,
-        results=results,
-        failed=failed(results),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_suite.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out_dir / "table.md").write_text(f"{dev_name}, {info['date']}, {info['seconds']:.0f}s\n\n" + table(results))
+    for i, name in enumerate(names):
+        results[name] = part_checks(size, device) if name == "checks" else run_part(name, parts[name], size, device)
+        # written after every part, so a run stopped by a time limit still leaves what it measured
+        write_results(out_dir, info, results, time.perf_counter() - t0, pending=names[i + 1 :])
     print(table(results))
-    print(f"wrote {out_dir / 'gpu_suite.json'} and table.md in {info['seconds']:.0f}s")
-    if info["failed"]:
-        print(f"FAILED: {', '.join(info['failed'])}")
-    return 1 if info["failed"] else 0
+    print(f"wrote {out_dir / 'gpu_suite.json'} and table.md in {time.perf_counter() - t0:.0f}s")
+    if bad := failed(results):
+        print(f"FAILED: {', '.join(bad)}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
