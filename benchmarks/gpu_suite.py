@@ -16,12 +16,12 @@ with its error, without stopping the others, if it fails (the script then exits 
   AIMv2 model under the flex, sdpa and matmul attention backends agree, and our encoder's features equal timm's
   on the same weights; (c) DDP and FSDP2 on NCCL (gloo with ``--smoke``) with one process group of size 1:
   three AdamW steps give the same losses as the unwrapped model.
-- ``encoder``: inference images/s of our encoder against timm's, bf16 autocast, eager and ``torch.compile``.
 - ``pretrain``: the AIMv2-L pretraining step (ViT-L/14 at 224 px with the paper's 1024 x 12 decoder, bf16
-  autocast, compiled as the trainer compiles on one process: the whole model as one graph) with activation
-  checkpointing off and on, then with the prefix mask through SDPA
-  instead of FlexAttention: samples/s, MFU against the datasheet's dense bf16 peak (H100 SXM and H200: 989
-  TFLOP/s), peak memory.
+  autocast, the prefix mask through FlexAttention, compiled as the trainer compiles on one process: the whole
+  model as one graph): samples/s, MFU against the datasheet's dense bf16 peak (H100 SXM and H200: 989 TFLOP/s),
+  peak memory. ``pretrain_ac``: the same with activation checkpointing; ``pretrain_sdpa``: the prefix mask through
+  SDPA with a dense mask instead (``ratios`` holds the FlexAttention / SDPA step speed).
+- ``encoder``: inference images/s of our encoder against timm's, bf16 autocast, eager and ``torch.compile``.
 - ``native``: recompiles of the per-block compiled native-resolution encoder (``dynamic=True``) over a run of
   changing image sizes; a well-behaved run compiles once per block stack, not once per size.
 """
@@ -326,14 +326,27 @@ def pretrain_step_speed(size: dict, device: torch.device, attention: str, ac: bo
         torch._dynamo.reset()
 
 
+def attention_on_device(device: torch.device) -> str:
+    """The backend the prefix mask takes by default: FlexAttention on CUDA (``auto`` on the CPU of --smoke)."""
+    return "flex" if device.type == "cuda" else "auto"
+
+
 def part_pretrain(size: dict, device: torch.device) -> dict:
-    out = {}
-    auto = "flex" if device.type == "cuda" else "auto"  # the prefix mask's backend: FlexAttention on CUDA
-    out[f"{auto}, AC off"] = pretrain_step_speed(size, device, auto, False)
-    out[f"{auto}, AC on"] = pretrain_step_speed(size, device, auto, True)
-    out["sdpa+mask, AC off"] = pretrain_step_speed(size, device, "sdpa", False)
-    out[f"{auto}/sdpa samples/s"] = out[f"{auto}, AC off"]["samples_per_s"] / out["sdpa+mask, AC off"]["samples_per_s"]
-    return out
+    """The step as a run takes it by default (activation checkpointing off): the MFU of the issue."""
+    return {
+        f"{attention_on_device(device)}, AC off": pretrain_step_speed(size, device, attention_on_device(device), False)
+    }
+
+
+def part_pretrain_ac(size: dict, device: torch.device) -> dict:
+    return {
+        f"{attention_on_device(device)}, AC on": pretrain_step_speed(size, device, attention_on_device(device), True)
+    }
+
+
+def part_pretrain_sdpa(size: dict, device: torch.device) -> dict:
+    """The prefix mask through SDPA with a dense mask instead (the ratio to ``pretrain`` is in ``ratios``)."""
+    return {"sdpa+mask, AC off": pretrain_step_speed(size, device, "sdpa", False)}
 
 
 def part_native(size: dict, device: torch.device) -> dict:
@@ -359,6 +372,17 @@ def part_native(size: dict, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+
+# The parts in the order a full run takes them: correctness first, then the number the suite exists for (the
+# pretraining step's MFU), then the rest; each is written to disk before the next starts.
+PARTS = {
+    "checks": part_checks,
+    "pretrain": part_pretrain,
+    "pretrain_ac": part_pretrain_ac,
+    "pretrain_sdpa": part_pretrain_sdpa,
+    "encoder": part_encoder,
+    "native": part_native,
+}
 
 
 def run_part(name: str, fn, size: dict, device: torch.device):
@@ -404,14 +428,27 @@ def table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_results(out_dir: Path, info: dict, results: dict, seconds: float, pending: list[str]) -> None:
+def ratios(results: dict) -> dict:
+    """The FlexAttention / SDPA-with-mask step speed, once both pretraining parts have a number."""
+    a, b = results.get("pretrain", {}), results.get("pretrain_sdpa", {})
+    flex = next((v for k, v in a.items() if k.endswith("AC off")), None)
+    sdpa = b.get("sdpa+mask, AC off")
+    if isinstance(flex, dict) and isinstance(sdpa, dict):
+        return {"pretrain/pretrain_sdpa samples/s": flex["samples_per_s"] / sdpa["samples_per_s"]}
+    return {}
+
+
+def write_results(out_dir: Path, info: dict, results: dict, seconds: float, pending: list[str]) -> dict:
     """``gpu_suite.json`` and ``table.md`` of the parts run so far; ``pending`` names the parts not yet run."""
+    if r := ratios(results):
+        results = dict(results, ratios=r)
     record = dict(info, seconds=seconds, results=results, failed=failed(results), pending=pending)
     (out_dir / "gpu_suite.json").write_text(json.dumps(record, indent=2) + "\n")
     head = f"{info['device']}, {info['date']}, {seconds:.0f}s"
     if pending:
         head += f"; not run yet: {', '.join(pending)}"
     (out_dir / "table.md").write_text(head + "\n\n" + table(results))
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="every code path at toy size on CPU (CI)")
     ap.add_argument(
         "--parts",
-        default="checks,pretrain,encoder,native",
-        help="comma-separated subset to run, in this order (default: all, the pretraining step's MFU second)",
+        default=",".join(PARTS),
+        help=f"comma-separated subset to run, in this order (default: {','.join(PARTS)}: the checks, then the "
+        "pretraining step's MFU)",
     )
     ap.add_argument("--out-dir", type=Path, help="default: benchmarks/results/gpu_<device>/ (a temp dir with --smoke)")
     args = ap.parse_args(argv)
@@ -437,10 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir is None:
         slug = re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
         out_dir = Path(tempfile.mkdtemp()) if args.smoke else HERE / "results" / f"gpu_{slug}"
-    parts = {"checks": part_checks, "encoder": part_encoder, "pretrain": part_pretrain, "native": part_native}
     names = args.parts.split(",")
-    if unknown := [n for n in names if n not in parts]:
-        ap.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {','.join(parts)}")
+    if unknown := [n for n in names if n not in PARTS]:
+        ap.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {','.join(PARTS)}")
     t0 = time.perf_counter()
     results: dict = {}
     info = dict(
@@ -451,10 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
-        results[name] = part_checks(size, device) if name == "checks" else run_part(name, parts[name], size, device)
+        results[name] = part_checks(size, device) if name == "checks" else run_part(name, PARTS[name], size, device)
         # written after every part, so a run stopped by a time limit still leaves what it measured
-        write_results(out_dir, info, results, time.perf_counter() - t0, pending=names[i + 1 :])
-    print(table(results))
+        record = write_results(out_dir, info, results, time.perf_counter() - t0, pending=names[i + 1 :])
+    print(table(record["results"]))
     print(f"wrote {out_dir / 'gpu_suite.json'} and table.md in {time.perf_counter() - t0:.0f}s")
     if bad := failed(results):
         print(f"FAILED: {', '.join(bad)}")

@@ -33,8 +33,9 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     parts = res["results"]
     for check in ("leakage", "parity", "ddp_fsdp2"):
         assert parts["checks"][check]["ok"] is True, check
-    for part in ("encoder", "pretrain", "native"):
+    for part in ("pretrain", "pretrain_ac", "pretrain_sdpa", "encoder", "native"):
         assert "error" not in parts[part] and "skipped" not in parts[part], parts[part]
+    assert parts["ratios"]["pretrain/pretrain_sdpa samples/s"] > 0
     assert parts["checks"]["parity"]["timm_max_abs_diff"] < 1e-4  # timm is a test dependency: the twin ran
     assert (tmp_path / "table.md").read_text().count("|") > 20
     assert res["pending"] == []
@@ -46,18 +47,15 @@ def test_gpu_suite_writes_what_it_has_after_each_part(tmp_path, monkeypatch):
     gpu_suite = import_suite(monkeypatch)
     seen = []
 
-    def fake_part(name):
-        def part(size, device):
-            if seen:  # the part before this one is already on disk
-                seen.append(json.loads((tmp_path / "gpu_suite.json").read_text())["pending"])
-            else:
-                seen.append(None)
-            return {"value": 1.0}
-
-        return part
+    def fake_part(size, device):
+        if seen:  # the part before this one is already on disk
+            seen.append(json.loads((tmp_path / "gpu_suite.json").read_text())["pending"])
+        else:
+            seen.append(None)
+        return {"value": 1.0}
 
     for name in ("encoder", "pretrain", "native"):
-        monkeypatch.setattr(gpu_suite, f"part_{name}", fake_part(name))
+        monkeypatch.setitem(gpu_suite.PARTS, name, fake_part)
     assert gpu_suite.main(["--smoke", "--parts", "pretrain,encoder,native", "--out-dir", str(tmp_path)]) == 0
     assert seen == [None, ["encoder", "native"], ["native"]]
     res = json.loads((tmp_path / "gpu_suite.json").read_text())
@@ -69,4 +67,7 @@ def test_gpu_suite_names_an_unknown_part(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         gpu_suite.main(["--smoke", "--parts", "checks,mfu"])
     assert e.value.code == 2
-    assert "unknown part(s) mfu; choose from checks,encoder,pretrain,native" in capsys.readouterr().err
+    assert (
+        "unknown part(s) mfu; choose from checks,pretrain,pretrain_ac,pretrain_sdpa,encoder,native"
+        in capsys.readouterr().err
+    )
