@@ -326,22 +326,19 @@ def pretrain_step_speed(size: dict, device: torch.device, attention: str, ac: bo
         torch._dynamo.reset()
 
 
-def attention_on_device(device: torch.device) -> str:
-    """The backend the prefix mask takes by default: FlexAttention on CUDA (``auto`` on the CPU of --smoke)."""
-    return "flex" if device.type == "cuda" else "auto"
+def default_attention_step(size: dict, device: torch.device, ac: bool) -> dict:
+    """The step with the prefix mask's default backend: FlexAttention on CUDA (``auto`` on the CPU of --smoke)."""
+    attention = "flex" if device.type == "cuda" else "auto"
+    return {f"{attention}, AC {'on' if ac else 'off'}": pretrain_step_speed(size, device, attention, ac)}
 
 
 def part_pretrain(size: dict, device: torch.device) -> dict:
     """The step as a run takes it by default (activation checkpointing off): the MFU of the issue."""
-    return {
-        f"{attention_on_device(device)}, AC off": pretrain_step_speed(size, device, attention_on_device(device), False)
-    }
+    return default_attention_step(size, device, ac=False)
 
 
 def part_pretrain_ac(size: dict, device: torch.device) -> dict:
-    return {
-        f"{attention_on_device(device)}, AC on": pretrain_step_speed(size, device, attention_on_device(device), True)
-    }
+    return default_attention_step(size, device, ac=True)
 
 
 def part_pretrain_sdpa(size: dict, device: torch.device) -> dict:
