@@ -319,7 +319,8 @@ def test_skipped_shard_samples_are_counted_in_metrics(tmp_path):
 
 
 def test_pretrain_on_a_captioned_image_folder(tmp_path):
-    """Images with sidecar captions (one unreadable file, counted and replaced) train through data.source=folder."""
+    """Images with sidecar captions (one unreadable file, counted and replaced) train through data.source=folder,
+    and the skip reaches metrics.jsonl as for shards."""
     from aimv2.data.synthetic.dataset import synthetic_sample
 
     folder = tmp_path / "pairs"
@@ -340,7 +341,9 @@ def test_pretrain_on_a_captioned_image_folder(tmp_path):
     ]
     r = subprocess.run(_cmd(out, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    rows = read_metrics(out)
+    assert [m["step"] for m in rows] == [1, 2]
+    assert rows[-1]["data_skipped"] == rows[-1]["data_skipped/bad_image"] >= 1  # the replaced file, in the metrics
 
 
 def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
@@ -370,7 +373,9 @@ def test_pretrain_on_local_hf_datasets_parquet(tmp_path):
     ]
     r = subprocess.run(_cmd(out, *steps), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    rows = read_metrics(out)
+    assert [m["step"] for m in rows] == [1, 2]
+    assert rows[-1]["data_skipped/bad_image"] >= 1
 
     from aimv2.data.sources.hf import HFImageText
 

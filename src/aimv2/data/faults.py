@@ -121,6 +121,10 @@ class FaultCounter:
             self.first.setdefault(k, where)
         return self
 
+    def by_kind(self) -> list[int]:
+        """The skip counts in the order of :data:`FAULT_KINDS` (what a batch carries to the trainer's metrics)."""
+        return [self.counts.get(k, 0) for k in FAULT_KINDS]
+
     def as_dict(self) -> dict:
         """JSON-ready summary: ``samples``, ``skipped`` (total), ``skipped_by_kind``, ``first`` example per kind."""
         return {

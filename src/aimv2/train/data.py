@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.faults import FAULT_KINDS
+from ..data.faults import FaultCounter
 from ..data.transforms import native_fit
 from ..objectives.aimv2 import PrefixSampler, patchify
 from .native import NativeSchedule, fit_grid
@@ -40,7 +40,7 @@ class Batch:
     worker: int = 0  # the DataLoader worker that produced the batch
     position: dict | None = None  # shards: {source: raw samples that worker's stream had passed after this batch}
     source_counts: torch.Tensor | None = None  # shards: long [S] samples of the batch from each source
-    # shards: long [len(FAULT_KINDS)] samples this worker's readers skipped so far (this process), by kind
+    # long [len(FAULT_KINDS)] samples this worker's readers skipped so far (this process), by kind; None: not counted
     skipped: torch.Tensor | None = None
     grid_hw: torch.Tensor | None = None  # per-image native: long [B, 2], each image's own grid (gh, gw)
 
@@ -127,9 +127,11 @@ class StepBatches(_StepStream):
         *,
         length: int | None,
         native_fn: Callable[[int, int, tuple[int, int]], tuple] | None = None,
+        faults: FaultCounter | None = None,
         **common,
     ):
         super().__init__(**common)
+        self.faults = faults  # the dataset's counter of unreadable items (replaced by the next readable one)
         if self.native is not None and native_fn is None:
             raise ValueError("native-resolution batches need a native_fn (dataset index, global index, (H, W))")
         self.sample_fn, self.native_fn = sample_fn, native_fn
@@ -170,8 +172,13 @@ class StepBatches(_StepStream):
         return Batch(images, self.encode_text(list(captions)), prefix_len, indices, step, grid_hw=grid_hw)
 
     def __iter__(self):
-        for step in self._worker_steps(*self._worker()):
-            yield self.batch(step)
+        w, W = self._worker()
+        for step in self._worker_steps(w, W):
+            batch = self.batch(step)
+            batch.worker = w
+            if self.faults is not None:  # this worker's copy of the dataset counted what it skipped
+                batch.skipped = torch.tensor(self.faults.by_kind())
+            yield batch
 
 
 class ShardStepBatches(_StepStream):
@@ -230,7 +237,7 @@ class ShardStepBatches(_StepStream):
                 worker=w,
                 position=dict(position),
                 source_counts=torch.from_numpy(np.bincount(picks, minlength=len(streams))),
-                skipped=torch.tensor([sum(s.faults.counts.get(k, 0) for s in self.streams) for k in FAULT_KINDS]),
+                skipped=torch.tensor([sum(n) for n in zip(*(s.faults.by_kind() for s in self.streams), strict=True)]),
                 grid_hw=grid_hw,
             )
 

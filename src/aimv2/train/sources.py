@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
+from ..data.faults import FaultCounter
 from ..data.tokenizer import Tokenizer, UnknownSpecialToken, default_synthetic_tokenizer
 from ..data.transforms import NativeDecode, TrainTransform, eval_transform, native_max_side, train_transform
 from .checkpointing import atomic_write
@@ -31,6 +32,7 @@ class Source:
     # data.native: (dataset index, global index, size) -> (uint8 image [3, H, W], caption); size is the step's (H, W)
     # (one grid per step) or, per image, a function of the image's aspect ratio (None: it has none) to its (H, W)
     native_fn: Callable[[int, int, tuple[int, int]], tuple[torch.Tensor, str]] | None = None
+    faults: FaultCounter | None = None  # indexable data read from files: the dataset's counter of skipped items
 
 
 class _SeededSample:
@@ -94,6 +96,13 @@ class _NativeFit:
             image = to_rgb(image)
             hw = hw(image.height / image.width)
         return native_fit(image, hw), caption
+
+
+def _readable_source(ds, transform, tokenizer: Tokenizer, seed: int) -> Source:
+    """A Source over a dataset of files whose unreadable items are replaced by the next readable one and counted."""
+    get_item = _FirstReadable(ds)
+    sample_fn = _SeededSample(get_item, transform, seed)
+    return Source(sample_fn, len(ds), tokenizer, native_fn=_NativeFit(get_item), faults=ds.faults)
 
 
 def _check_native(cfg: Config, enc) -> None:
@@ -229,8 +238,7 @@ def build_source(
         except (ValueError, FileNotFoundError) as e:
             where = "data.folder" if str(cfg.data.folder) in str(e) else f"data.folder={cfg.data.folder!r}"
             raise ConfigError(f"{where}: {e}") from e  # the message names the path once
-        get_item = _FirstReadable(ds)
-        return Source(_SeededSample(get_item, transform, cfg.seed), len(ds), tokenizer, native_fn=_NativeFit(get_item))
+        return _readable_source(ds, transform, tokenizer, cfg.seed)
     if cfg.data.source == "hf":
         from ..data.sources.hf import HFImageText
 
@@ -243,6 +251,5 @@ def build_source(
             )
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise ConfigError(f"data.hf_files={cfg.data.hf_files!r}: {e}") from e
-        get_item = _FirstReadable(ds)
-        return Source(_SeededSample(get_item, transform, cfg.seed), len(ds), tokenizer, native_fn=_NativeFit(get_item))
+        return _readable_source(ds, transform, tokenizer, cfg.seed)
     raise ConfigError(f"data.source={cfg.data.source!r} is not known; valid: synthetic, shards, folder, hf")

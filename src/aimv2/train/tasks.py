@@ -112,7 +112,9 @@ class ImageTextTask:
         )
         if source.shards is not None:
             return ShardStepBatches(source.shards, **common)
-        return StepBatches(source.sample_fn, length=source.length, native_fn=source.native_fn, **common)
+        return StepBatches(
+            source.sample_fn, length=source.length, native_fn=source.native_fn, faults=source.faults, **common
+        )
 
     def inputs(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         grid_hw = batch.grid_hw  # per-image native: [B, 2], each image's own

@@ -138,7 +138,7 @@ def fit_in_folder(cfg, task, info: DistInfo, device: torch.device, out_dir: Path
     stream = task.stream(source, model, start_step, info)
     positions = {}  # shards: {worker: {source: raw samples that worker's stream has passed}} (what resume skips)
     mix = None  # shards: samples per source since the last log line
-    data_skipped: dict[int, torch.Tensor] = {}  # shards: {worker: samples skipped by kind since this process started}
+    data_skipped: dict[int, torch.Tensor] = {}  # {worker: samples skipped by kind since this process started}
     if shards is not None:
         workers = range(max(1, cfg.data.num_workers))
         positions = {w: {name: s.skip.get(w, 0) for name, s, _ in shards} for w in workers}
@@ -165,6 +165,7 @@ def fit_in_folder(cfg, task, info: DistInfo, device: torch.device, out_dir: Path
         if mix is not None:
             positions[batch.worker] = batch.position
             mix += batch.source_counts
+        if getattr(batch, "skipped", None) is not None:  # a data source that counts what it skipped
             data_skipped[batch.worker] = batch.skipped
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(optimizer, lr)
@@ -303,7 +304,7 @@ def mix_fractions(mix: torch.Tensor | None, shards, info: DistInfo, device: torc
 
 
 def skipped_samples(skipped: dict[int, torch.Tensor], info: DistInfo, device: torch.device) -> dict:
-    """{"data_skipped": n, "data_skipped/KIND": n, ...}: samples the shard readers of all ranks and workers skipped
+    """{"data_skipped": n, "data_skipped/KIND": n, ...}: samples the data readers of all ranks and workers skipped
     (corrupt images, missing captions, ...) since this process started; the kinds with none are left out."""
     if not skipped:
         return {}
