@@ -30,6 +30,7 @@ FAULT_KINDS: dict[str, str] = {
     "truncated_shard": "shard that ends in the middle of a member (interrupted download or copy)",
     "unreadable_shard": "shard that cannot be opened (missing path, no permission, failing pipe: command)",
     "bad_member": "tar member that cannot be grouped into a sample (e.g. a duplicate name)",
+    "bad_box": "annotated box with no area inside its image (left out of the targets)",
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..letterbox import Fitted
 from .dataset import synthetic_scene
 from .scenes import OUTLINES, SceneObject, SceneSpec, render
 from .vocabulary import SHAPES
@@ -101,9 +102,6 @@ class SyntheticDetection:
     def __init__(self, seed: int = 0, size: int = 64, length: int | None = None):
         self.seed, self.size, self.length = seed, size, length
 
-    def original_size(self, i: int) -> tuple[int, int]:
-        return self.size, self.size
-
     def __len__(self) -> int:
         if self.length is None:
             raise TypeError("an endless synthetic detection stream has no length")
@@ -116,6 +114,10 @@ class SyntheticDetection:
 
     def image_id(self, i: int) -> int:
         return i + 1  # COCO image ids start at 1, in write_coco as here
+
+    def fitted(self, i: int) -> Fitted:
+        """Scene i as the detector's input: rendered square at the input size (the letterbox of a square image)."""
+        return Fitted(self[i][0], (1.0, 1.0), (self.size, self.size))
 
 
 def coco_document(count: int, seed: int = 0, size: int = 64, masks: bool = True) -> dict:
