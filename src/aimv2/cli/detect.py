@@ -139,7 +139,7 @@ def check_writable(path: str | Path, what: str) -> Path:
         raise UserError(f"{what} is a folder ({path}); give a file path")
     blocking = next((p for p in path.parents if p.is_file()), None)
     if blocking is not None:
-        raise UserError(f"{what}'s folder is a file ({blocking}); choose another path")
+        raise UserError(f"the folder of {what} is a file ({blocking}); choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path.parent):  # PermissionError / read-only file system now
         pass

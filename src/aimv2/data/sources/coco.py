@@ -47,7 +47,7 @@ def check_coco(doc, path: str | Path, files: bool = True) -> dict:
     lists = {k: field(doc, k, list, where=top, fix=f"give {WHAT}") for k in ("images", "annotations", "categories")}
     for k in ("images", "categories"):
         if not lists[k]:
-            raise RecordError(f"{k!r} is an empty list ({path}); give {WHAT} with at least one of them")
+            raise RecordError(f"{k!r} is an empty list ({path}); give {WHAT} with at least one entry there")
     images, categories, annotations = [], [], []
     for i, im in enumerate(lists["images"]):
         at = RecordAt(path, "images", i)
@@ -105,7 +105,8 @@ class CocoDetection:
         self.category_ids = [c["id"] for c in self.categories]
         label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
         self.images = sorted(self.document["images"], key=lambda im: im["id"])
-        self.faults = FaultCounter(max_rate=max_fault_rate)  # images read (per process: each worker its own)
+        # images read (per process: each worker its own); the rate is enforced from 100 reads, or the whole set
+        self.faults = FaultCounter(max_rate=max_fault_rate, min_samples=min(100, len(self.images)))
         self.listing_faults = FaultCounter(max_rate=1.0)  # boxes left out when the file was read
         self._boxes: dict[int, list] = {im["id"]: [] for im in self.images}
         hw = {im["id"]: (im["height"], im["width"]) for im in self.images}
