@@ -22,7 +22,7 @@ from aimv2.data.transforms import mean_std
 from aimv2.objectives.detection import build_detection_model
 from aimv2.train.detection_task import DetectionTask
 
-LINE = re.compile(r"aimv2 detect [a-z]+: error: \S.*")
+LINE = re.compile(r"aimv2 (detect|ground) [a-z]+: error: \S.*")
 TRAIN = [
     "detect",
     "train",
@@ -130,6 +130,31 @@ def _predict_file_not_listed(t: Path, shapes_run: Path):
     return argv, "other.png"
 
 
+GROUND_TRAIN = [
+    "ground",
+    "train",
+    "--quiet",
+    str(ROOT / "configs" / "ground-tiny.yaml"),
+    "ground.encoder=aimv2-tiny-patch8-64",
+    "ground.encoder_overrides={depth: 1}",
+    "ground.image_size=32",
+    "train.batch_size=2",
+    "train.steps=1",
+    "train.progress=false",
+    "log.tensorboard=false",
+    "data.num_workers=0",
+]
+
+
+def _refs(t: Path, records, name: str = "refs.json"):
+    coco_set(t)
+    (t / name).write_text(records if isinstance(records, str) else json.dumps(records))
+    argv = [*GROUND_TRAIN, f"out_dir={t / 'run'}", "data.source=folder", f"data.folder={t / 'images'}"]
+    return [*argv, f"ground.annotations={t / name}"]
+
+
+REF = {"file_name": "1.png", "bbox": [2, 2, 10, 10], "sentences": ["the thing"]}
+
 IMAGE_NO_HEIGHT = [{"id": 1, "file_name": "1.png", "width": 40}]
 SAME_IDS_OTHER_NAMES = [{**c, "name": f"thing{c['id']}"} for c in CATEGORIES]
 
@@ -174,6 +199,25 @@ CASES = {
     ),
     "eval --predictions unwritable": _predictions_unwritable,
     "predict file not in --annotations": _predict_file_not_listed,
+    "ground: record without bbox": lambda t: (
+        _refs(t, [REF, {k: v for k, v in REF.items() if k != "bbox"}]),
+        "no 'bbox' (",
+    ),
+    "ground: record without sentences": lambda t: (
+        _refs(t, [{k: v for k, v in REF.items() if k != "sentences"}]),
+        "record 0); give each record",
+    ),
+    "ground: empty sentence": lambda t: (_refs(t, [{**REF, "sentences": [" "]}]), "not a phrase"),
+    "ground: box without area": lambda t: (_refs(t, [{**REF, "bbox": [1, 1, 0, 5]}]), "has no area"),
+    "ground: split with no record": lambda t: ([*_refs(t, [REF]), "ground.split=val"], "split 'val'"),
+    "ground: pickled refs file": lambda t: (_refs(t, "\x80\x04K\x01.", name="refs(unc).p"), "invalid JSON"),
+    "ground: text_dim not a multiple of heads": lambda t: (
+        [*GROUND_TRAIN, "ground.text_dim=30", "ground.text_heads=4"],
+        "ground.text_dim=30",
+    ),
+    "ground: train_blocks beyond depth": lambda t: ([*GROUND_TRAIN, "ground.train_blocks=3"], "beyond the encoder"),
+    "ground eval --synthetic 0": lambda t: (["ground", "eval", str(t), "--synthetic", "0"], "--synthetic 0"),
+    "ground eval without a run": lambda t: (["ground", "eval", str(t)], "grounder.safetensors not found"),
 }
 
 
