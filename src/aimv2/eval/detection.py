@@ -125,6 +125,8 @@ def draw(image: torch.Tensor, detections: dict, names: list[str], min_score: flo
     """uint8 [3, H, W] with the detections scoring >= ``min_score`` drawn as labelled boxes; ``names[k - 1]`` is
     label k's name."""
     keep = detections["scores"] >= min_score
+    if not keep.any():  # nothing to draw (torchvision would warn about it)
+        return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     labels = [
         f"{names[k - 1]} {s:.2f}"
         for k, s in zip(detections["labels"][keep].tolist(), detections["scores"][keep].tolist(), strict=True)
