@@ -42,6 +42,15 @@ TRAIN = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than several fighting over a busy machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory) -> Path:
     """A random tiny detection run folder over the seven shape categories of the built-in scenes."""

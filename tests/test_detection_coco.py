@@ -26,6 +26,15 @@ CATEGORIES = [{"id": 4, "name": "cat"}, {"id": 9, "name": "dog"}]
 SIZES = {7: (96, 48), 3: (40, 80), 12: (64, 64)}  # image id -> (width, height): wide, tall, square
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than several fighting over a busy machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_set(root, with_area=False):
     """Three images of other aspects with gapped ids; annotations without area / iscrowd unless ``with_area``."""
     (root / "images").mkdir(parents=True)

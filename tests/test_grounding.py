@@ -96,6 +96,15 @@ def two_object_scene():
     return SceneSpec(objs, Background("solid", "grey", (128, 128, 128)))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than several fighting over a busy machine's cores (88 s -> 2 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_the_score_follows_the_phrase():
     """One image with a red square and a blue circle, two phrases: after a short fit of the head and the text tower
     (the encoder frozen), each phrase's top box is its own object and not the other one, so the per-patch score
@@ -146,6 +155,7 @@ def run(out, steps, *extra):
     return train_grounding(load_config("configs/ground-tiny.yaml", overrides, cls=GroundingConfig))
 
 
+@pytest.mark.slow
 def test_grounding_training_resumes_exactly(tmp_path):
     """3 steps straight against 2 steps, then a second run of the same config to 3 (from the step-2 checkpoint):
     the same weights, bit for bit; the frozen block stays as initialized."""
