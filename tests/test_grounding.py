@@ -217,3 +217,17 @@ def test_refcoco_style_json_and_parquet_read_alike_and_eval_runs(tmp_path, capsy
         x, y, w, h = r["bbox"]
         assert 0 <= x and x + w <= 96 + 1e-4 and 0 <= y and y + h <= 48 + 1e-4
     assert Image.open(out / "wide.phrases.png").size == (96, 48)
+
+
+def test_unreadable_images_of_a_refs_file_are_skipped_and_counted(tmp_path, caplog):
+    from conftest import read_metrics
+
+    records = refs_set(tmp_path)
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    records.append({"file_name": "broken.jpg", "bbox": [1, 1, 5, 5], "sentences": ["the thing"]})
+    (tmp_path / "refs.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    data = [f"ground.annotations={tmp_path / 'refs.jsonl'}", "data.source=folder", f"data.folder={tmp_path / 'img'}"]
+    with caplog.at_level("WARNING"):
+        run(tmp_path / "run", 3, *data, "data.max_fault_rate=0.5")  # 5 phrases, 6 read: the broken one once
+    assert "broken.jpg" in "\n".join(r.getMessage() for r in caplog.records)
+    assert read_metrics(tmp_path / "run")[-1]["data_skipped/bad_image"] == 1

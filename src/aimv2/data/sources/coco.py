@@ -139,6 +139,10 @@ class CocoDetection:
     def image_id(self, i: int) -> int:
         return self.images[i]["id"]
 
+    def original_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image i as the JSON states it."""
+        return int(self.images[i]["height"]), int(self.images[i]["width"])
+
     def file(self, i: int) -> Path:
         return self.root / self.images[i]["file_name"]
 

@@ -102,6 +102,9 @@ class SyntheticDetection:
     def __init__(self, seed: int = 0, size: int = 64, length: int | None = None):
         self.seed, self.size, self.length = seed, size, length
 
+    def original_size(self, i: int) -> tuple[int, int]:
+        return self.size, self.size
+
     def __len__(self) -> int:
         if self.length is None:
             raise TypeError("an endless synthetic detection stream has no length")
