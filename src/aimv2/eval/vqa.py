@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..data.chat import encode_prompt, pad_batch
+from ..data.chat import answer_text, encode_prompt, pad_batch, pad_id, question_messages, stop_ids
 from ..data.transforms import normalize
 
 NUMBER_WORDS = {
@@ -76,18 +76,19 @@ def answer(
 ) -> list[str]:
     """The model's answers to one question per image (uint8 [B, 3, H, W]); greedy unless ``do_sample=True``."""
     device = next(model.parameters()).device
-    rows = [encode_prompt(tokenizer, [{"role": "user", "content": f"<image>\n{q}"}]) for q in questions]
-    ids, _, mask = pad_batch(rows, tokenizer.pad_token_id, left=True)
+    rows = [encode_prompt(tokenizer, question_messages(q)) for q in questions]
+    ids, _, mask = pad_batch(rows, pad_id(tokenizer), left=True)
+    stops = stop_ids(tokenizer)
     out = model.generate(
         normalize(images, mean_std, device),
         ids.to(device),
         mask.to(device),
         max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=stops or None,
         **gen,
     )
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+    return [answer_text(tokenizer, o.tolist(), stops) for o in out]
 
 
 def evaluate_vqa(model, tokenizer, samples, *, batch_size=32, mean_std="imagenet", progress=None) -> dict:

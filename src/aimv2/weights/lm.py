@@ -62,11 +62,17 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None):
     tf = _transformers()
     model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
     tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """An LM's tokenizer as a VLM uses it: the ``<image>`` placeholder added as a special token when it lacks one,
+    and eos as the pad token when it names none (padding is masked; with neither, data/chat.py pads with 0)."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:  # Llama's tokenizers name none; padding positions are masked anyway
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # Llama's tokenizers name no pad
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def build_tiny_lm(
