@@ -39,9 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.vlm import TRUNCATION
+
 IGNORE = -100
 IMAGE_TOKEN = "<image>"
-TRUNCATION = ("drop_turns", "error")
 _SENTINEL = "\u2063aimv2-answer\u2063"  # stands in for an answer to find where its turn ends in another render
 
 

@@ -30,6 +30,9 @@ FAULT_KINDS: dict[str, str] = {
     "truncated_shard": "shard that ends in the middle of a member (interrupted download or copy)",
     "unreadable_shard": "shard that cannot be opened (missing path, no permission, failing pipe: command)",
     "bad_member": "tar member that cannot be grouped into a sample (e.g. a duplicate name)",
+    "no_answer": "conversation with nothing to learn: no gpt turn, or its first answer past vlm.max_length",
+    # not a skipped sample: answered turns a VLM conversation lost to vlm.max_length (the rest of it trains)
+    "dropped_turns": "answered turns dropped from conversations longer than vlm.max_length (the sample is kept)",
 }
 
 
