@@ -121,7 +121,8 @@ class ConversationSteps(IterableDataset):
                 why = (
                     "no gpt turn" if not enc.dropped else f"its first answer ends past vlm.max_length={self.max_length}"
                 )
-                self.faults.fault("no_answer", f"sample {j}", why)
+                where = self.dataset.describe(j) if hasattr(self.dataset, "describe") else f"sample {j}"
+                self.faults.fault("no_answer", where, why)
                 continue
             self.faults.ok()
             if enc.dropped:

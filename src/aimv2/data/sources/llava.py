@@ -128,6 +128,9 @@ class LlavaConversations(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def describe(self, i: int) -> str:
+        return f"record {i} of {self.json_path}"
+
     def get_item(self, i: int):
         """(image, messages) of record ``i``, or ``None`` after counting why its image cannot be read."""
         r = self.records[i]
@@ -135,7 +138,7 @@ class LlavaConversations(Dataset):
             self.faults.ok()
             return torch.zeros(3, *self.size, dtype=torch.uint8), to_messages(r)
         path = self.root / r["image"]
-        where = f"{path} (record {i} of {self.json_path})"
+        where = f"{path} ({self.describe(i)})"
         try:
             with Image.open(path) as img:
                 img.load()  # decode now, inside the try: truncated files fail here
