@@ -79,6 +79,19 @@ def build_parser(only: str | None = None, subparsers: dict | None = None) -> arg
     return parser
 
 
+def _parse_intermixed(command: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``command``'s arguments with options anywhere among the positionals; for a command with sub-actions
+    (`aimv2 vlm train CFG a=1 --quiet b=2`) the named action's parser reads the rest the same way."""
+    sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return command.parse_intermixed_args(argv)
+    if not argv or argv[0] not in sub.choices:
+        raise TypeError  # no action (or an unknown one): let argparse say so
+    ns, _ = command.parse_known_args([])  # the command's defaults (its parser, its run)
+    setattr(ns, sub.dest, argv[0])
+    return sub.choices[argv[0]].parse_intermixed_args(argv[1:], namespace=ns)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = False
@@ -91,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # options may come between positionals: `aimv2 ablate CONFIG a=1 --seeds 2 b=2` keeps both overrides
         if not argv or argv[0] not in subparsers:
             raise TypeError
-        args = subparsers[argv[0]].parse_intermixed_args(argv[1:])
-    except TypeError:  # no command yet, or one with sub-actions (`aimv2 data inspect`), which it cannot mix
+        args = _parse_intermixed(subparsers[argv[0]], argv[1:])
+    except TypeError:  # no command yet, or no sub-action named (`aimv2 data`): argparse's own help and errors
         args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ...errors import DataError
 from ..faults import FaultCounter
 from ..records import RecordAt, RecordError, field, read_json_records
 from ..transforms import to_rgb
@@ -115,14 +116,12 @@ class LlavaConversations(Dataset):
         self.faults = FaultCounter(max_rate=max_fault_rate)
         with_image = [r["image"] for r in self.records[:100] if "image" in r]
         if not self.root.is_dir():
-            raise FileNotFoundError(2, "image folder not found; give the folder the records' image paths are "
-                                    "relative to", str(self.root))  # fmt: skip
+            raise DataError(f"image folder not found ({self.root}); give the folder the records' image paths are "
+                            "relative to")  # fmt: skip
         if with_image and not any((self.root / p).is_file() for p in with_image):
-            raise FileNotFoundError(
-                2,
-                f"none of the {len(with_image)} images of the first records is in the image folder (first: "
-                f"{with_image[0]}); give the folder the records' image paths are relative to",
-                str(self.root),
+            raise DataError(
+                f"none of the {len(with_image)} images of the first records is in the image folder ({self.root}; "
+                f"first: {with_image[0]}); give the folder the records' image paths are relative to"
             )
 
     def __len__(self) -> int:
