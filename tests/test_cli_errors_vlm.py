@@ -211,3 +211,28 @@ def test_eval_captions_scores_the_users_data(parts, tmp_path, capsys):
     assert result["n"] == 2 and result["skipped"] == 0 and "cider" in result
     assert result["examples"][0]["references"] == ["a red square", "red square"]
     assert json.loads(out.read_text()) == result
+
+
+@pytest.mark.parametrize(
+    "argv, key, value",
+    [
+        (["vlm", "train", "c.yaml", "a=1", "--quiet", "b=2"], "overrides", ["a=1", "b=2"]),
+        (["detect", "train", "c.yaml", "a=1", "--quiet", "b=2"], "overrides", ["a=1", "b=2"]),
+        (["data", "inspect", "x.tar", "--limit", "3", "y.tar"], "sources", ["x.tar", "y.tar"]),
+        (
+            ["tokenizer", "train", "a.txt", "--vocab-size", "64", "b.txt", "--out", "t.json"],
+            "sources",
+            ["a.txt", "b.txt"],
+        ),
+        (["ablate", "c.yaml", "a=1", "--seeds", "2", "b=2"], "overrides", ["a=1", "b=2"]),
+    ],
+)
+def test_options_go_anywhere_among_positionals_for_every_command(argv, key, value, monkeypatch):
+    """`aimv2 vlm train CFG a=1 --quiet b=2` was "unrecognized arguments": commands with sub-actions parsed their
+    options only after every positional."""
+    import aimv2.cli as cli
+
+    parsers: dict = {}
+    cli.build_parser(only=argv[0], subparsers=parsers)
+    args = cli._parse_intermixed(parsers[argv[0]], argv[1:])
+    assert getattr(args, key) == value and getattr(args, "_run", None) is not None

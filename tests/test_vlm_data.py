@@ -83,3 +83,27 @@ def test_a_run_on_partly_bad_llava_data_logs_its_skips(parts, tmp_path):
     (m,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     for kind in ("bad_image", "no_image", "no_answer", "dropped_turns"):
         assert m[f"data_skipped/{kind}"] >= 1, m
+
+
+def test_images_missing_after_record_100_are_skipped_and_too_many_stop_the_run(parts, tmp_path):
+    """The reader checks the first records' images at start; one missing later is a counted skip, not a stop,
+    until more than max_fault_rate of the samples read are bad (then one error naming the kind and the file)."""
+    from aimv2.data.faults import FaultRateError
+
+    _, tok = load_causal_lm(parts / "lm")
+    records = [{"image": "good.jpg", "conversations": QA}] * 100 + [{"image": "gone.jpg", "conversations": QA}] * 20
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    ds = LlavaConversations(tmp_path / "d.json", parts / "images", (16, 16), max_fault_rate=0.1)
+    steps = ConversationSteps(ds, tok, global_batch=1, rank=0, world_size=1, start_step=0, steps=1, seed=0,
+                              max_length=64)  # fmt: skip
+    steps.dataset_index = lambda i: i
+    image, ids, _ = steps.sample(110)  # 110..119 missing: wraps around to record 0
+    assert ids == steps.sample(0)[1] and dict(zip(FAULT_KINDS, steps.skipped().tolist(), strict=True))["no_image"] == 10
+    bad = [{"image": "good.jpg", "conversations": QA}] + [{"image": "text.jpg", "conversations": QA}] * 150
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    ds = LlavaConversations(tmp_path / "bad.json", parts / "images", (16, 16), max_fault_rate=0.5)
+    steps = ConversationSteps(ds, tok, global_batch=1, rank=0, world_size=1, start_step=0, steps=1, seed=0,
+                              max_length=64)  # fmt: skip
+    steps.dataset_index = lambda i: i
+    with pytest.raises(FaultRateError, match=r"bad_image x\d+ \(first: .*text.jpg"):
+        steps.sample(1)
