@@ -135,6 +135,10 @@ CASES = {
         _ask(_run_copy(t, d, _lm_copy(t, d, width=64)), d),
         "file [32] vs model [64]",
     ),  # fmt: skip
+    "stage 2 from a run on another LM width": lambda t, d: (
+        _train(t, d, "vlm.stage=2", f"vlm.init_from={d / 'run'}", f"vlm.lm={_lm_copy(t, d, width=64)}"),
+        "file [32] vs model [64]",
+    ),  # fmt: skip
     "ask on a truncated vlm.safetensors": lambda t, d: (_ask(_truncated_vlm(t, d), d), "vlm.safetensors cannot be"),
     "ask on a truncated LM": lambda t, d: (
         _ask(_run_copy(t, d, _lm_copy(t, d, truncate=True)), d),
@@ -234,5 +238,5 @@ def test_options_go_anywhere_among_positionals_for_every_command(argv, key, valu
 
     parsers: dict = {}
     cli.build_parser(only=argv[0], subparsers=parsers)
-    args = cli._parse_intermixed(parsers[argv[0]], argv[1:])
+    args = cli.parse_intermixed(parsers[argv[0]], argv[1:])
     assert getattr(args, key) == value and getattr(args, "_run", None) is not None

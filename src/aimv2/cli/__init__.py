@@ -79,7 +79,7 @@ def build_parser(only: str | None = None, subparsers: dict | None = None) -> arg
     return parser
 
 
-def _parse_intermixed(command: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def parse_intermixed(command: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``command``'s arguments with options anywhere among the positionals; for a command with sub-actions
     (`aimv2 vlm train CFG a=1 --quiet b=2`) the named action's parser reads the rest the same way."""
     sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # options may come between positionals: `aimv2 ablate CONFIG a=1 --seeds 2 b=2` keeps both overrides
         if not argv or argv[0] not in subparsers:
             raise TypeError
-        args = _parse_intermixed(subparsers[argv[0]], argv[1:])
+        args = parse_intermixed(subparsers[argv[0]], argv[1:])
     except TypeError:  # no command yet, or no sub-action named (`aimv2 data`): argparse's own help and errors
         args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:

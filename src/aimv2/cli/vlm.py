@@ -154,6 +154,7 @@ def run_tiny_lm(args) -> int:
         raise ValueError(f"OUT is a file, not a folder ({out}); give a folder path")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"OUT exists and is not empty ({out}); pass --overwrite to replace its LM")
+    _quiet_lm_loading("")
     out = build_tiny_lm(out, width=args.width, depth=args.depth, heads=args.heads, seed=args.seed)
     print(f"tiny LM written to {out}")
     return 0
@@ -265,7 +266,9 @@ def run_eval(args) -> int:
 
 
 def _quiet_lm_loading(run: str) -> str:
-    """Loading an LM prints transformers' progress bars and notes around any error line: keep stderr for ours."""
+    """Loading an LM prints transformers' progress bars and notes, and importing it torch's deprecation notes about
+    its optional packages, around any error line: keep stderr for ours (and for real warnings)."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
