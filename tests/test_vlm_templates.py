@@ -396,3 +396,24 @@ def test_the_lm_learns_one_sample_and_ask_answers_it(name, spm_tmp):
     model.eval()
     (said,) = answer(model, tok, image, ["What colour is the star?"], max_new_tokens=8)
     assert said == "red"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_answer_follows_its_turns_generation_prompt(name, spm_tmp):
+    """Answer k comes after the text the template renders as the generation prompt of turn k (read back from the
+    tokens by hand; SentencePiece's dummy-prefix spaces aside); with the Qwen3-style template the earlier answer
+    keeps the think block it was trained with, and what follows it is the template's next user turn and prompt."""
+    from aimv2.data.chat import render
+
+    fam = FAMILIES[name]
+    tok = tokenizer_of(name, spm_tmp)
+    msgs = conversation(fam)
+    ids, labels = encode_conversation(tok, msgs, 512)
+    starts = [i for i in range(len(ids)) if labels[i] != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
+    answers = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert len(starts) == len(answers) == 2
+    for start, k in zip(starts, answers, strict=True):
+        expected = render(tok, msgs[:k], add_generation_prompt=True)
+        if name == "qwen3-think" and k == answers[1]:  # the first answer as trained: with its (empty) think block
+            expected = expected.replace("assistant\nred", "assistant\n<think>\n\n</think>\n\nred")
+        assert surface(tok, ids[:start]).replace(" ", "") == expected.replace(" ", "")

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("aimv2.cli.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
     "lit": ("aimv2.cli.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
     "zeroshot": ("aimv2.cli.zeroshot", "zero-shot classification of an image folder with a LiT model"),
-    "vlm": ("aimv2.cli.vlm", "the encoder inside a VLM: train LLaVA's stages with any causal LM, ask, evaluate VQA"),
+    "vlm": ("aimv2.cli.vlm", "the encoder inside a VLM: train LLaVA's stages with a causal LM, ask, evaluate VQA"),
     "ablate": ("aimv2.cli.ablate", "grid of pretraining runs x seeds (objectives, alpha ...), probed, tabulated"),
     "detect": ("aimv2.cli.detect", "train, evaluate (COCO AP) and run a detector on the encoder's feature pyramid"),
     "demo": ("aimv2.cli.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),

@@ -10,10 +10,13 @@ import sys
 
 from .sub_actions import run_action
 
-DESCRIPTION = """An encoder, a 2-layer MLP projector and any transformers causal LM from a local folder, trained
+DESCRIPTION = """An encoder, a 2-layer MLP projector and a transformers causal LM from a local folder, trained
 as LLaVA trains: stage 1 the projector only on image-caption pairs, stage 2 the projector and the LM on
 instruction conversations; the encoder frozen (objectives/vlm.py). The image's tokens replace the <image>
-placeholder of the prompt; the loss covers the answers only.
+placeholder of the prompt; the loss covers the answers (and their end-of-turn markup) only. Tested LM families
+and templates: GPT-2, OPT, Llama (SentencePiece, no pad / no eos), Llama-3-style, Qwen2 ChatML, Qwen3-style
+think, Gemma-style, Mistral [INST]-style, Phi-3-style, and the plain USER:/ASSISTANT: template of a tokenizer
+without one.
 
 actions:
   tiny-lm OUT                  write a tiny random Llama and a word-level tokenizer (tests, laptop demo)
@@ -40,7 +43,10 @@ TRAIN_DESCRIPTION = """Train one VLM stage with the project's trainer (resume, D
 Outputs in out_dir: config.yaml, metrics.jsonl, checkpoints/, and vlm.safetensors (the weights the stage trains:
 the projector, and the LM in stage 2; the frozen parts are read again from vlm.encoder and vlm.lm).
 Data: vlm.data=synthetic (built-in scenes: captions in stage 1, questions in stage 2) or vlm.data=llava with
-vlm.json=FILE vlm.images=DIR (LLaVA's conversation format). The LM's own chat template formats the text.
+vlm.json=FILE vlm.images=DIR (LLaVA's conversation format; text-only records train without image tokens).
+The LM's own chat template formats the text. Conversations longer than vlm.max_length lose whole answered turns
+(vlm.truncation=drop_turns; =error stops instead); bad or missing images and conversations with no answer left
+are skipped; all are counted in metrics.jsonl as data_skipped/<kind>.
 
 examples:
   aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny vlm.lm=runs/tiny-lm out_dir=runs/s1
