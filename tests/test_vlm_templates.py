@@ -417,3 +417,18 @@ def test_every_answer_follows_its_turns_generation_prompt(name, spm_tmp):
         if name == "qwen3-think" and k == answers[1]:  # the first answer as trained: with its (empty) think block
             expected = expected.replace("assistant\nred", "assistant\n<think>\n\n</think>\n\nred")
         assert surface(tok, ids[:start]).replace(" ", "") == expected.replace(" ", "")
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "qwen3-think"])
+def test_a_long_conversation_is_tokenized_as_its_whole_text(name, spm_tmp):
+    """Built piece by piece, a template that extends its renders gives the tokens of the whole rendered text,
+    tokenized at once (the seams add nothing), on a six-answer conversation longer than the context window the
+    pieces are tokenized with."""
+    from aimv2.data.chat import render, tokenize
+
+    fam = FAMILIES[name]
+    tok = tokenizer_of(name, spm_tmp)
+    more = [{"role": "user", "content": "How many shapes are there? " * 3},
+            {"role": "assistant", "content": "There are three shapes: a red star and a blue square. " * 2}]  # fmt: skip
+    msgs = conversation(fam) + more * 4
+    assert encode_conversation(tok, msgs, 4096)[0] == tokenize(tok, render(tok, msgs))

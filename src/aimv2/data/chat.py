@@ -14,9 +14,9 @@ tokens of its answer (labelled). So:
 
 - the tokens before the first answer are exactly :func:`encode_prompt` of its question, what ``vlm ask`` and
   ``vlm eval`` give the LM, and every answer token, the first included, carries a label;
-- each piece is tokenized in context (the text before it plus the piece, tokens past the text's own), so a
-  byte-level BPE sees `` red`` as it would in the whole text; where a tokenizer merges across the seam (rare), the
-  piece is tokenized on its own, and the seam stays where inference puts it;
+- each piece is tokenized in context (the last 64 characters before it plus the piece, tokens past those of the
+  context alone), so a byte-level BPE sees `` red`` as it would in the whole text; where a tokenizer merges across
+  the seam (rare), the piece is tokenized on its own, and the seam stays where inference puts it;
 - a template that renders earlier assistant turns differently from the last one (Qwen3 drops their think
   blocks) keeps every answer as it was trained; the prompt of the next turn is what the template puts after the
   previous answer.
@@ -82,14 +82,22 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
-def _in_context(tokenizer, text: str, ids: list[int], piece: str) -> list[int]:
-    """The tokens ``piece`` adds after ``text`` (whose tokens are ``ids``): those of the whole text past ``ids``
-    when the whole text starts with them, else the piece's own."""
+CONTEXT_CHARS = 64  # the text before a piece that its tokenization sees (seams are local: pre-tokenizers split)
+
+
+def _in_context(tokenizer, text: str, piece: str) -> list[int]:
+    """The tokens ``piece`` adds after ``text``: those of (the end of ``text`` + ``piece``) past the tokens of the
+    end of ``text`` alone, when the first start with the second; else (the piece merges across the seam) the
+    piece's own tokens."""
     if not piece:
         return []
-    whole = tokenize(tokenizer, text + piece)
-    if len(whole) > len(ids) and whole[: len(ids)] == ids:
-        return whole[len(ids) :]
+    if not text:
+        return tokenize(tokenizer, piece)
+    before = text[-CONTEXT_CHARS:]
+    alone = tokenize(tokenizer, before)
+    whole = tokenize(tokenizer, before + piece)
+    if len(whole) > len(alone) and whole[: len(alone)] == alone:
+        return whole[len(alone) :]
     return tokenize(tokenizer, piece)
 
 
@@ -117,7 +125,7 @@ def conversation_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int],
     concatenation, and the answers are what is labelled (see the module docstring). Messages after the last
     assistant turn are left out (nothing to learn from them)."""
     turns: list[tuple[list[int], list[int]]] = []
-    text, ids = "", []
+    text = ""
     prev, prev_answer = None, ""
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -135,10 +143,10 @@ def conversation_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int],
         else:
             before = _after_previous_answer(tokenizer, messages, prev, k, prev_answer)
         answer = full[len(prompt) :]
-        p = _in_context(tokenizer, text, ids, before) if text else tokenize(tokenizer, before)
-        text, ids = text + before, ids + p
-        a = _in_context(tokenizer, text, ids, answer)
-        text, ids = text + answer, ids + a
+        p = _in_context(tokenizer, text, before)  # the first turn's: its whole prompt, exactly as encode_prompt's
+        text = text + before
+        a = _in_context(tokenizer, text, answer)
+        text = text + answer
         turns.append((p, a))
         prev, prev_answer = k, answer
     return turns
