@@ -20,6 +20,15 @@ STAGE1 = str(ROOT / "configs" / "vlm-tiny-stage1.yaml")
 QA = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and spares a machine whose cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> Path:
     """A tiny encoder, a tiny LM, an image, and a one-step stage-1 run on them."""
