@@ -441,3 +441,18 @@ def test_a_long_conversation_is_tokenized_as_its_whole_text(name, spm_tmp):
             {"role": "assistant", "content": "There are three shapes: a red star and a blue square. " * 2}]  # fmt: skip
     msgs = conversation(fam) + more * 4
     assert encode_conversation(tok, msgs, 4096)[0] == tokenize(tok, render(tok, msgs))
+
+
+def test_a_conversation_the_template_refuses_is_one_clear_error(spm_tmp):
+    """Gemma's and Mistral's templates raise on roles they do not take (a system turn, roles that do not
+    alternate): a ValueError naming the roles, not jinja's exception."""
+    from aimv2.data.chat import render
+
+    tok = tokenizer_of("gemma-sp", spm_tmp)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + (GEMMA)
+    )
+    msgs = [{"role": "system", "content": "Be brief."}, *conversation(FAMILIES["gemma-sp"])]
+    with pytest.raises(ValueError, match="refuses a conversation of roles system/user.*System role not supported"):
+        render(tok, msgs)

@@ -63,7 +63,16 @@ def plain_template(messages: list[dict], add_generation_prompt: bool, bos: str, 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation as the LM reads it: its chat template, or the plain one."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:  # the template's raise_exception (roles that must alternate, no system turn ...)
+            roles = "/".join(m["role"] for m in messages)
+            raise ValueError(
+                f"the LM's chat template refuses a conversation of roles {roles} ({e}); give conversations it "
+                "accepts (e.g. without a system turn) or an LM whose template does"
+            ) from e
     return plain_template(messages, add_generation_prompt, tokenizer.bos_token or "", tokenizer.eos_token or "")
 
 
