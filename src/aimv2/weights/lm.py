@@ -29,7 +29,9 @@ from .encoders import load_encoder
 from .errors import CheckpointError
 
 VLM_FILE = "vlm.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# the files a tokenizer's vocabulary lives in (tokenizer_config.json alone holds none)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")  # fmt: skip
 IMAGE_TOKEN = "<image>"  # the placeholder the image's tokens replace (added to a tokenizer that lacks it)
 
 # The tiny LM's chat template: one line per turn, the answer closed by the end token. A real LM brings its own.
@@ -70,7 +72,10 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None):
         model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
     except Exception as e:  # truncated weights (safetensors' own error type), a config transformers cannot read
         raise CheckpointError(f"the LM in {path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from e
-    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # e.g. a tokenizer class that needs a package not installed
+        raise CheckpointError(f"the tokenizer in {path} cannot be loaded ({_first_line(e)})") from e
     return model, prepare_tokenizer(tokenizer)
 
 
