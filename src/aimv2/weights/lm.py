@@ -74,7 +74,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None):
         raise CheckpointError(f"the LM in {path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from e
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:  # e.g. a tokenizer class that needs a package not installed
+    except (OSError, ValueError, ImportError) as e:  # e.g. a tokenizer class that needs a package not installed
         raise CheckpointError(f"the tokenizer in {path} cannot be loaded ({_first_line(e)})") from e
     return model, prepare_tokenizer(tokenizer)
 
