@@ -272,6 +272,7 @@ def test_unreadable_images_and_outside_boxes_are_skipped_and_counted(tmp_path, c
     assert "trunc.jpg" in warnings and "bad_box" in warnings and "annotations, record 6" in warnings
     last = read_metrics(tmp_path / "run")[-1]
     assert last["data_skipped/bad_image"] >= 2 and last["data_skipped/bad_box"] == 1, last
+    assert last["data_skipped"] == last["data_skipped/bad_image"]  # a box left out is no skipped sample
 
 
 def test_synth_overwrite_leaves_no_stale_images(tmp_path, capsys):
