@@ -1,6 +1,7 @@
 """Pictures of the documentation, drawn from the code itself.
 
     python docs/make_figures.py masks        # docs/images/masks.png: the prefix and causal masks
+    python docs/make_figures.py attention    # docs/images/attention_crossover.png, from benchmarks/results/
 
 Each picture is computed by the functions it shows, so it cannot disagree with them; rerun after changing them.
 """
@@ -65,10 +66,18 @@ def masks(out: Path, num_patches: int = 16, prefix: int = 5, text_len: int = 6) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=["masks"])
+    parser.add_argument("figure", choices=["masks", "attention"])
     args = parser.parse_args()
     if args.figure == "masks":
         masks(IMAGES / "masks.png")
+    if args.figure == "attention":
+        import json
+
+        from benchmarks_tables import attention_plot
+
+        results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+        attention_plot(lambda name: json.loads((results / name).read_text()), IMAGES / "attention_crossover.png")
+        print(f"wrote {IMAGES / 'attention_crossover.png'}")
 
 
 if __name__ == "__main__":
