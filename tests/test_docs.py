@@ -111,3 +111,40 @@ def test_run_block(path, lang, body, tmp_path, monkeypatch):
     else:
         pytest.fail(f"a `run` block in {lang or 'no language'}: mark it output, or give it python or bash")
     assert os.getcwd() == str(tmp_path)
+
+
+def test_documented_ranges_are_the_ones_the_checks_enforce():
+    """Every numeric range the config page shows is enforced as shown: a value just outside each bound is refused
+    with an error naming the key, the bound itself passes unless the interval is open there."""
+    from aimv2.config import Config, ConfigError, LitConfig, validate
+
+    valid, _ = load_script("gen_pages")._valid_values()
+    interval = re.compile(r"^(?P<lo_open>[\[(])(?P<lo>-?[\d.e+-]+), (?P<hi>-?[\d.e+-]+|inf)(?P<hi_open>[\])])$")
+    checked = 0
+    for key, text in valid.items():
+        m = interval.match(text)
+        if not m or "[" in key:
+            continue
+        lo, hi = float(m["lo"]), float(m["hi"])
+
+        def config_with(value, key=key):
+            cfg = LitConfig() if key.startswith("lit.") else Config()
+            cfg.data.native.enabled = key.startswith("data.native.")
+            *path, name = key.split(".")
+            target = cfg
+            for part in path:
+                target = getattr(target, part)
+            current = getattr(target, name)
+            setattr(target, name, type(current)(value) if isinstance(current, int | float) else value)
+            if key.startswith("lit."):
+                cfg.lit.encoder = "aimv2-tiny-patch8-64"
+            return cfg
+
+        step = 1  # outside every bound, for integer and float keys alike
+        for bad in [lo - step if m["lo_open"] == "[" else lo] + (
+            [hi + step if m["hi_open"] == "]" else hi] * (hi < 1e30)
+        ):
+            with pytest.raises(ConfigError, match=re.escape(key)):
+                validate(config_with(bad))
+        checked += 1
+    assert checked >= 15, f"only {checked} ranges parsed from the config page"
