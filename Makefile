@@ -45,12 +45,12 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs/*.py
+	$(VENV)/bin/ruff format --check src tests benchmarks docs/*.py
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks docs/*.py
+	$(VENV)/bin/ruff check --fix src tests benchmarks docs/*.py
 
 clean-venv:
 	rm -rf $(VENV)
