@@ -112,6 +112,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     block = args.block % len(encoder.blocks)
     name = Path(str(args.encoder).rstrip("/")).name + (" (random init)" if _random(args) else "")
+    name += f" + {Path(args.checkpoint).name}" if args.checkpoint else ""
     for stem, image, rgb, m in zip(stems, images, colours, maps, strict=True):
         save_pca_figure(image, rgb, out / f"{stem}-pca.png", f"{name}, {H}x{W}, {grid[0]}x{grid[1]} patches")
         save_attention_figure(image, m, args.query, p, out / f"{stem}-attention.png", f"{name}, block {block}")
