@@ -148,3 +148,11 @@ def test_documented_ranges_are_the_ones_the_checks_enforce():
                 validate(config_with(bad))
         checked += 1
     assert checked >= 15, f"only {checked} ranges parsed from the config page"
+
+
+def test_readme_is_a_landing_page_that_opens_with_the_two_commands():
+    """The README's first code block is `make demo` then `make test`, and it stays short (the rest is in docs/)."""
+    readme = ROOT / "README.md"
+    first = code_blocks(readme)[0][3].splitlines()
+    assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
+    assert len(readme.read_text().splitlines()) <= 200
