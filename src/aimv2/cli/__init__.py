@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("aimv2.cli.ablate", "grid of pretraining runs x seeds (objectives, alpha ...), probed, tabulated"),
     "detect": ("aimv2.cli.detect", "train, evaluate (COCO AP) and run a detector on the encoder's feature pyramid"),
     "ground": ("aimv2.cli.ground", "train, evaluate (accuracy at IoU 0.5) and run phrase grounding on the encoder"),
+    "visualize": ("aimv2.cli.visualize", "what an encoder sees: PCA of its patch features, attention maps per head"),
     "demo": ("aimv2.cli.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 

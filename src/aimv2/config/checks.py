@@ -78,7 +78,7 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
         in_range("train.batch_size", t.batch_size, 1),
         in_range("train.grad_accum", t.grad_accum, 1),
         (
-            t.batch_size % t.grad_accum == 0,
+            t.grad_accum < 1 or t.batch_size % t.grad_accum == 0,  # < 1: the range check above reports it
             f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})",
         ),
         (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}"),
@@ -192,7 +192,7 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
             in_range("data.native.max_aspect", nat.max_aspect, 1),
             in_range("data.native.batch_multiple", nat.batch_multiple, 1),
             (
-                nat.batch_multiple % t.grad_accum == 0,
+                t.grad_accum < 1 or nat.batch_multiple % t.grad_accum == 0,
                 f"data.native.batch_multiple ({nat.batch_multiple}) must be divisible by train.grad_accum "
                 f"({t.grad_accum}): every step's batch is split into equal micro-batches",
             ),
