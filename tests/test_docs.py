@@ -117,6 +117,25 @@ def test_documented_ranges_are_the_ones_the_checks_enforce():
     """Every numeric range the config page shows is enforced as shown: a value just outside each bound is refused
     with an error naming the key, the bound itself passes unless the interval is open there."""
     from aimv2.config import Config, ConfigError, LitConfig, validate
+    from aimv2.config.detection import DetectionConfig, check_detection
+    from aimv2.config.vlm import VLMConfig, validate_vlm
+
+    # the section a key is in -> (its run config, with the required keys set; that config's validator)
+    def vlm_config():
+        cfg = VLMConfig()
+        cfg.vlm.encoder, cfg.vlm.lm = "aimv2-tiny-patch8-64", "lm-folder"
+        return cfg
+
+    def detection_config():
+        cfg = DetectionConfig()
+        cfg.detect.encoder = "aimv2-tiny-patch8-64"
+        return cfg
+
+    runs = {
+        "lit.": (LitConfig, validate),
+        "vlm.": (vlm_config, validate_vlm),
+        "detect.": (detection_config, check_detection),
+    }
 
     valid, _ = load_script("gen_pages")._valid_values()
     interval = re.compile(r"^(?P<lo_open>[\[(])(?P<lo>-?[\d.e+-]+), (?P<hi>-?[\d.e+-]+|inf)(?P<hi_open>[\])])$")
@@ -128,7 +147,8 @@ def test_documented_ranges_are_the_ones_the_checks_enforce():
         lo, hi = float(m["lo"]), float(m["hi"])
 
         def config_with(value, key=key):
-            cfg = LitConfig() if key.startswith("lit.") else Config()
+            make, _ = runs.get(key.split(".")[0] + ".", (Config, validate))
+            cfg = make()
             cfg.data.native.enabled = key.startswith("data.native.")
             *path, name = key.split(".")
             target = cfg
@@ -145,7 +165,7 @@ def test_documented_ranges_are_the_ones_the_checks_enforce():
             [hi + step if m["hi_open"] == "]" else hi] * (hi < 1e30)
         ):
             with pytest.raises(ConfigError, match=re.escape(key)):
-                validate(config_with(bad))
+                runs.get(key.split(".")[0] + ".", (Config, validate))[1](config_with(bad))
         checked += 1
     assert checked >= 15, f"only {checked} ranges parsed from the config page"
 
