@@ -11,6 +11,19 @@ from .schema import DataConfig, LogConfig, OptimConfig, SavedConfig, TrainConfig
 
 
 @dataclass
+class LoRASection:
+    """Low-rank adapters on the LM in stage 2 (peft's LoRA): the LM's weights stay frozen, rank-r updates train
+    (weights/lora.py). ``aimv2 vlm export`` merges them into the LM."""
+
+    rank: int = 0  # 0: off (the whole LM trains in stage 2); LLaVA-1.5's LoRA recipe uses 128
+    alpha: float = 16.0  # the update is scaled by alpha / rank (LLaVA-1.5: 256 with rank 128)
+    dropout: float = 0.05  # on the adapter's input (LLaVA-1.5: 0.05)
+    target_modules: list[str] | str | None = (
+        None  # module names, "all-linear", or None: peft's default for the LM family
+    )
+
+
+@dataclass
 class VLMSection:
     """What a VLM is made of and what it trains on (objectives/vlm.py, train/vlm_task.py)."""
 
@@ -29,6 +42,7 @@ class VLMSection:
     images: str | None = None  # data=llava: the image folder its "image" paths are relative to
     turns: int = 3  # data=synthetic, stage 2: questions per conversation
     max_length: int = 128  # text tokens per conversation (the image's tokens come on top)
+    lora: LoRASection = field(default_factory=LoRASection)  # stage 2: adapters instead of the whole LM
 
 
 @dataclass
@@ -56,6 +70,17 @@ def validate_vlm(cfg: VLMConfig) -> None:
         (not cfg.data.native.enabled, "a VLM trains at fixed resolution: set data.native.enabled=false"),
         (cfg.train.freeze_encoder_steps == 0, "a VLM freezes its encoder with vlm.train_encoder, not freeze steps"),
     ]
+    checks += lora_checks(v)
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def lora_checks(v: VLMSection) -> list[tuple[bool, str]]:
+    lo = v.lora
+    return [
+        (lo.rank >= 0, f"vlm.lora.rank must be >= 0 (0: off), got {lo.rank}"),
+        (lo.rank == 0 or v.stage == 2, "vlm.lora adapts the LM, which trains in stage 2 only: set vlm.stage=2"),
+        (0.0 <= lo.dropout < 1.0, f"vlm.lora.dropout must be in [0, 1), got {lo.dropout}"),
+        (lo.alpha > 0, f"vlm.lora.alpha must be > 0, got {lo.alpha}"),
+    ]

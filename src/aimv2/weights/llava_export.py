@@ -41,6 +41,7 @@ from .errors import CheckpointError
 from .hf_config import hf_vision_config
 from .layout import from_ours
 from .lm import IMAGE_TOKEN, load_vlm_run
+from .lora import merge_lora
 
 _LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 
@@ -156,6 +157,7 @@ def export_llava(run: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     model, tokenizer, cfg = load_vlm_run(run)
     _check_exportable(model, cfg)
+    merge_lora(model)  # LoRA runs: the adapters folded into the LM's weights
     out = Path(out)
     enc = model.encoder
     depth = len(enc.blocks)
