@@ -94,7 +94,8 @@ def main() -> None:
         for i, variant in enumerate(VARIANTS):
             out = Path(tmp) / f"{i}.json"
             cmd = [sys.executable, __file__, "--variant", variant, "--lm", str(lm), "--run", f"{tmp}/run{i}",
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device, "--out", str(out)]  # fmt: skip
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+                   "--out", str(out)]  # fmt: skip
             subprocess.run(cmd, check=True)
             result["variants"][variant] = json.loads(out.read_text())
     full = result["variants"]["stage 2, full LM"]["peak_mib"]
