@@ -33,6 +33,12 @@ class VLMSection:
     stage: int = 1  # 1: projector only, on captions; 2: projector + LM, on instruction conversations
     init_from: str | None = None  # stage 2: the stage-1 run folder whose vlm.safetensors starts this run
     train_encoder: bool = False  # the paper keeps the encoder frozen in both stages
+    # train_encoder=true, the recipe (train/vlm_task.py encoder_recipe; optim.lr_mult / lr_warmup that name the
+    # encoder win over it): the encoder at optim.lr x encoder_lr_mult, its own linear warmup from 0 over
+    # encoder_warmup_steps, block i further x encoder_layer_decay ** (depth - 1 - i) (1.0: off)
+    encoder_lr_mult: float = 0.1
+    encoder_warmup_steps: int = 50
+    encoder_layer_decay: float = 1.0
     block: int = -1  # the encoder block whose (normalized) features the projector reads; negative from the end
     projector_hidden: int | None = None  # None: the LM's width
     tiles: tuple[int, int] = (1, 1)  # N x M tiles at the encoder's resolution (+ a global view when not 1 x 1)
@@ -71,6 +77,11 @@ def validate_vlm(cfg: VLMConfig) -> None:
         (cfg.train.freeze_encoder_steps == 0, "a VLM freezes its encoder with vlm.train_encoder, not freeze steps"),
     ]
     checks += lora_checks(v)
+    checks += [
+        (v.encoder_lr_mult >= 0, f"vlm.encoder_lr_mult must be >= 0, got {v.encoder_lr_mult}"),
+        (v.encoder_warmup_steps >= 0, f"vlm.encoder_warmup_steps must be >= 0, got {v.encoder_warmup_steps}"),
+        (0 < v.encoder_layer_decay <= 1, f"vlm.encoder_layer_decay must be in (0, 1], got {v.encoder_layer_decay}"),
+    ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
