@@ -71,7 +71,8 @@ def main() -> None:
             }
             result["variants"][name] = r
             print(f"{name:<40} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  grad norm max "
-                  f"{r['grad_norm_max']:.2f} last {r['grad_norm_last']:.2f}  vqa {r['vqa_accuracy']:.3f}", flush=True)  # fmt: skip
+                  f"{r['grad_norm_max']:.2f} last {r['grad_norm_last']:.2f}  vqa {r['vqa_accuracy']:.3f}",
+                  flush=True)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
