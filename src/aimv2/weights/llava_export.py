@@ -157,6 +157,8 @@ def export_llava(run: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     model, tokenizer, cfg = load_vlm_run(run)
     _check_exportable(model, cfg)
+    exported_tok = _export_tokenizer(tokenizer)
+    check_chat_template(exported_tok, tokenizer)  # before anything is written
     merge_lora(model)  # LoRA runs: the adapters folded into the LM's weights
     out = Path(out)
     enc = model.encoder
@@ -208,9 +210,6 @@ def export_llava(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     llava.generation_config = gen
     out.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(out)
-
-    exported_tok = _export_tokenizer(tokenizer)
-    check_chat_template(exported_tok, tokenizer)
     pixels = image_processor_config((h, w), cfg.data.mean_std)
     image_processor = tf.CLIPImageProcessorPil(**{k: v for k, v in pixels.items() if k != "image_processor_type"})
     processor = tf.LlavaProcessor(
