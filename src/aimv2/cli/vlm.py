@@ -43,10 +43,14 @@ Outputs in out_dir: config.yaml, metrics.jsonl, checkpoints/, and vlm.safetensor
 the projector, and the LM in stage 2; the frozen parts are read again from vlm.encoder and vlm.lm).
 Data: vlm.data=synthetic (built-in scenes: captions in stage 1, questions in stage 2) or vlm.data=llava with
 vlm.json=FILE vlm.images=DIR (LLaVA's conversation format). The LM's own chat template formats the text.
+Stage 2 with LoRA: vlm.lora.rank=R (vlm.lora.alpha, dropout, target_modules; peft) trains adapters instead of the
+whole LM. vlm.train_encoder=true unfreezes the encoder at optim.lr x vlm.encoder_lr_mult (0.1) with its own warmup
+(vlm.encoder_warmup_steps, 50) and optional layer-wise decay (vlm.encoder_layer_decay).
 
 examples:
   aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny vlm.lm=runs/tiny-lm out_dir=runs/s1
-  torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ..."""
+  torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ...
+  aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.lora.rank=8 vlm.init_from=runs/s1 ..."""
 
 TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a word-level tokenizer with a chat template, written with
 save_pretrained: the LM of the tests and the laptop demo (nothing downloads). The tokenizer's vocabulary is the
