@@ -223,12 +223,35 @@ def test_cider_ranks_the_right_caption_first():
     assert good > 1.0 > bad
 
 
-def test_a_prompt_without_its_placeholder_is_an_error_that_says_why(lm_dir):
+def test_two_placeholders_are_an_error_that_says_why(lm_dir):
     model, tok = _model(lm_dir)
     images, ids, labels, mask, _ = _batch(tok, n=2)
-    ids[0][ids[0] == model.image_token_id] = tok.pad_token_id
-    with pytest.raises(ValueError, match=r"exactly one <image> placeholder .* got \[0, 1\]"):
+    ids[0][0] = model.image_token_id
+    with pytest.raises(ValueError, match=r"at most one <image> placeholder .* got \[2, 1\]"):
         model(images, ids, labels, mask)
+
+
+def test_a_text_only_sample_trains_without_image_tokens(lm_dir):
+    """LLaVA's mixes hold text-only conversations: such a sample, batched with one that has an image, gets the
+    loss and answer count of the LM alone on its text (its image positions are masked out)."""
+    model, tok = _model(lm_dir, stage=2)
+    model.eval()
+    images, _, lab0, _, rows = _batch(tok, n=1)
+    text = [{"role": "user", "content": "How many shapes are there?"}, {"role": "assistant", "content": "3"}]
+    ids_t, lab_t = encode_conversation(tok, text, 256)
+    assert model.image_token_id not in ids_t
+    ids, labels, mask = pad_batch([rows[0], ids_t], tok.pad_token_id, labels=[lab0[0].tolist(), lab_t])
+    both = model(torch.cat([images, images]), ids, labels, mask)
+    img_only = model(images, ids[:1, : len(rows[0])], labels[:1, : len(rows[0])], mask[:1, : len(rows[0])])
+    with torch.no_grad():
+        logits = model.lm(input_ids=torch.tensor([ids_t])).logits[0]
+    target = torch.tensor(lab_t[1:])
+    ce = F.cross_entropy(logits[:-1], target, ignore_index=IGNORE, reduction="sum")
+    n_text = int((target != IGNORE).sum())
+    n_img = int(img_only.terms.counts["text_loss"])
+    assert int(both.terms.counts["text_loss"]) == n_img + n_text
+    expected = (img_only.terms.sums["text_loss"] + ce) / (n_img + n_text)
+    assert both.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_vlm_scene_writes_the_image_the_evaluation_scores(tmp_path, capsys):

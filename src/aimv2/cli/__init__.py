@@ -26,9 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("aimv2.cli.tokenizer", "train a BPE caption tokenizer on shards, folders, CSV/JSONL or text"),
     "lit": ("aimv2.cli.lit", "train a LiT text tower and pooling head against a frozen encoder (zero-shot)"),
     "zeroshot": ("aimv2.cli.zeroshot", "zero-shot classification of an image folder with a LiT model"),
-    "vlm": ("aimv2.cli.vlm", "the encoder inside a VLM: train LLaVA's stages with any causal LM, ask, evaluate VQA"),
+    "vlm": ("aimv2.cli.vlm", "the encoder inside a VLM: train LLaVA's stages with a causal LM, ask, evaluate VQA"),
     "ablate": ("aimv2.cli.ablate", "grid of pretraining runs x seeds (objectives, alpha ...), probed, tabulated"),
     "detect": ("aimv2.cli.detect", "train, evaluate (COCO AP) and run a detector on the encoder's feature pyramid"),
+    "ground": ("aimv2.cli.ground", "train, evaluate (accuracy at IoU 0.5) and run phrase grounding on the encoder"),
     "demo": ("aimv2.cli.demo", "tiny end-to-end run: pretrain on built-in data, probe vs random init, loss curve"),
 }
 
@@ -79,6 +80,19 @@ def build_parser(only: str | None = None, subparsers: dict | None = None) -> arg
     return parser
 
 
+def parse_intermixed(command: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``command``'s arguments with options anywhere among the positionals; for a command with sub-actions
+    (`aimv2 vlm train CFG a=1 --quiet b=2`) the named action's parser reads the rest the same way."""
+    sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return command.parse_intermixed_args(argv)
+    if not argv or argv[0] not in sub.choices:
+        raise TypeError  # no action (or an unknown one): let argparse say so
+    ns, _ = command.parse_known_args([])  # the command's defaults (its parser, its run)
+    setattr(ns, sub.dest, argv[0])
+    return sub.choices[argv[0]].parse_intermixed_args(argv[1:], namespace=ns)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = False
@@ -91,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # options may come between positionals: `aimv2 ablate CONFIG a=1 --seeds 2 b=2` keeps both overrides
         if not argv or argv[0] not in subparsers:
             raise TypeError
-        args = subparsers[argv[0]].parse_intermixed_args(argv[1:])
-    except TypeError:  # no command yet, or one with sub-actions (`aimv2 data inspect`), which it cannot mix
+        args = parse_intermixed(subparsers[argv[0]], argv[1:])
+    except TypeError:  # no command yet, or no sub-action named (`aimv2 data`): argparse's own help and errors
         args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

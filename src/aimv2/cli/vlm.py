@@ -10,10 +10,13 @@ import sys
 
 from .sub_actions import run_action
 
-DESCRIPTION = """An encoder, a 2-layer MLP projector and any transformers causal LM from a local folder, trained
+DESCRIPTION = """An encoder, a 2-layer MLP projector and a transformers causal LM from a local folder, trained
 as LLaVA trains: stage 1 the projector only on image-caption pairs, stage 2 the projector and the LM on
 instruction conversations; the encoder frozen (objectives/vlm.py). The image's tokens replace the <image>
-placeholder of the prompt; the loss covers the answers only.
+placeholder of the prompt; the loss covers the answers (and their end-of-turn markup) only. Tested LM families
+and templates: GPT-2, OPT, Llama (SentencePiece, no pad / no eos), Llama-3-style, Qwen2 ChatML, Qwen3-style
+think, Gemma-style, Mistral [INST]-style, Phi-3-style, and the plain USER:/ASSISTANT: template of a tokenizer
+without one.
 
 actions:
   tiny-lm OUT                  write a tiny random Llama and a word-level tokenizer (tests, laptop demo)
@@ -42,7 +45,10 @@ TRAIN_DESCRIPTION = """Train one VLM stage with the project's trainer (resume, D
 Outputs in out_dir: config.yaml, metrics.jsonl, checkpoints/, and vlm.safetensors (the weights the stage trains:
 the projector, and the LM in stage 2; the frozen parts are read again from vlm.encoder and vlm.lm).
 Data: vlm.data=synthetic (built-in scenes: captions in stage 1, questions in stage 2) or vlm.data=llava with
-vlm.json=FILE vlm.images=DIR (LLaVA's conversation format). The LM's own chat template formats the text.
+vlm.json=FILE vlm.images=DIR (LLaVA's conversation format; text-only records train without image tokens).
+The LM's own chat template formats the text. Conversations longer than vlm.max_length lose whole answered turns
+(vlm.truncation=drop_turns; =error stops instead); bad or missing images and conversations with no answer left
+are skipped; all are counted in metrics.jsonl as data_skipped/<kind>.
 Stage 2 with LoRA: vlm.lora.rank=R (vlm.lora.alpha, dropout, target_modules; peft) trains adapters instead of the
 whole LM. vlm.train_encoder=true unfreezes the encoder at optim.lr x vlm.encoder_lr_mult (0.1) with its own warmup
 (vlm.encoder_warmup_steps, 50) and optional layer-wise decay (vlm.encoder_layer_decay).
@@ -110,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--depth", type=int, default=2, help="decoder layers (default: 2)")
     t.add_argument("--heads", type=int, default=2, help="attention heads (default: 2)")
     t.add_argument("--seed", type=int, default=0, help="init seed (default: 0)")
+    t.add_argument("--overwrite", action="store_true", help="replace an LM folder already at OUT")
     t.set_defaults(_action=run_tiny_lm)
 
     c = sub.add_parser("scene", help="write a held-out scene and print its questions", formatter_class=fmt,
@@ -118,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("out", metavar="OUT.png", help="output image file")
     c.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     c.add_argument("--seed", type=int, default=0, help="data seed, the run's `seed` (default: 0)")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT.png if it exists")
     c.set_defaults(_action=run_scene)
 
     p = sub.add_parser("train", help="train one stage from a YAML config", description=TRAIN_DESCRIPTION,
@@ -145,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--data", metavar="FILE", help="a LLaVA-format question file (default: held-out built-in scenes)")
     e.add_argument("--images", metavar="DIR", help="with --data: the image folder")
     e.add_argument("--scenes", type=int, default=200, help="held-out built-in scenes (default: 200)")
-    e.add_argument("--captions", action="store_true", help="CIDEr of captions of held-out scenes instead")
+    e.add_argument("--captions", action="store_true",
+                   help="CIDEr of captions instead (of held-out scenes, or of --data's references)")  # fmt: skip
     e.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: 32)")
     e.add_argument("--out", metavar="JSON", help="also write the result to this file")
     e.set_defaults(_action=run_eval)
@@ -164,19 +173,41 @@ run = run_action
 
 
 def run_tiny_lm(args) -> int:
+    from pathlib import Path
+
     from ..weights.lm import build_tiny_lm
 
-    out = build_tiny_lm(args.out, width=args.width, depth=args.depth, heads=args.heads, seed=args.seed)
+    for name in ("width", "depth", "heads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.width % args.heads or (args.width // args.heads) % 2:
+        raise ValueError(
+            f"--width {args.width} must split into --heads {args.heads} heads of an even size (rotary position "
+            "embeddings); e.g. --width 64 --heads 2"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT is a file, not a folder ({out}); give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"OUT exists and is not empty ({out}); pass --overwrite to replace its LM")
+    _quiet_lm_loading("")
+    out = build_tiny_lm(out, width=args.width, depth=args.depth, heads=args.heads, seed=args.seed)
     print(f"tiny LM written to {out}")
     return 0
 
 
 def run_scene(args) -> int:
+    from pathlib import Path
+
     from ..data.synthetic.questions import question_scene, scene_questions
     from ..data.synthetic.scenes import render
 
     if args.index < 0:
         raise ValueError(f"INDEX must be >= 0, got {args.index}")
+    if args.size < 8:
+        raise ValueError(f"--size must be >= 8 pixels, got {args.size}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"OUT.png exists ({args.out}); pass --overwrite to replace it")
     spec, _ = question_scene(args.index, args.seed, "heldout")
     render(spec, args.size).save(args.out)
     print(f"held-out scene {args.index} written to {args.out} ({args.size} x {args.size})")
@@ -195,6 +226,7 @@ def run_train(args) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     cfg = load_config(args.config, args.overrides, cls=VLMConfig)
     validate_vlm(cfg)
+    _quiet_lm_loading("")
     if args.quiet:
         cfg.train.progress = False
     last = train_vlm(cfg)
@@ -204,6 +236,8 @@ def run_train(args) -> int:
 
 
 def run_ask(args) -> int:
+    import math
+
     import torch
     from PIL import Image
 
@@ -211,9 +245,16 @@ def run_ask(args) -> int:
     from ..eval.vqa import answer
     from ..weights.lm import load_vlm_run
 
-    model, tokenizer, cfg = load_vlm_run(args.run)
+    if args.sample and not (0 < args.top_p <= 1):
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.sample and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tokenizer, cfg = load_vlm_run(_quiet_lm_loading(args.run))
     with Image.open(args.image) as img:
         image = image_tensor(img, model.image_size)
+    _check_context(model, tokenizer, args.question, args.max_new_tokens)
     torch.manual_seed(args.seed)
     gen = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
     (text,) = answer(model, tokenizer, image[None], [args.question], mean_std=cfg.data.mean_std,
@@ -225,22 +266,31 @@ def run_ask(args) -> int:
 def run_eval(args) -> int:
     from tqdm import tqdm
 
-    from ..eval.vqa import evaluate_vqa, llava_vqa_samples, synthetic_vqa_samples
+    from ..eval.vqa import evaluate_captions, evaluate_vqa, llava_vqa_samples, synthetic_vqa_samples
     from ..weights.lm import load_vlm_run
 
-    model, tokenizer, cfg = load_vlm_run(args.run)
-    if args.captions:
+    if args.scenes < 1 or args.batch_size < 1:
+        raise ValueError(f"--scenes and --batch-size must be >= 1, got {args.scenes} and {args.batch_size}")
+    if args.data and not args.images:
+        raise FileNotFoundError("--data needs --images DIR (the folder its image paths are relative to)")
+    if args.out:
+        _check_writable(args.out)
+    model, tokenizer, cfg = load_vlm_run(_quiet_lm_loading(args.run))
+    skipped = 0
+    if args.data:
+        samples, skipped = llava_vqa_samples(args.data, args.images, model.image_size, with_skipped=True)
+    if args.captions and not args.data:
         result = _captions(model, tokenizer, cfg, args)
+    elif args.captions:
+        result = evaluate_captions(model, tokenizer, samples, batch_size=args.batch_size, mean_std=cfg.data.mean_std)
     else:
-        if args.data:
-            if not args.images:
-                raise FileNotFoundError("--data needs --images DIR (the folder its image paths are relative to)")
-            samples = llava_vqa_samples(args.data, args.images, model.image_size)
-        else:
+        if not args.data:
             samples = synthetic_vqa_samples(args.scenes, model.image_size, seed=cfg.seed)
         with tqdm(total=len(samples), desc="vqa", file=sys.stderr) as bar:
             result = evaluate_vqa(model, tokenizer, samples, batch_size=args.batch_size,
                                   mean_std=cfg.data.mean_std, progress=bar.update)  # fmt: skip
+    if args.data:
+        result["skipped"] = skipped
     for k, v in result.items():
         if k.startswith("accuracy") or k == "cider":
             print(f"{k:<22} {v:.3f}")
@@ -249,6 +299,43 @@ def run_eval(args) -> int:
             json.dump(result, f, indent=1)
     print(json.dumps(result))
     return 0
+
+
+def _quiet_lm_loading(run: str) -> str:
+    """Loading an LM prints transformers' progress bars and notes, and importing it torch's deprecation notes about
+    its optional packages, around any error line: keep stderr for ours (and for real warnings)."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return run
+
+
+def _check_writable(path: str) -> None:
+    """Refuse an output path that cannot be written before the work, not after it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--out is a folder ({p}); give a JSON file path")
+    if not p.parent.is_dir():
+        raise ValueError(f"the folder of --out does not exist ({p.parent}); create it first")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--out cannot be written ({p}); give a writable path")
+
+
+def _check_context(model, tokenizer, question: str, max_new_tokens: int) -> None:
+    """A prompt (with the image's tokens) plus the answer must fit the LM's context."""
+    from ..data.chat import encode_prompt, question_messages
+
+    ctx = getattr(model.lm.config, "max_position_embeddings", None)
+    need = len(encode_prompt(tokenizer, question_messages(question))) - 1 + model.tokens_per_image + max_new_tokens
+    if ctx is not None and need > ctx:
+        raise ValueError(
+            f"the question, the image's {model.tokens_per_image} tokens and --max-new-tokens {max_new_tokens} need "
+            f"{need} positions, more than the LM's context of {ctx}; shorten the question or lower --max-new-tokens"
+        )
 
 
 def _captions(model, tokenizer, cfg, args) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import ConfigError
+from .checks import ConfigError, in_range
 from .schema import DataConfig, LogConfig, OptimConfig, SavedConfig, TrainConfig
 
 DETECTOR_KINDS = ("fcos", "retinanet", "faster_rcnn")
@@ -58,13 +58,51 @@ def check_detection(cfg: DetectionConfig) -> None:
             f"detect.out_channels must be a multiple of 32 for FCOS (its head's GroupNorm), got {d.out_channels}",
         ),
         (0 < d.layer_decay <= 1, f"detect.layer_decay must be in (0, 1], got {d.layer_decay}"),
-        (set(d.scales) <= {4.0, 2.0, 1.0, 0.5}, f"detect.scales must be among 4, 2, 1, 0.5, got {d.scales}"),
+        (
+            isinstance(d.scales, list)
+            and len(d.scales) > 0
+            and set(d.scales) <= {4.0, 2.0, 1.0, 0.5}
+            and len(set(d.scales)) == len(d.scales),
+            f"detect.scales must be a non-empty list of distinct levels among 4, 2, 1, 0.5, got {d.scales}",
+        ),
+        in_range("detect.image_size", d.image_size, 1),
+        in_range("detect.out_channels", d.out_channels, 1),
+        (
+            d.window_size is None or in_range("detect.window_size", d.window_size, 1)[0],
+            f"detect.window_size must be null (global attention) or a window side of at least 1 patch, got "
+            f"{d.window_size!r}",
+        ),
+        in_range("detect.score_thresh", d.score_thresh, 0, 1),
+        in_range("detect.detections_per_img", d.detections_per_img, 1),
+        in_range("detect.synthetic_seed", d.synthetic_seed, 0),
         (cfg.data.source in ("synthetic", "folder"), "detection data is data.source=synthetic or folder (COCO)"),
         (
             cfg.data.source != "folder" or bool(d.annotations),
             "data.source=folder needs detect.annotations=COCO_JSON (boxes of the images in data.folder)",
         ),
         (not cfg.data.native.enabled, "detection trains at a fixed detect.image_size: data.native is not supported"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def check_detection_encoder(d: DetectorConfig, depth: int, patch_size: int) -> None:
+    """The rules that need the encoder: its depth (train_blocks, global_blocks) and patch size (image_size)."""
+    checks = [
+        (
+            d.train_blocks <= depth,
+            f"detect.train_blocks={d.train_blocks} is beyond the encoder's {depth} blocks; give -1 (all), 0 "
+            f"(frozen) or a count up to {depth}",
+        ),
+        (
+            d.image_size % patch_size == 0,
+            f"detect.image_size={d.image_size} is not a multiple of the encoder's patch size {patch_size}; give one",
+        ),
+        (
+            d.global_blocks is None or all(isinstance(b, int) and 0 <= b < depth for b in d.global_blocks),
+            f"detect.global_blocks={d.global_blocks} must be block indices in [0, {depth - 1}] (or null: ViTDet's)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -48,6 +48,10 @@ class VLMSection:
     images: str | None = None  # data=llava: the image folder its "image" paths are relative to
     turns: int = 3  # data=synthetic, stage 2: questions per conversation
     max_length: int = 128  # text tokens per conversation (the image's tokens come on top)
+    # a conversation longer than max_length: drop_turns keeps its first whole answered turns that fit (never half
+    # an answer; dropped turns counted as data_skipped/dropped_turns, a sample with none left skipped as no_answer);
+    # error stops the run instead
+    truncation: str = "drop_turns"
     lora: LoRASection = field(default_factory=LoRASection)  # stage 2: adapters instead of the whole LM
 
 
@@ -62,6 +66,13 @@ class VLMConfig(SavedConfig):
     log: LogConfig = field(default_factory=LogConfig)
 
 
+TRUNCATION = ("drop_turns", "error")  # data/chat.py's policies
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def validate_vlm(cfg: VLMConfig) -> None:
     v = cfg.vlm
     checks = [
@@ -70,9 +81,22 @@ def validate_vlm(cfg: VLMConfig) -> None:
         (v.stage in (1, 2), f"vlm.stage must be 1 (projector) or 2 (projector + LM), got {v.stage}"),
         (v.data in ("synthetic", "llava"), f"vlm.data must be synthetic or llava, got {v.data!r}"),
         (v.data != "llava" or bool(v.json and v.images), "vlm.data=llava needs vlm.json=FILE and vlm.images=DIR"),
-        (all(t >= 1 for t in v.tiles), f"vlm.tiles must be two numbers >= 1, got {v.tiles}"),
-        (v.pool >= 1, "vlm.pool must be >= 1"),
-        (v.max_length >= 8, "vlm.max_length must be >= 8"),
+        (
+            isinstance(v.tiles, (list, tuple)) and len(v.tiles) == 2 and all(_int(t) and t >= 1 for t in v.tiles),
+            f"vlm.tiles must be two integers >= 1, got {v.tiles}",
+        ),  # fmt: skip
+        (_int(v.pool) and v.pool >= 1, f"vlm.pool must be an integer >= 1, got {v.pool!r}"),
+        (_int(v.max_length) and v.max_length >= 8, f"vlm.max_length must be an integer >= 8, got {v.max_length!r}"),
+        (
+            _int(v.turns) and v.turns >= 1,
+            f"vlm.turns must be an integer >= 1 (questions per conversation), got {v.turns!r}",
+        ),  # fmt: skip
+        (
+            v.projector_hidden is None or (_int(v.projector_hidden) and v.projector_hidden >= 1),
+            f"vlm.projector_hidden must be an integer >= 1 or null (the LM's width), got {v.projector_hidden!r}",
+        ),
+        (_int(v.block), f"vlm.block must be an integer (an encoder block; negative from the end), got {v.block!r}"),
+        (v.truncation in TRUNCATION, f"vlm.truncation must be one of {', '.join(TRUNCATION)}, got {v.truncation!r}"),
         (not cfg.data.native.enabled, "a VLM trains at fixed resolution: set data.native.enabled=false"),
         (cfg.train.freeze_encoder_steps == 0, "a VLM freezes its encoder with vlm.train_encoder, not freeze steps"),
     ]

@@ -30,7 +30,13 @@ FAULT_KINDS: dict[str, str] = {
     "truncated_shard": "shard that ends in the middle of a member (interrupted download or copy)",
     "unreadable_shard": "shard that cannot be opened (missing path, no permission, failing pipe: command)",
     "bad_member": "tar member that cannot be grouped into a sample (e.g. a duplicate name)",
+    "no_answer": "conversation with nothing to learn: no gpt turn, or its first answer past vlm.max_length",
+    # the kinds below are parts of a sample left out; the sample itself trains (PART_KINDS)
+    "bad_box": "annotated box with no area inside its image (left out of the targets)",
+    "dropped_turns": "answered turns dropped from conversations longer than vlm.max_length (the sample is kept)",
 }
+# kinds that count parts of samples (boxes, turns), not skipped samples: outside the ``data_skipped`` total
+PART_KINDS = frozenset({"bad_box", "dropped_turns"})
 
 
 def caption_fault(value, name: str) -> tuple[str, str] | None:
@@ -68,7 +74,8 @@ class FaultCounter:
 
     @property
     def skipped(self) -> int:
-        return sum(self.counts.values())
+        """Samples skipped (the parts of samples left out, PART_KINDS, are counted but are no skipped samples)."""
+        return sum(n for k, n in self.counts.items() if k not in PART_KINDS)
 
     @property
     def rate(self) -> float:

@@ -1,5 +1,6 @@
 """Detection and segmentation metrics with the standard implementations, predictions as COCO JSON, and pictures.
 
+    detect_fitted  a detector on images fitted to its input (data/letterbox.py) -> detections in original pixels
     predict_coco   a detector over a dataset -> COCO result records (boxes in each image's original pixels)
     coco_eval      pycocotools' COCOeval on ground truth (a JSON file or document) and results -> AP, AP50, AP75, ...
     mean_iou       semantic segmentation's mIoU from a confusion matrix (classes absent from both sides left out)
@@ -23,7 +24,8 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from ..config.detection import DetectorConfig
-from ..data.sources.coco import collate_detection
+from ..data.letterbox import Fitted, to_original
+from ..data.sources.coco import check_coco, read_coco
 from ..data.transforms import mean_std as mean_std_of
 from ..models.encoder import EncoderConfig, VisionEncoder
 from ..objectives.detection import DetectionObjective, build_detection_model
@@ -33,33 +35,49 @@ DETECTOR_FILE = "detector.safetensors"
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def detect_fitted(model: DetectionObjective, fitted: list[Fitted], device="cpu") -> list[dict[str, torch.Tensor]]:
+    """Detections of images already fitted to the input (data/letterbox.py), boxes back in each image's original
+    pixels: what ``detect predict`` and ``detect eval`` both run, so they give the same boxes."""
+    if not fitted:
+        return []
+    images = torch.stack([f.pixels for f in fitted]).to(device).float() / 255
+    out = []
+    for f, det in zip(fitted, model.predict(images), strict=True):
+        det = {k: v.cpu() for k, v in det.items()}
+        out.append({**det, "boxes": to_original(det["boxes"], f)})
+    return out
+
+
+def coco_records(image_id: int, det: dict, category_ids: list[int], **extra) -> list[dict]:
+    """COCO result records of one image's detections (boxes xyxy in its pixels; label k is category_ids[k - 1])."""
+    return [
+        {"image_id": image_id, **extra, "category_id": category_ids[k - 1], "bbox": [x0, y0, x1 - x0, y1 - y0],
+         "score": s}
+        for (x0, y0, x1, y1), s, k in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
+                                          strict=True)
+    ]  # fmt: skip
+
+
 def predict_coco(
-    model: DetectionObjective, dataset, batch_size: int = 16, device="cpu", progress: bool = False
+    model: DetectionObjective,
+    dataset,
+    batch_size: int = 16,
+    device="cpu",
+    progress: bool = False,
+    category_ids: list[int] | None = None,
 ) -> list[dict]:
-    """COCO result records ({image_id, category_id, bbox [x, y, w, h], score}) of every image of ``dataset`` (an
-    item is (uint8 image, boxes, labels); the set has image_id, original_size and category_ids), boxes scaled back
-    from the model's input size to each image's original size."""
+    """COCO result records ({image_id, category_id, bbox [x, y, w, h], score}) of every readable image of
+    ``dataset`` (it has ``fitted(i)``, ``image_id(i)`` and ``category_ids``; an image it cannot read, ``None``, is
+    left out and counted by the set), boxes in each image's original pixels. ``category_ids`` (default the set's)
+    maps the model's labels to ids: label k is ``category_ids[k - 1]``."""
+    ids = list(category_ids or dataset.category_ids)
     loader = DataLoader(range(len(dataset)), batch_size=batch_size, collate_fn=list)
     records = []
     for idx in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        images, _, _ = collate_detection([dataset[i] for i in idx])
-        out = model.predict(images.to(device).float() / 255)
-        for i, det in zip(idx, out, strict=True):
-            h, w = dataset.original_size(i)
-            scale = torch.tensor([w / images.shape[-1], h / images.shape[-2]] * 2)
-            boxes = det["boxes"].cpu() * scale
-            for (x0, y0, x1, y1), s, k in zip(
-                boxes.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
-            ):
-                cid = dataset.category_ids[k - 1]
-                records.append(
-                    {
-                        "image_id": dataset.image_id(i),
-                        "category_id": cid,
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": s,
-                    }
-                )
+        fitted = [(i, f) for i in idx if (f := dataset.fitted(i)) is not None]
+        dets = detect_fitted(model, [f for _, f in fitted], device)
+        for (i, _), det in zip(fitted, dets, strict=True):
+            records += coco_records(dataset.image_id(i), det, ids)
     return records
 
 
@@ -71,7 +89,10 @@ def coco_eval(ground_truth: str | Path | dict, results: list[dict] | str | Path,
         from pycocotools.cocoeval import COCOeval
     except ImportError as e:
         raise ImportError("detection AP needs pycocotools: pip install pycocotools") from e
-    doc = json.loads(Path(ground_truth).read_text()) if isinstance(ground_truth, str | Path) else ground_truth
+    if isinstance(ground_truth, str | Path):
+        doc = read_coco(ground_truth, files=False)
+    else:
+        doc = check_coco(ground_truth, "the ground truth document", files=False)
     if isinstance(results, str | Path):
         results = json.loads(Path(results).read_text())
     if not results:
@@ -104,6 +125,8 @@ def draw(image: torch.Tensor, detections: dict, names: list[str], min_score: flo
     """uint8 [3, H, W] with the detections scoring >= ``min_score`` drawn as labelled boxes; ``names[k - 1]`` is
     label k's name."""
     keep = detections["scores"] >= min_score
+    if not keep.any():  # nothing to draw (torchvision would warn about it)
+        return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     labels = [
         f"{names[k - 1]} {s:.2f}"
         for k, s in zip(detections["labels"][keep].tolist(), detections["scores"][keep].tolist(), strict=True)

@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..data.chat import encode_prompt, pad_batch
+from ..data.chat import answer_text, encode_prompt, pad_batch, pad_id, question_messages, stop_ids
 from ..data.transforms import normalize
 
 NUMBER_WORDS = {
@@ -76,18 +76,19 @@ def answer(
 ) -> list[str]:
     """The model's answers to one question per image (uint8 [B, 3, H, W]); greedy unless ``do_sample=True``."""
     device = next(model.parameters()).device
-    rows = [encode_prompt(tokenizer, [{"role": "user", "content": f"<image>\n{q}"}]) for q in questions]
-    ids, _, mask = pad_batch(rows, tokenizer.pad_token_id, left=True)
+    rows = [encode_prompt(tokenizer, question_messages(q)) for q in questions]
+    ids, _, mask = pad_batch(rows, pad_id(tokenizer), left=True)
+    stops = stop_ids(tokenizer)
     out = model.generate(
         normalize(images, mean_std, device),
         ids.to(device),
         mask.to(device),
         max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=stops or None,
         **gen,
     )
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+    return [answer_text(tokenizer, o.tolist(), stops) for o in out]
 
 
 def evaluate_vqa(model, tokenizer, samples, *, batch_size=32, mean_std="imagenet", progress=None) -> dict:
@@ -138,16 +139,51 @@ def synthetic_vqa_samples(n_scenes: int, size: tuple[int, int], seed: int = 0) -
     return out
 
 
-def llava_vqa_samples(json_path, images, size: tuple[int, int]) -> list[tuple]:
+def llava_vqa_samples(json_path, images, size: tuple[int, int], with_skipped: bool = False):
     """A LLaVA file as evaluate_vqa's samples: the first human turn is the question, the references are the
-    record's ``answers`` list (VQAv2's ten) or else its first gpt turn; the type is ``question_type`` or "all"."""
+    record's ``answers`` (VQAv2's ten: strings, or VQAv2's ``{"answer": ...}`` objects) or else its first gpt turn;
+    the type is ``question_type`` or "all". Records whose image is missing or unreadable are skipped (warned about,
+    counted: ``(samples, skipped)`` with ``with_skipped``)."""
+    from ..data.records import RecordAt, RecordError, field
     from ..data.sources.llava import LlavaConversations
 
-    ds = LlavaConversations(json_path, images, size)
-    out = []
+    ds = LlavaConversations(json_path, images, size, max_fault_rate=1.0)
+    out, skipped = [], 0
     for i, rec in enumerate(ds.records):
-        image, messages = ds[i]
-        question = messages[0]["content"].replace("<image>", "").strip()
-        refs = rec.get("answers") or [next(m["content"] for m in messages if m["role"] == "assistant")]
-        out.append((rec.get("question_type", "all"), image, question, list(refs)))
-    return out
+        where = RecordAt(json_path, "", i)
+        answers = field(rec, "answers", list, where=where, optional=True,
+                        fix='give "answers" as a list of strings or of {"answer": ...} objects')  # fmt: skip
+        refs = []
+        for a in answers or []:
+            a = a.get("answer") if isinstance(a, dict) else a
+            if not isinstance(a, str):
+                raise RecordError(f"'answers' holds a {type(a).__name__}, not a string or {{\"answer\": str}} "
+                                  f"({where}); give the reference answers as text")  # fmt: skip
+            refs.append(a)
+        item = ds.get_item(i)
+        if item is None:
+            skipped += 1
+            continue
+        image, messages = item
+        if not refs:
+            refs = [m["content"] for m in messages if m["role"] == "assistant"][:1]
+        if not refs:
+            raise RecordError(f"no reference answer: neither 'answers' nor a gpt turn ({where}); give one of them")
+        question = next(m["content"] for m in messages if m["role"] == "user").replace("<image>", "").strip()
+        out.append((str(rec.get("question_type", "all")), image, question, refs))
+    if not out:
+        raise RecordError(f"no record of {json_path} has a readable image (skipped {skipped}); check --images")
+    return (out, skipped) if with_skipped else out
+
+
+def evaluate_captions(model, tokenizer, samples, *, batch_size=32, mean_std="imagenet") -> dict:
+    """CIDEr of the model's answers to ``samples`` (evaluate_vqa's: the question is the caption prompt, the
+    references the captions) against their references: {"cider", "n", "examples"}."""
+    preds = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        preds += answer(model, tokenizer, torch.stack([s[1] for s in chunk]), [s[2] for s in chunk],
+                        mean_std=mean_std, max_new_tokens=96)  # fmt: skip
+    refs = [s[3] for s in samples]
+    examples = [{"caption": p, "references": r[:2]} for p, r in zip(preds[:4], refs[:4], strict=False)]
+    return {"cider": cider(preds, refs), "n": len(preds), "examples": examples}

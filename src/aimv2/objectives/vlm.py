@@ -55,6 +55,7 @@ def splice(
     placeholder: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor | None = None,
+    has_image: torch.Tensor | None = None,
 ):
     """Put each sample's K image tokens where its (single) placeholder was.
 
@@ -62,7 +63,8 @@ def splice(
     index, attention_mask [B, T], labels [B, T] or None. Output position j of sample b holds text position j
     before the placeholder p_b, image token j - p_b for p_b <= j < p_b + K, and text position j - K + 1 after:
     prompts of any length, padded on either side, keep their order. Returns (embeds [B, T-1+K, D], mask, labels)
-    with mask 1 and label -100 on the image positions."""
+    with mask 1 and label -100 on the image positions. A sample without an image (``has_image`` [B] bool False,
+    ``placeholder`` = T: past its text) keeps all its text and gets K - 1 masked image positions after it."""
     B, T, D = embeds.shape
     K = image_tokens.shape[1]
     j = torch.arange(T - 1 + K, device=embeds.device).unsqueeze(0)  # [1, L]
@@ -72,7 +74,8 @@ def splice(
     text = embeds.gather(1, src.unsqueeze(-1).expand(-1, -1, D))
     image = image_tokens.gather(1, (j - p).clamp(0, K - 1).unsqueeze(-1).expand(-1, -1, D))
     out = torch.where(is_image.unsqueeze(-1), image.to(text.dtype), text)
-    mask = torch.where(is_image, torch.ones_like(src), attention_mask.gather(1, src))
+    on = torch.ones_like(src) if has_image is None else has_image.long().unsqueeze(1).expand_as(src)
+    mask = torch.where(is_image, on, attention_mask.gather(1, src))
     if labels is not None:
         labels = torch.where(is_image, torch.full_like(src, IGNORE), labels.gather(1, src))
     return out, mask, labels
@@ -133,16 +136,17 @@ class VisionLanguageModel(nn.Module):
         """The LM's input embeddings with the projected image tokens at the placeholder: (embeds, mask, labels)."""
         is_image = input_ids == self.image_token_id  # [B, T]
         per_sample = is_image.sum(1)
-        if not bool((per_sample == 1).all()):
+        if not bool((per_sample <= 1).all()):
             raise ValueError(
-                f"every sample needs exactly one <image> placeholder (token {self.image_token_id}) in its prompt; "
-                f"got {per_sample.tolist()} (was one truncated away? raise vlm.max_length)"
+                f"every sample needs at most one <image> placeholder (token {self.image_token_id}) in its prompt; "
+                f"got {per_sample.tolist()}"
             )
-        placeholder = is_image.int().argmax(1)  # [B]
+        has_image = per_sample == 1  # [B] a text-only sample has none: no image tokens reach its text
+        placeholder = torch.where(has_image, is_image.int().argmax(1), input_ids.shape[1])  # [B]
         # the placeholder's id may lie past the embedding table (added to the tokenizer only): embed a 0 there
         text = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, T, D_lm]
         image = self.projector(self.image_features(images))  # [B, K, D_lm]
-        return splice(text, image, placeholder, attention_mask, labels)
+        return splice(text, image, placeholder, attention_mask, labels, None if has_image.all() else has_image)
 
     # ------------------------------------------------------------------ loss
     def loss_counts(self, images, input_ids, labels, attention_mask) -> dict[str, torch.Tensor]:

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..config.detection import DetectionConfig, check_detection
+from ..config.detection import DetectionConfig, check_detection, check_detection_encoder
 from ..data.sources.coco import CocoDetection, collate_detection
 from ..data.synthetic.boxes import SyntheticDetection
 from ..data.transforms import mean_std
+from ..errors import DataError
 from ..models.encoder import VisionEncoder
 from ..objectives.detection import DetectionObjective, build_detection_model, encoder_train_flops
 from ..weights import load_encoder
@@ -51,6 +52,7 @@ class DetectionBatch:
     labels: torch.Tensor  # long [B, M], 0 = padding
     step: int
     worker: int = 0
+    skipped: torch.Tensor | None = None  # long [len(FAULT_KINDS)] what this worker's set skipped so far, by kind
 
     def pin_memory(self):
         self.images = self.images.pin_memory()
@@ -61,7 +63,13 @@ def detection_set(cfg: DetectionConfig):
     """The training set a config names: built-in scenes (endless unless data.synthetic_length) or a COCO folder."""
     d = cfg.detect
     if cfg.data.source == "folder":
-        return CocoDetection(d.annotations, cfg.data.folder, d.image_size)
+        data = CocoDetection(d.annotations, cfg.data.folder, d.image_size, max_fault_rate=cfg.data.max_fault_rate)
+        if not data.boxes:
+            raise DataError(
+                f"{d.annotations} holds no box to train on ({len(data)} images, {len(data.document['annotations'])} "
+                f"annotations, crowd and empty boxes left out): training on nothing; give annotations with bboxes"
+            )
+        return data
     return SyntheticDetection(d.synthetic_seed, d.image_size, cfg.data.synthetic_length)
 
 
@@ -80,7 +88,10 @@ class DetectionSteps(IterableDataset):
         per = self.G // self.world
         first = step * self.G + self.rank * per
         idx = [first + j if self.length is None else (first + j) % self.length for j in range(per)]
-        return DetectionBatch(*collate_detection([self.dataset[i] for i in idx]), step=step, worker=worker)
+        batch = DetectionBatch(*collate_detection([self.dataset[i] for i in idx]), step=step, worker=worker)
+        if hasattr(self.dataset, "skipped_by_kind"):  # a set read from files counts what it skipped
+            batch.skipped = torch.tensor(self.dataset.skipped_by_kind(listing=worker == 0))  # listing: counted once
+        return batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -160,6 +171,7 @@ def train_detection(cfg: DetectionConfig) -> dict:
     check_detection(cfg)
     torch.manual_seed(cfg.seed)  # a model name gives random weights: the same on every rank
     encoder = load_encoder(cfg.detect.encoder, **cfg.detect.encoder_overrides)
+    check_detection_encoder(cfg.detect, depth=len(encoder.blocks), patch_size=encoder.patch_size)
     if cfg.detect.layer_decay != 1.0:  # the multipliers name the encoder's blocks: derive them on a meta copy
         with torch.device("meta"):
             probe = build_detection_model(cfg.detect, VisionEncoder(encoder.cfg), 2, mean_std(cfg.data.mean_std))

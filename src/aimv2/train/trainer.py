@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.faults import FAULT_KINDS
+from ..data.faults import FAULT_KINDS, PART_KINDS
 from ..objectives.base import LossTerms
 from ..weights.atomic import atomic_write, remove_temp_files
 from ..weights.run_folder import CKPT_DIR, list_checkpoints, load_latest_readable
@@ -309,6 +309,7 @@ def skipped_samples(skipped: dict[int, torch.Tensor], info: DistInfo, device: to
     if not skipped:
         return {}
     counts = all_reduce_sum(torch.stack(list(skipped.values())).sum(0).to(device), info)  # [kinds]
-    out = {"data_skipped": int(counts.sum())}
+    samples = [int(n) for k, n in zip(FAULT_KINDS, counts.tolist(), strict=True) if k not in PART_KINDS]
+    out = {"data_skipped": sum(samples)}  # whole samples; the parts of samples left out only by kind
     out.update({f"data_skipped/{k}": int(n) for k, n in zip(FAULT_KINDS, counts.tolist(), strict=True) if n})
     return out

@@ -7,11 +7,17 @@ checkpoints are the trainer's.
 
 The step stream is step-indexed like every other one (train/data.py): step s holds samples
 [s * G, (s + 1) * G) of the (epoch-shuffled, when sized) dataset, this rank its slice, so a killed run resumes to
-the same batches.
+the same batches. A sample that cannot be used (its image missing or unreadable, or no answer left: no gpt turn,
+or its first answer past ``vlm.max_length``) is replaced by the next usable one, deterministically, and counted;
+answered turns dropped for ``vlm.max_length`` (``vlm.truncation=drop_turns``) are counted too. The counts reach
+``metrics.jsonl`` as ``data_skipped/<kind>`` (``no_image``, ``bad_image``, ``no_answer``, ``dropped_turns``).
+A run whose data has nothing to train on refuses before its first step (:func:`check_trainable`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +26,12 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..config import ConfigError
 from ..config.vlm import VLMConfig
-from ..data.chat import encode_conversation, pad_batch
-from ..data.sources.llava import LlavaConversations
+from ..data.chat import conversation_turns, encode_turns, pad_batch, pad_id
+from ..data.faults import FAULT_KINDS, FaultCounter
+from ..data.records import RecordError
+from ..data.sources.llava import LlavaConversations, has_answer, to_messages
 from ..data.synthetic.questions import SyntheticConversations
 from ..data.transforms import normalize
 from ..objectives.tiling import num_views
@@ -44,19 +53,38 @@ class VLMBatch:
     indices: torch.Tensor  # long [B] global sample indices
     step: int
     worker: int = 0
+    skipped: torch.Tensor | None = None  # long [len(FAULT_KINDS)] this worker's counts so far (train/data.py)
 
     def pin_memory(self):
         self.images = self.images.pin_memory()
         return self
 
 
+log = logging.getLogger(__name__)
+DROPPED = list(FAULT_KINDS).index("dropped_turns")
+
+
 class ConversationSteps(IterableDataset):
     """This rank's VLMBatch for steps start_step..steps-1 (worker w of W makes the steps s with s % W == w)."""
 
-    def __init__(self, dataset, tokenizer, *, global_batch, rank, world_size, start_step, steps, seed, max_length):
+    def __init__(
+        self,
+        dataset,
+        tokenizer,
+        *,
+        global_batch,
+        rank,
+        world_size,
+        start_step,
+        steps,
+        seed,
+        max_length,
+        truncation="drop_turns",
+        max_fault_rate=0.5,
+    ):
         if global_batch % world_size:
             raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of ranks {world_size}")
-        self.dataset, self.tokenizer, self.max_length = dataset, tokenizer, max_length
+        self.dataset, self.tokenizer, self.max_length, self.truncation = dataset, tokenizer, max_length, truncation
         self.local = global_batch // world_size
         self.global_batch, self.rank, self.start_step, self.steps, self.seed = (
             global_batch,
@@ -67,6 +95,8 @@ class ConversationSteps(IterableDataset):
         )
         self.length = dataset.length if isinstance(dataset, SyntheticConversations) else len(dataset)
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
+        self.faults = FaultCounter(max_rate=max_fault_rate)  # samples with no answer left
+        self.dropped, self._warned = 0, 0.0  # answered turns dropped for max_length; when that was last logged
 
     def dataset_index(self, i: int) -> int:
         if self.length is None:  # an endless synthetic stream
@@ -76,24 +106,88 @@ class ConversationSteps(IterableDataset):
             self._perm = (epoch, np.random.default_rng([self.seed, 1, epoch]).permutation(self.length))
         return int(self._perm[1][pos])
 
+    def sample(self, i: int):
+        """(image, ids, labels) of global sample ``i``, or of the next usable dataset item after it."""
+        first = self.dataset_index(i)
+        n = self.length or 1_000_000
+        for k in range(min(n, 100_000)):
+            j = (first + k) % n
+            item = self.dataset.get_item(j) if hasattr(self.dataset, "get_item") else self.dataset[j]
+            if item is None:  # counted by the dataset
+                continue
+            image, messages = item
+            enc = encode_turns(self.tokenizer, messages, self.max_length, self.truncation)
+            if not enc.answers:
+                why = (
+                    "no gpt turn" if not enc.dropped else f"its first answer ends past vlm.max_length={self.max_length}"
+                )
+                where = self.dataset.describe(j) if hasattr(self.dataset, "describe") else f"sample {j}"
+                self.faults.fault("no_answer", where, why)
+                continue
+            self.faults.ok()
+            if enc.dropped:
+                self.dropped += enc.dropped
+                now = time.monotonic()
+                if now - self._warned >= 30.0:
+                    self._warned = now
+                    log.warning(
+                        "sample %d: %d answered turn(s) past vlm.max_length=%d dropped (%d so far; counted as "
+                        "data_skipped/dropped_turns in metrics.jsonl; raise vlm.max_length to keep them)",
+                        j, enc.dropped, self.max_length, self.dropped,
+                    )  # fmt: skip
+            return image, enc.ids, enc.labels
+        raise RuntimeError(f"no usable conversation left in {self.dataset}")
+
+    def skipped(self) -> torch.Tensor:
+        counts = torch.tensor(self.faults.by_kind())
+        ds = getattr(self.dataset, "faults", None)
+        if ds is not None:
+            counts += torch.tensor(ds.by_kind())
+        counts[DROPPED] += self.dropped
+        return counts
+
     def batch(self, step: int) -> VLMBatch:
         first = step * self.global_batch + self.rank * self.local
         indices = torch.arange(first, first + self.local)
         images, ids, labels = [], [], []
         for i in indices.tolist():
-            image, messages = self.dataset[self.dataset_index(i)]
-            row, lab = encode_conversation(self.tokenizer, messages, self.max_length)
+            image, row, lab = self.sample(i)
             images.append(image)
             ids.append(row)
             labels.append(lab)
-        input_ids, labels, mask = pad_batch(ids, self.tokenizer.pad_token_id, labels=labels)
-        return VLMBatch(torch.stack(images), input_ids, labels, mask, indices, step)
+        input_ids, labels, mask = pad_batch(ids, pad_id(self.tokenizer), labels=labels)
+        return VLMBatch(torch.stack(images), input_ids, labels, mask, indices, step, skipped=self.skipped())
 
     def __iter__(self):
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start_step + w, self.steps, W):
-            yield self.batch(step)
+            batch = self.batch(step)
+            batch.worker = w
+            yield batch
+
+
+def check_trainable(dataset, tokenizer, max_length: int, truncation: str, where: str, probe: int = 64) -> None:
+    """Refuse, before the first step, data that would train on nothing: no record with an answer, or none of the
+    first ``probe`` conversations keeping an answer within ``max_length`` tokens."""
+    if isinstance(dataset, LlavaConversations):
+        if not any(has_answer(r) for r in dataset.records):
+            raise RecordError(
+                f"no record has a gpt turn after a human turn ({where}): nothing to train on; give conversations "
+                "with answers"
+            )
+        convs = [to_messages(r) for r in dataset.records[:probe] if has_answer(r)]
+    else:
+        n = probe if dataset.length is None else min(probe, dataset.length)
+        convs = [to_messages(dataset.record(i)[1]) for i in range(n)]
+    for messages in convs:
+        if encode_turns(tokenizer, messages, max_length, truncation).answers:
+            return
+    p, a = conversation_turns(tokenizer, convs[0])[0]
+    raise ConfigError(
+        f"vlm.max_length={max_length} keeps no answer of the first {len(convs)} conversations ({where}; the first "
+        f"one's first answer ends at token {len(p) + len(a)}): nothing to train on; raise vlm.max_length"
+    )
 
 
 @dataclass
@@ -122,12 +216,14 @@ class VLMTask:
         h, w = self.encoder.cfg.image_hw
         size = (v.tiles[0] * h, v.tiles[1] * w)
         if v.data == "llava":
-            dataset = LlavaConversations(v.json, v.images, size)
+            dataset = LlavaConversations(v.json, v.images, size, max_fault_rate=cfg.data.max_fault_rate)
         else:
             kind = "caption" if v.stage == 1 else "qa"
             dataset = SyntheticConversations(
                 kind, seed=cfg.seed, size=size, turns=v.turns, length=cfg.data.synthetic_length
             )
+        where = f"vlm.json={v.json}" if v.data == "llava" else "vlm.data=synthetic"
+        check_trainable(dataset, self.tokenizer, v.max_length, v.truncation, where)
         return ConversationSource(dataset, self.tokenizer)
 
     def build(self, source: ConversationSource, fresh: bool) -> nn.Module:
@@ -150,6 +246,8 @@ class VLMTask:
             steps=cfg.train.steps,
             seed=cfg.seed,
             max_length=cfg.vlm.max_length,
+            truncation=cfg.vlm.truncation,
+            max_fault_rate=cfg.data.max_fault_rate,
         )
 
     def inputs(self, batch: VLMBatch, device: torch.device) -> dict[str, torch.Tensor]:

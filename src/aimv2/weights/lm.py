@@ -30,6 +30,9 @@ from .errors import CheckpointError
 from .lora import apply_lora
 
 VLM_FILE = "vlm.safetensors"
+# the files a tokenizer's vocabulary lives in (tokenizer_config.json alone holds none)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")  # fmt: skip
 IMAGE_TOKEN = "<image>"  # the placeholder the image's tokens replace (added to a tokenizer that lacks it)
 
 # The tiny LM's chat template: one line per turn, the answer closed by the end token. A real LM brings its own.
@@ -60,14 +63,35 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None):
             f"{path} is not a transformers model folder (no config.json): give vlm.lm a folder written by "
             "save_pretrained, e.g. one made with `aimv2 vlm tiny-lm OUT`"
         )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the LM's tokenizer into the "
+            "same folder (tokenizer.save_pretrained(folder))"
+        )
     tf = _transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    except Exception as e:  # truncated weights (safetensors' own error type), a config transformers cannot read
+        raise CheckpointError(f"the LM in {path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from e
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError) as e:  # e.g. a tokenizer class that needs a package not installed
+        raise CheckpointError(f"the tokenizer in {path} cannot be loaded ({_first_line(e)})") from e
+    return model, prepare_tokenizer(tokenizer)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def prepare_tokenizer(tokenizer):
+    """An LM's tokenizer as a VLM uses it: the ``<image>`` placeholder added as a special token when it lacks one,
+    and eos as the pad token when it names none (padding is masked; with neither, data/chat.py pads with 0)."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:  # Llama's tokenizers name none; padding positions are masked anyway
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # Llama's tokenizers name no pad
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def build_tiny_lm(
@@ -141,10 +165,20 @@ def load_vlm_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a VLM run writes {VLM_FILE} at its first checkpoint")
-    sd = load_file(str(path))
-    missing = [k for k in sd if k not in model.state_dict()]
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise CheckpointError(f"{path} cannot be read ({_first_line(e)}): truncated or not a {VLM_FILE}?") from e
+    own = model.state_dict()
+    missing = [k for k in sd if k not in own]
     if missing:
         raise CheckpointError(f"{path} has weights this VLM lacks ({missing[:3]} ...): built with another LM?")
+    wrong = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in sd if sd[k].shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path} does not fit this VLM ({len(wrong)} shape mismatch(es), first {wrong[0]}): the encoder or LM "
+            "its config names changed since the run (vlm.encoder, vlm.lm); give the ones it trained with"
+        )
     model.load_state_dict(sd, strict=False)
     return list(sd)
 
@@ -174,6 +208,15 @@ def load_vlm_run(path: str | os.PathLike) -> tuple[VisionLanguageModel, object, 
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"{path} is not a VLM run folder (no config.yaml): give the out_dir of `aimv2 vlm train`")
+    import yaml
+
+    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if not isinstance(raw, dict) or "vlm" not in raw:
+        what = "a pretraining run" if isinstance(raw, dict) and "model" in raw else "not a VLM run"
+        raise CheckpointError(
+            f"{path} is {what} folder, not a VLM run (its config.yaml has no vlm section): give the out_dir of "
+            "`aimv2 vlm train`"
+        )
     cfg = load_config(path / "config.yaml", cls=VLMConfig)
     validate_vlm(cfg)
     encoder = load_encoder(cfg.vlm.encoder, **cfg.vlm.encoder_overrides)

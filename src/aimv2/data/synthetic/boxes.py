@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..letterbox import Fitted
 from .dataset import synthetic_scene
 from .scenes import OUTLINES, SceneObject, SceneSpec, render
 from .vocabulary import SHAPES
@@ -116,6 +117,10 @@ class SyntheticDetection:
 
     def image_id(self, i: int) -> int:
         return i + 1  # COCO image ids start at 1, in write_coco as here
+
+    def fitted(self, i: int) -> Fitted:
+        """Scene i as the detector's input: rendered square at the input size (the letterbox of a square image)."""
+        return Fitted(self[i][0], (1.0, 1.0), (self.size, self.size))
 
 
 def coco_document(count: int, seed: int = 0, size: int = 64, masks: bool = True) -> dict:
