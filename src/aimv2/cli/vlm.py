@@ -25,6 +25,7 @@ actions:
   ask RUN IMAGE "question"     answer one question about an image (greedy, or --sample)
   eval RUN [--data FILE]       VQA accuracy per question type (held-out built-in scenes by default);
                                --captions: CIDEr of captions of held-out scenes (stage 1)
+  export RUN OUT --to llava    a transformers LLaVA folder (model + processor) that from_pretrained loads
 
 examples:
   aimv2 vlm tiny-lm runs/tiny-lm
@@ -35,6 +36,7 @@ examples:
   aimv2 vlm ask runs/vlm-stage2 scene.png "What colour is the star?"
   aimv2 vlm eval runs/vlm-stage2 --scenes 200
   aimv2 vlm eval runs/vlm-stage2 --data vqa.json --images vqa-images/
+  aimv2 vlm export runs/vlm-stage2 runs/vlm-stage2-llava --to llava
 
 run `aimv2 vlm ACTION --help` for the options of each action."""
 
@@ -47,10 +49,15 @@ vlm.json=FILE vlm.images=DIR (LLaVA's conversation format; text-only records tra
 The LM's own chat template formats the text. Conversations longer than vlm.max_length lose whole answered turns
 (vlm.truncation=drop_turns; =error stops instead); bad or missing images and conversations with no answer left
 are skipped; all are counted in metrics.jsonl as data_skipped/<kind>.
+Stage 2 with LoRA: vlm.lora.rank=R (vlm.lora.alpha, dropout, target_modules; peft) trains adapters instead of the
+whole LM. vlm.train_encoder=true unfreezes the encoder, at optim.lr x vlm.encoder_lr_mult with its own warmup
+(vlm.encoder_warmup_steps) and optional layer-wise decay (vlm.encoder_layer_decay); the tested recipe is
+vlm.encoder_lr_mult=0.1 vlm.encoder_warmup_steps=50 (the defaults, 1.0 and 0, train it like the rest).
 
 examples:
   aimv2 vlm train configs/vlm-tiny-stage1.yaml vlm.encoder=runs/tiny vlm.lm=runs/tiny-lm out_dir=runs/s1
-  torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ..."""
+  torchrun --nproc_per_node=2 -m aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.init_from=runs/s1 ...
+  aimv2 vlm train configs/vlm-tiny-stage2.yaml vlm.lora.rank=8 vlm.init_from=runs/s1 ..."""
 
 TINY_DESCRIPTION = """A tiny LlamaForCausalLM and a word-level tokenizer with a chat template, written with
 save_pretrained: the LM of the tests and the laptop demo (nothing downloads). The tokenizer's vocabulary is the
@@ -81,6 +88,22 @@ examples:
   aimv2 vlm eval runs/vlm-stage2 --scenes 300
   aimv2 vlm eval runs/vlm-stage2 --data vqa.json --images vqa-images/
   aimv2 vlm eval runs/vlm-stage1 --captions"""
+
+EXPORT_DESCRIPTION = """Write a VLM run as a transformers LlavaForConditionalGeneration folder with its LlavaProcessor
+(image processor with the run's resize and mean/std, the tokenizer with <image> and a chat template, the image
+token count): LlavaForConditionalGeneration / AutoProcessor / pipeline("image-text-to-text") load it with no code
+of ours, and greedy answers equal `aimv2 vlm ask` token for token. The encoder is cut after the block the projector
+reads and its hidden_states[-1] is made the normalized feature the projector trained on. Stage-1 runs export too.
+An LM without a chat template gets one that renders the plain USER:/ASSISTANT: prompt the run trained on.
+Tiled (vlm.tiles) and pooled (vlm.pool) runs do not export.
+
+For images not at the run's input size, load the processor with backend="pil" to resize exactly as
+`aimv2 vlm ask` does (transformers' default torchvision bicubic differs slightly).
+
+example:
+  aimv2 vlm export runs/vlm-stage2 runs/vlm-stage2-llava --to llava
+  python -c "from transformers import pipeline; p = pipeline('image-text-to-text', 'runs/vlm-stage2-llava')"
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +159,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: 32)")
     e.add_argument("--out", metavar="JSON", help="also write the result to this file")
     e.set_defaults(_action=run_eval)
+
+    x = sub.add_parser("export", help="a transformers LLaVA folder of a run", formatter_class=fmt,
+                       description=EXPORT_DESCRIPTION)  # fmt: skip
+    x.add_argument("run", metavar="RUN", help="a VLM run folder (the out_dir of `aimv2 vlm train`)")
+    x.add_argument("out", metavar="OUT", help="the output folder")
+    x.add_argument("--to", required=True, choices=("llava",), help="the format: llava (transformers' LLaVA)")
+    x.add_argument("--overwrite", action="store_true", help="write into OUT even if it exists")
+    x.set_defaults(_action=run_export)
     parser.set_defaults(_parser=parser)
 
 
@@ -330,3 +361,16 @@ def _captions(model, tokenizer, cfg, args) -> dict:
             refs.append([caption(s, np.random.default_rng([cfg.seed, 9, i, r])) for r in range(5)])
     examples = [{"caption": p, "references": r[:2]} for p, r in zip(preds[:4], refs[:4], strict=False)]
     return {"cider": cider(preds, refs), "n": len(preds), "examples": examples}
+
+
+def run_export(args) -> int:
+    from pathlib import Path
+
+    from ..weights.llava_export import export_llava
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to write into it, or choose another OUT")
+    export_llava(args.run, out)
+    print(f"LLaVA folder written to {out}: transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
+    return 0

@@ -131,6 +131,10 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
             all(in_range("", v, 0)[0] for v in o.lr_mult.values()),
             f"optim.lr_mult values must be finite numbers >= 0, got {o.lr_mult!r}",
         ),
+        (
+            all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in o.lr_warmup.values()),
+            f"optim.lr_warmup values must be whole numbers of steps >= 0, got {o.lr_warmup!r}",
+        ),
     ]
     if isinstance(cfg, Config):
         m = cfg.model

@@ -119,6 +119,9 @@ class OptimConfig:
     # the longest matching prefix wins, 1.0 where none matches. Weight decay scales with the group's lr (either key;
     # so a multiplier of 0 freezes a module entirely); which parameters decay is unchanged.
     lr_mult: dict[str, float] = field(default_factory=dict)
+    # A module's own linear warmup by parameter-name prefix, e.g. {encoder: 200}: its lr is further scaled by
+    # min(1, (step + 1) / N), on top of the schedule (a VLM's unfrozen encoder: vlm.encoder_warmup_steps).
+    lr_warmup: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.weight_decay is None and self.decoupled_weight_decay is None:

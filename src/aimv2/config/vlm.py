@@ -11,6 +11,19 @@ from .schema import DataConfig, LogConfig, OptimConfig, SavedConfig, TrainConfig
 
 
 @dataclass
+class LoRASection:
+    """Low-rank adapters on the LM in stage 2 (peft's LoRA): the LM's weights stay frozen, rank-r updates train
+    (weights/lora.py). ``aimv2 vlm export`` merges them into the LM."""
+
+    rank: int = 0  # 0: off (the whole LM trains in stage 2); LLaVA-1.5's LoRA recipe uses 128
+    alpha: float = 16.0  # the update is scaled by alpha / rank (LLaVA-1.5: 256 with rank 128)
+    dropout: float = 0.05  # on the adapter's input (LLaVA-1.5: 0.05)
+    target_modules: list[str] | str | None = (
+        None  # module names, "all-linear", or None: peft's default for the LM family
+    )
+
+
+@dataclass
 class VLMSection:
     """What a VLM is made of and what it trains on (objectives/vlm.py, train/vlm_task.py)."""
 
@@ -20,6 +33,13 @@ class VLMSection:
     stage: int = 1  # 1: projector only, on captions; 2: projector + LM, on instruction conversations
     init_from: str | None = None  # stage 2: the stage-1 run folder whose vlm.safetensors starts this run
     train_encoder: bool = False  # the paper keeps the encoder frozen in both stages
+    # train_encoder=true (train/vlm_task.py encoder_recipe; optim.lr_mult / lr_warmup that name the encoder win over
+    # it): the encoder at optim.lr x encoder_lr_mult, its own linear warmup from 0 over encoder_warmup_steps, block i
+    # further x encoder_layer_decay ** (depth - 1 - i) (1.0: off). The defaults train it like the rest, as runs
+    # written before these keys did (so they resume); the tested recipe is encoder_lr_mult=0.1 encoder_warmup_steps=50
+    encoder_lr_mult: float = 1.0
+    encoder_warmup_steps: int = 0
+    encoder_layer_decay: float = 1.0
     block: int = -1  # the encoder block whose (normalized) features the projector reads; negative from the end
     projector_hidden: int | None = None  # None: the LM's width
     tiles: tuple[int, int] = (1, 1)  # N x M tiles at the encoder's resolution (+ a global view when not 1 x 1)
@@ -33,6 +53,7 @@ class VLMSection:
     # an answer; dropped turns counted as data_skipped/dropped_turns, a sample with none left skipped as no_answer);
     # error stops the run instead
     truncation: str = "drop_turns"
+    lora: LoRASection = field(default_factory=LoRASection)  # stage 2: adapters instead of the whole LM
 
 
 @dataclass
@@ -80,6 +101,22 @@ def validate_vlm(cfg: VLMConfig) -> None:
         (not cfg.data.native.enabled, "a VLM trains at fixed resolution: set data.native.enabled=false"),
         (cfg.train.freeze_encoder_steps == 0, "a VLM freezes its encoder with vlm.train_encoder, not freeze steps"),
     ]
+    checks += lora_checks(v)
+    checks += [
+        (v.encoder_lr_mult >= 0, f"vlm.encoder_lr_mult must be >= 0, got {v.encoder_lr_mult}"),
+        (v.encoder_warmup_steps >= 0, f"vlm.encoder_warmup_steps must be >= 0, got {v.encoder_warmup_steps}"),
+        (0 < v.encoder_layer_decay <= 1, f"vlm.encoder_layer_decay must be in (0, 1], got {v.encoder_layer_decay}"),
+    ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def lora_checks(v: VLMSection) -> list[tuple[bool, str]]:
+    lo = v.lora
+    return [
+        (lo.rank >= 0, f"vlm.lora.rank must be >= 0 (0: off), got {lo.rank}"),
+        (lo.rank == 0 or v.stage == 2, "vlm.lora adapts the LM, which trains in stage 2 only: set vlm.stage=2"),
+        (0.0 <= lo.dropout < 1.0, f"vlm.lora.dropout must be in [0, 1), got {lo.dropout}"),
+        (lo.alpha > 0, f"vlm.lora.alpha must be > 0, got {lo.alpha}"),
+    ]

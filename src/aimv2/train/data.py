@@ -268,4 +268,7 @@ def make_loader(stream: _StepStream, num_workers: int, prefetch_factor: int, pin
     if num_workers > 0:
         kw = dict(prefetch_factor=prefetch_factor, persistent_workers=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer loads
+    # its own generator: starting an iterator draws the workers' base seed, which from the global RNG would shift
+    # every later draw (dropout) of a resumed run by one against the run it resumes (the RNG is restored before)
+    kw["generator"] = torch.Generator().manual_seed(int(getattr(stream, "seed", 0)))
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)

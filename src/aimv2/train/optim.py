@@ -38,11 +38,16 @@ def plain_name(name: str) -> str:
 
 def lr_mult_of(name: str, lr_mult: dict[str, float]) -> float:
     """The multiplier of the longest prefix in ``lr_mult`` that matches ``name`` on a dot boundary (else 1.0)."""
-    best, mult = -1, 1.0
-    for prefix, m in lr_mult.items():
+    return float(_by_prefix(name, lr_mult, 1.0))
+
+
+def _by_prefix(name: str, table: dict, default):
+    """The value of the longest key of ``table`` that prefixes ``name`` on a dot boundary, else ``default``."""
+    best, value = -1, default
+    for prefix, v in table.items():
         if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
-            best, mult = len(prefix), float(m)
-    return mult
+            best, value = len(prefix), v
+    return value
 
 
 def adamw_weight_decay(cfg: OptimConfig) -> float:
@@ -52,36 +57,51 @@ def adamw_weight_decay(cfg: OptimConfig) -> float:
     return cfg.weight_decay
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float] | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_mult: dict[str, float] | None = None,
+    lr_warmup: dict[str, int] | None = None,
+) -> list[dict]:
     """AdamW groups: decay (at ``weight_decay``, torch's convention) / no decay (same rules with or without
-    multipliers), split by lr multiplier."""
+    multipliers), split by lr multiplier and by own warmup (``lr_warmup``: prefix -> steps, the longest prefix
+    wins; such a group carries ``warmup_steps`` for :func:`set_lr`)."""
     lr_mult = lr_mult or {}
+    lr_warmup = lr_warmup or {}
     names = [plain_name(n) for n, p in model.named_parameters() if p.requires_grad]
-    unused = [k for k in lr_mult if not any(n == k or n.startswith(k + ".") for n in names)]
+    unused = [k for k in [*lr_mult, *lr_warmup] if not any(n == k or n.startswith(k + ".") for n in names)]
     if unused:
         tops = sorted({n.split(".")[0] for n in names})
         raise ValueError(
-            f"optim.lr_mult: no parameter name starts with {unused}; names start with {tops} "
+            f"optim.lr_mult / lr_warmup: no parameter name starts with {unused}; names start with {tops} "
             "(e.g. encoder, encoder.blocks, encoder.blocks.0, decoder)"
         )
-    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []} if not lr_mult else {}
+    plain = not lr_mult and not lr_warmup
+    groups: dict[tuple[bool, float, int], list] = {(True, 1.0, 0): [], (False, 1.0, 0): []} if plain else {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         name = plain_name(name)
         leaf = name.split(".")[-1]
         decay = not (p.ndim < 2 or leaf in NO_DECAY_NAMES or name.endswith(".bias"))
-        groups.setdefault((decay, lr_mult_of(name, lr_mult)), []).append(p)
+        warmup = int(_by_prefix(name, lr_warmup, 0))
+        groups.setdefault((decay, lr_mult_of(name, lr_mult), warmup), []).append(p)
     # without multipliers: exactly the historical two groups (decay, no decay), so older checkpoints still load
-    order = sorted(groups, key=lambda k: (not k[0], -k[1]))
-    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_mult": k[1]} for k in order]
+    order = sorted(groups, key=lambda k: (not k[0], -k[1], k[2]))
+    out = []
+    for k in order:
+        group = {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_mult": k[1]}
+        if k[2]:
+            group["warmup_steps"] = k[2]
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """torch's AdamW over :func:`param_groups`, with its fused kernel: one pass over all parameters of a group
     instead of a Python loop over them (on CPU the default loop was 15% of a small model's training step in the
     profile, and the fused step about 3x faster). Same update rule; results differ from the loop in the last bits."""
-    groups = param_groups(model, adamw_weight_decay(cfg), cfg.lr_mult)
+    groups = param_groups(model, adamw_weight_decay(cfg), cfg.lr_mult, cfg.lr_warmup)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
@@ -94,7 +114,10 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group at ``lr`` times its ``lr_mult`` (1 when it has none)."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int | None = None) -> None:
+    """Every group at ``lr`` times its ``lr_mult`` (1 when it has none), and a group with its own ``warmup_steps``
+    times min(1, (step + 1) / warmup_steps) at ``step``: a module unfrozen into a trained model (a VLM's encoder)
+    starts from a small step while AdamW's moments fill."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
+        ramp = min(1.0, (step + 1) / g["warmup_steps"]) if step is not None and g.get("warmup_steps") else 1.0
+        g["lr"] = lr * g.get("lr_mult", 1.0) * ramp

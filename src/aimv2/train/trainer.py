@@ -168,7 +168,7 @@ def fit_in_folder(cfg, task, info: DistInfo, device: torch.device, out_dir: Path
         if getattr(batch, "skipped", None) is not None:  # a data source that counts what it skipped
             data_skipped[batch.worker] = batch.skipped
         lr = lr_at(step, cfg.train.steps, cfg.optim)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, step)
         values = train_step(step_model, model, task.inputs(batch, device), cfg.train.grad_accum, info, autocast)
         frozen = step < cfg.train.freeze_encoder_steps
         if frozen:  # the encoder's gradients were reduced like all others; drop them: no clip share, no AdamW step

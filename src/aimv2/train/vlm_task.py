@@ -227,6 +227,8 @@ class VLMTask:
         return ConversationSource(dataset, self.tokenizer)
 
     def build(self, source: ConversationSource, fresh: bool) -> nn.Module:
+        if self.cfg.vlm.train_encoder:  # before the trainer builds the optimizer from cfg.optim
+            encoder_recipe(self.cfg, len(self.encoder.blocks))
         model = build_vlm(self.cfg, self.encoder, self.lm, self.tokenizer)
         if fresh and self.cfg.vlm.init_from:  # stage 2 starts from stage 1's projector; resume wins
             load_vlm_weights(model, Path(self.cfg.vlm.init_from) / VLM_FILE)
@@ -278,6 +280,32 @@ class VLMTask:
     def export(self, model: nn.Module, model_sd: dict, out_dir: Path) -> None:
         meta = {"stage": self.cfg.vlm.stage, "encoder": self.cfg.vlm.encoder, "lm": self.cfg.vlm.lm}
         ckpt.atomic_write(out_dir / VLM_FILE, lambda tmp: save_vlm(model, tmp, model_sd, metadata=meta))
+
+
+def encoder_recipe(cfg: VLMConfig, depth: int) -> None:
+    """Unfreezing the encoder (``vlm.train_encoder``) without wrecking it: fill ``cfg.optim``'s per-module lr
+    multipliers and warmups for the encoder from ``vlm.encoder_lr_mult`` / ``encoder_warmup_steps`` /
+    ``encoder_layer_decay``, unless the config already names the encoder there (then the user's values stand).
+
+    Why: the projector and the LM arrive at the encoder's features with large gradients (a fresh projector, a
+    stage-1 one meeting a moving LM). At the LM's lr, AdamW's first steps move every encoder weight by ~lr whatever
+    its gradient's size, and the features the LM reads drift faster than it can follow; a smaller multiplier and a
+    ramp from 0 while AdamW's moments fill keep the encoder's update small against its weights. Layer-wise decay
+    (BEiT's) moves the early blocks, the most generic, least."""
+    v, optim = cfg.vlm, cfg.optim
+    names_encoder = any(k == "encoder" or k.startswith("encoder.") for k in [*optim.lr_mult, *optim.lr_warmup])
+    if names_encoder:
+        return
+    mult, decay = v.encoder_lr_mult, v.encoder_layer_decay
+    if mult == 1.0 and decay == 1.0:  # the defaults: the encoder in the LM's group, as before these keys existed
+        pass
+    elif decay == 1.0:
+        optim.lr_mult = {**optim.lr_mult, "encoder": mult}
+    else:  # the patch embedding below block 0, the final norm with the last block
+        blocks = {f"encoder.blocks.{i}": mult * decay ** (depth - 1 - i) for i in range(depth)}
+        optim.lr_mult = {**optim.lr_mult, "encoder": mult * decay**depth, **blocks, "encoder.norm": mult}
+    if v.encoder_warmup_steps:
+        optim.lr_warmup = {**optim.lr_warmup, "encoder": v.encoder_warmup_steps}
 
 
 def train_vlm(cfg: VLMConfig) -> dict:

@@ -27,6 +27,7 @@ from ..data.synthetic.questions import text_words
 from ..objectives.vlm import VisionLanguageModel
 from .encoders import load_encoder
 from .errors import CheckpointError
+from .lora import apply_lora
 
 VLM_FILE = "vlm.safetensors"
 # the files a tokenizer's vocabulary lives in (tokenizer_config.json alone holds none)
@@ -185,7 +186,7 @@ def load_vlm_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
 def build_vlm(cfg: VLMConfig, encoder: nn.Module, lm: nn.Module, tokenizer) -> VisionLanguageModel:
     """The VLM objective that ``cfg.vlm`` describes, around an encoder and an LM already read."""
     v = cfg.vlm
-    return VisionLanguageModel(
+    model = VisionLanguageModel(
         encoder,
         lm,
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -196,6 +197,9 @@ def build_vlm(cfg: VLMConfig, encoder: nn.Module, lm: nn.Module, tokenizer) -> V
         pool=v.pool,
         projector_hidden=v.projector_hidden,
     )
+    if v.lora.rank:  # stage 2 with adapters: the LM's weights freeze, rank-r updates train (weights/lora.py)
+        apply_lora(model, v.lora.rank, v.lora.alpha, v.lora.dropout, v.lora.target_modules)
+    return model
 
 
 def load_vlm_run(path: str | os.PathLike) -> tuple[VisionLanguageModel, object, VLMConfig]:
