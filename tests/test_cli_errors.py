@@ -162,6 +162,10 @@ CASES = {
     "extract onto existing file": _extract_exists,
     "extract --workers -1": lambda t, encoder_file: (_extract(t, encoder_file, "--workers", "-1"), "workers must be"),
     "export onto a weights file": _export_onto_weights_file,
+    "export --opset 17": lambda t, encoder_file: (
+        ["export", str(encoder_file), str(t / "e.onnx"), "--opset", "17"],
+        "give one of 18 to 25",
+    ),
     "extract unwritable out": _extract_unwritable,
     "zeroshot template braces": _templates_with_braces,
     "zeroshot flat folder": _zeroshot_flat_folder,
