@@ -136,6 +136,43 @@ def _tokenizer_exists(t: Path):
     return ["tokenizer", "train", str(t / "caps.txt"), "--vocab-size", "40", "--out", str(t / "tok.json")], "tok.json"
 
 
+def _probe_file(t: Path, encoder: Path, dim: int = 192, **edit) -> Path:
+    """A linear classifier file as `aimv2 probe --save` writes it, for ``encoder``, its head ``dim`` wide."""
+    from aimv2.eval.classifier import EncoderSpec, save_classifier
+    from aimv2.eval.frozen_encoder import FeatureSettings
+    from aimv2.eval.probe import LinearProbe
+
+    head, spec = LinearProbe(dim, 2), EncoderSpec(str(encoder))
+    return save_classifier(t / "probe.safetensors", head, ["a", "b"], spec, FeatureSettings(num_workers=0, **edit))
+
+
+def _classify_encoder_changed(t: Path):
+    """The probe was trained on a 192-wide encoder; its file now holds a 96-wide one."""
+    from aimv2 import create_model
+    from aimv2.weights import save_encoder
+
+    enc = save_encoder(create_model("aimv2-tiny-patch8-32", depth=2, embed_dim=96, num_heads=3), t / "enc.safetensors")
+    return ["classify", str(_probe_file(t, enc)), str(_images(t / "img")), "--no-progress"], "[N, 96]"
+
+
+def _classify_blocks_gone(t: Path, encoder_file: Path):
+    """The probe read block 3 of a deeper encoder; the file now holds a 2-block one."""
+    return ["classify", str(_probe_file(t, encoder_file, blocks=[3])), str(_images(t / "img"))], "out of range"
+
+
+def _classify_head_edited(t: Path, encoder_file: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    probe = _probe_file(t, encoder_file)
+    with safe_open(probe, "pt") as f:
+        meta = f.metadata()
+    sd = load_file(probe)
+    sd["head.linear.weight"] = sd["head.linear.weight"][:, :100].contiguous()
+    save_file(sd, probe, metadata=meta)
+    return ["classify", str(probe), str(_images(t / "img"))], "linear.weight: checkpoint [2, 100] vs model [2, 192]"
+
+
 CASES = {
     "yaml syntax error": _yaml_syntax,
     "config file missing": lambda t: (["pretrain", str(t / "nope.yaml")], "nope.yaml"),
@@ -167,6 +204,9 @@ CASES = {
         "give one of 18 to 25",
     ),
     "extract unwritable out": _extract_unwritable,
+    "classify after the encoder changed width": _classify_encoder_changed,
+    "classify after the encoder lost blocks": _classify_blocks_gone,
+    "classify with an edited head": _classify_head_edited,
     "zeroshot template braces": _templates_with_braces,
     "zeroshot flat folder": _zeroshot_flat_folder,
     "demo --steps 0": lambda t: (["demo", "--steps", "0", "--out-dir", str(t / "demo")], "--steps"),
