@@ -173,6 +173,22 @@ def _classify_head_edited(t: Path, encoder_file: Path):
     return ["classify", str(probe), str(_images(t / "img"))], "linear.weight: checkpoint [2, 100] vs model [2, 192]"
 
 
+def _hf_folder(t: Path, encoder_file: Path, config: str | None = None, index: str | None = None) -> Path:
+    """A transformers folder of the tiny encoder (`aimv2 convert --to hf`), its config.json or index replaced."""
+    assert main(["convert", str(encoder_file), "--to", "hf", str(t / "hf")]) == 0
+    if config is not None:
+        (t / "hf" / "config.json").write_text(config)
+    if index is not None:
+        (t / "hf" / "model.safetensors").rename(t / "hf" / "model-00001-of-00001.safetensors")
+        (t / "hf" / "model.safetensors.index.json").write_text(index)
+    return t / "hf"
+
+
+def _pretrain_bad_tokenizer(t: Path):
+    (t / "tok.json").write_text('{"model": ')
+    return [*PRETRAIN, f"out_dir={t / 'run'}", f"data.tokenizer={t / 'tok.json'}"], "tok.json"
+
+
 CASES = {
     "yaml syntax error": _yaml_syntax,
     "config file missing": lambda t: (["pretrain", str(t / "nope.yaml")], "nope.yaml"),
@@ -207,6 +223,43 @@ CASES = {
     "classify after the encoder changed width": _classify_encoder_changed,
     "classify after the encoder lost blocks": _classify_blocks_gone,
     "classify with an edited head": _classify_head_edited,
+    "hf config.json not JSON": lambda t, encoder_file: (
+        ["extract", str(_hf_folder(t, encoder_file, config='{"hidden_size": 192,\n')), str(_images(t / "i")), "f.npy"],
+        "config.json, line 2, column 1",
+    ),
+    "hf index without weight_map": lambda t, encoder_file: (
+        [
+            "convert",
+            str(_hf_folder(t, encoder_file, index='{"metadata": {}}')),
+            "--to",
+            "apple",
+            str(t / "a.safetensors"),
+        ],
+        "no weight_map in",
+    ),
+    "tokenizer.json not JSON": _pretrain_bad_tokenizer,
+    "export --set img_size=0": lambda t, encoder_file: (
+        ["export", str(encoder_file), str(t / "e.onnx"), "--set", "img_size=0"],
+        "'img_size[0]': 0",
+    ),
+    "export --set num_heads=5": lambda t, encoder_file: (
+        ["export", str(encoder_file), str(t / "e.onnx"), "--set", "num_heads=5"],
+        "not divisible by num_heads 5",
+    ),
+    "export into a file's folder": lambda t, encoder_file: (
+        (t / "afile").write_text("") or ["export", str(encoder_file), str(t / "afile" / "e.onnx"), "--no-check"],
+        "a part of the path is a file",
+    ),
+    "extract --img-size 0": lambda t, encoder_file: (_extract(t, encoder_file, "--img-size", "0"), "--img-size 0"),
+    "extract --device bogus": lambda t, encoder_file: (_extract(t, encoder_file, "--device", "bogus"), "'bogus'"),
+    "classify --device cuda:7": lambda t, encoder_file: (
+        ["classify", str(_probe_file(t, encoder_file)), str(_images(t / "img")), "--device", "cuda:7"],
+        "--device cuda:7",
+    ),
+    "convert --to hf onto a .safetensors name": lambda t, encoder_file: (
+        ["convert", str(encoder_file), "--to", "hf", str(t / "hf.safetensors")],
+        "give a folder name",
+    ),
     "zeroshot template braces": _templates_with_braces,
     "zeroshot flat folder": _zeroshot_flat_folder,
     "demo --steps 0": lambda t: (["demo", "--steps", "0", "--out-dir", str(t / "demo")], "--steps"),

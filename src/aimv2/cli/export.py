@@ -48,6 +48,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..errors import MissingPackageError
     from ..eval.frozen_encoder import load_frozen_encoder
+    from ..weights.atomic import check_writable
     from ..weights.onnx_export import check_onnx, check_opset, export_onnx, onnx_input_shape, weights_file
     from .encoder_args import note_random_init, parse_overrides
 
@@ -64,6 +65,7 @@ def run(args) -> int:
             f"{' and '.join(map(str, existing))} exist{'s' * (len(existing) == 1)}; pass --overwrite to replace"
         )
     check_opset(args.opset)
+    check_writable(out)
     note_random_init(args)
     encoder = load_frozen_encoder(  # a bad ENCODER is the command's one error line (cli/errors.py)
         args.encoder, checkpoint=args.checkpoint, overrides=parse_overrides(args.overrides), pretrained=args.pretrained
