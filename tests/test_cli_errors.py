@@ -133,7 +133,7 @@ def _zeroshot_flat_folder(t: Path, lit_run: Path):
 def _tokenizer_exists(t: Path):
     (t / "caps.txt").write_text("a red square\na blue circle\n" * 20)
     (t / "tok.json").write_text("{}")
-    return ["tokenizer", "train", str(t / "caps.txt"), "--vocab-size", "40", "--out", str(t / "tok.json")], "tok.json"
+    return ["tokenizer", "train", str(t / "caps.txt"), "--vocab-size", "300", "--out", str(t / "tok.json")], "tok.json"
 
 
 def _probe_file(t: Path, encoder: Path, dim: int = 192, **edit) -> Path:
@@ -187,6 +187,11 @@ def _hf_folder(t: Path, encoder_file: Path, config: str | None = None, index: st
 def _pretrain_bad_tokenizer(t: Path):
     (t / "tok.json").write_text('{"model": ')
     return [*PRETRAIN, f"out_dir={t / 'run'}", f"data.tokenizer={t / 'tok.json'}"], "tok.json"
+
+
+def _tokenizer_train(t: Path, *opts: str) -> list[str]:
+    (t / "caps.txt").write_text("a red square\na blue circle\n")
+    return ["tokenizer", "train", str(t / "caps.txt"), *opts, "--out", str(t / "tok.json")]
 
 
 CASES = {
@@ -264,6 +269,12 @@ CASES = {
     "zeroshot flat folder": _zeroshot_flat_folder,
     "demo --steps 0": lambda t: (["demo", "--steps", "0", "--out-dir", str(t / "demo")], "--steps"),
     "tokenizer onto existing file": _tokenizer_exists,
+    "tokenizer --vocab-size 40": lambda t: (_tokenizer_train(t, "--vocab-size", "40"), "--vocab-size must be >= 259"),
+    "tokenizer --limit -1": lambda t: (_tokenizer_train(t, "--vocab-size", "300", "--limit", "-1"), "--limit -1"),
+    "data inspect --limit 0": lambda t: (
+        ["data", "inspect", str(ROOT.parent / "shared" / "data" / "cc12m-train-0000.tar"), "--limit", "0"],
+        "--limit 0",
+    ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
 }
 
