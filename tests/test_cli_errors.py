@@ -275,6 +275,14 @@ CASES = {
         ["data", "inspect", str(ROOT.parent / "shared" / "data" / "cc12m-train-0000.tar"), "--limit", "0"],
         "--limit 0",
     ),
+    "data inspect --sheet under a file": lambda t: (
+        (t / "afile").write_text("") or ["data", "inspect", str(t / "gone.tar"), "--sheet", str(t / "afile" / "s.png")],
+        "(" + str(t / "afile") + ")",
+    ),
+    "hub spec with an empty revision": lambda t: (
+        ["export", "hf:apple/aimv2-large-patch14-224@", str(t / "e.onnx")],
+        "@REVISION",
+    ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
 }
 

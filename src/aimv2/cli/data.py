@@ -120,6 +120,10 @@ def run_inspect(args) -> int:
             raise ValueError(
                 f"{flag} {v} is out of range; give a positive number" + (" or 0" if flag == "--examples" else "")
             )
+    if args.sheet:
+        from ..weights.atomic import check_writable
+
+        check_writable(args.sheet, "--sheet")  # before the shards are read, not after
     reader = ShardSamples(
         args.sources,
         caption=args.caption,
