@@ -283,6 +283,10 @@ CASES = {
         ["export", "hf:apple/aimv2-large-patch14-224@", str(t / "e.onnx")],
         "@REVISION",
     ),
+    "caption --length-penalty nan": lambda t: (
+        ["caption", str(t / "run"), str(_images(t / "img")), "--length-penalty", "nan"],
+        "--length-penalty must be a finite number",
+    ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
 }
 
