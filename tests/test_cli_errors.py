@@ -287,6 +287,13 @@ CASES = {
         ["caption", str(t / "run"), str(_images(t / "img")), "--length-penalty", "nan"],
         "--length-penalty must be a finite number",
     ),
+    "probe --epochs 0": lambda t, encoder_file: (
+        [
+            *["probe", str(encoder_file), "--train", str(_images(t / "img" / "a").parent), "--val", str(t / "img")],
+            *["--method", "linear", "--epochs", "0", "--no-cache", "--workers", "0", "--no-progress"],
+        ],
+        "--epochs must be >= 1",
+    ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
 }
 
