@@ -294,6 +294,14 @@ CASES = {
         ],
         "--epochs must be >= 1",
     ),
+    "probe --save onto an existing file": lambda t, encoder_file: (
+        (t / "p.safetensors").write_text("")
+        or [
+            *["probe", str(encoder_file), "--train", str(_images(t / "img" / "a").parent), "--val", str(t / "img")],
+            *["--method", "linear", "--save", str(t / "p.safetensors"), "--no-cache", "--workers", "0"],
+        ],
+        "--overwrite",
+    ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
 }
 
