@@ -5,9 +5,31 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def caches_in_the_base_temp(tmp_path_factory):
+    """The caches a run fills outside tmp_path (the arrow copies `datasets` makes of local files, our feature cache)
+    point into pytest's base temp folder, which is removed after a passing run (pyproject.toml's
+    tmp_path_retention_policy): a test run leaves nothing in the user's home or temp folder. Child processes
+    inherit the environment."""
+    root = tmp_path_factory.mktemp("caches")
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_CACHE", "AIMV2_CACHE")}
+    os.environ["HF_DATASETS_CACHE"] = str(root / "hf-datasets")
+    os.environ["AIMV2_CACHE"] = str(root / "aimv2")
+    if "datasets.config" in sys.modules:  # imported at collection: it read its cache folder then
+        sys.modules["datasets.config"].HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 # `python -m aimv2` under torchrun on 2 local processes (gloo on CPU): append the subcommand and its arguments
 TORCHRUN_AIMV2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]

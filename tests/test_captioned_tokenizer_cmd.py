@@ -148,7 +148,7 @@ def test_tokenizer_train_on_text_and_folder_round_trips(tmp_path, capsys):
 
 def test_tokenizer_train_errors(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n \n")
-    opts = ["--vocab-size", "100", "--out", str(tmp_path / "x.json")]
+    opts = ["--vocab-size", "300", "--out", str(tmp_path / "x.json")]
     assert main(["tokenizer", "train", str(tmp_path / "empty.txt"), *opts]) == 2
     assert "no captions" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(tmp_path / "nope.txt"), *opts]) == 2

@@ -7,6 +7,7 @@ features. Smaller checks use a 2-block tiny encoder.
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def large(tmp_path_factory):
     with torch.no_grad():
         feats = ours(x)  # [1, 256, 1024]
     del ours
-    return {"dir": d, "apple": apple, "x": x, "feats": feats}
+    yield {"dir": d, "apple": apple, "x": x, "feats": feats}
+    shutil.rmtree(d)  # 1.2 GB: gone even when a test fails (pytest then keeps the run's folders)
 
 
 def test_timm_loads_our_apple_file(large):

@@ -133,7 +133,65 @@ def _zeroshot_flat_folder(t: Path, lit_run: Path):
 def _tokenizer_exists(t: Path):
     (t / "caps.txt").write_text("a red square\na blue circle\n" * 20)
     (t / "tok.json").write_text("{}")
-    return ["tokenizer", "train", str(t / "caps.txt"), "--vocab-size", "40", "--out", str(t / "tok.json")], "tok.json"
+    return ["tokenizer", "train", str(t / "caps.txt"), "--vocab-size", "300", "--out", str(t / "tok.json")], "tok.json"
+
+
+def _probe_file(t: Path, encoder: Path, dim: int = 192, **edit) -> Path:
+    """A linear classifier file as `aimv2 probe --save` writes it, for ``encoder``, its head ``dim`` wide."""
+    from aimv2.eval.classifier import EncoderSpec, save_classifier
+    from aimv2.eval.frozen_encoder import FeatureSettings
+    from aimv2.eval.probe import LinearProbe
+
+    head, spec = LinearProbe(dim, 2), EncoderSpec(str(encoder))
+    return save_classifier(t / "probe.safetensors", head, ["a", "b"], spec, FeatureSettings(num_workers=0, **edit))
+
+
+def _classify_encoder_changed(t: Path):
+    """The probe was trained on a 192-wide encoder; its file now holds a 96-wide one."""
+    from aimv2 import create_model
+    from aimv2.weights import save_encoder
+
+    enc = save_encoder(create_model("aimv2-tiny-patch8-32", depth=2, embed_dim=96, num_heads=3), t / "enc.safetensors")
+    return ["classify", str(_probe_file(t, enc)), str(_images(t / "img")), "--no-progress"], "[N, 96]"
+
+
+def _classify_blocks_gone(t: Path, encoder_file: Path):
+    """The probe read block 3 of a deeper encoder; the file now holds a 2-block one."""
+    return ["classify", str(_probe_file(t, encoder_file, blocks=[3])), str(_images(t / "img"))], "out of range"
+
+
+def _classify_head_edited(t: Path, encoder_file: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    probe = _probe_file(t, encoder_file)
+    with safe_open(probe, "pt") as f:
+        meta = f.metadata()
+    sd = load_file(probe)
+    sd["head.linear.weight"] = sd["head.linear.weight"][:, :100].contiguous()
+    save_file(sd, probe, metadata=meta)
+    return ["classify", str(probe), str(_images(t / "img"))], "linear.weight: checkpoint [2, 100] vs model [2, 192]"
+
+
+def _hf_folder(t: Path, encoder_file: Path, config: str | None = None, index: str | None = None) -> Path:
+    """A transformers folder of the tiny encoder (`aimv2 convert --to hf`), its config.json or index replaced."""
+    assert main(["convert", str(encoder_file), "--to", "hf", str(t / "hf")]) == 0
+    if config is not None:
+        (t / "hf" / "config.json").write_text(config)
+    if index is not None:
+        (t / "hf" / "model.safetensors").rename(t / "hf" / "model-00001-of-00001.safetensors")
+        (t / "hf" / "model.safetensors.index.json").write_text(index)
+    return t / "hf"
+
+
+def _pretrain_bad_tokenizer(t: Path):
+    (t / "tok.json").write_text('{"model": ')
+    return [*PRETRAIN, f"out_dir={t / 'run'}", f"data.tokenizer={t / 'tok.json'}"], "tok.json"
+
+
+def _tokenizer_train(t: Path, *opts: str) -> list[str]:
+    (t / "caps.txt").write_text("a red square\na blue circle\n")
+    return ["tokenizer", "train", str(t / "caps.txt"), *opts, "--out", str(t / "tok.json")]
 
 
 CASES = {
@@ -162,11 +220,88 @@ CASES = {
     "extract onto existing file": _extract_exists,
     "extract --workers -1": lambda t, encoder_file: (_extract(t, encoder_file, "--workers", "-1"), "workers must be"),
     "export onto a weights file": _export_onto_weights_file,
+    "export --opset 17": lambda t, encoder_file: (
+        ["export", str(encoder_file), str(t / "e.onnx"), "--opset", "17"],
+        "give one of 18 to 25",
+    ),
     "extract unwritable out": _extract_unwritable,
+    "classify after the encoder changed width": _classify_encoder_changed,
+    "classify after the encoder lost blocks": _classify_blocks_gone,
+    "classify with an edited head": _classify_head_edited,
+    "hf config.json not JSON": lambda t, encoder_file: (
+        ["extract", str(_hf_folder(t, encoder_file, config='{"hidden_size": 192,\n')), str(_images(t / "i")), "f.npy"],
+        "config.json, line 2, column 1",
+    ),
+    "hf index without weight_map": lambda t, encoder_file: (
+        [
+            "convert",
+            str(_hf_folder(t, encoder_file, index='{"metadata": {}}')),
+            "--to",
+            "apple",
+            str(t / "a.safetensors"),
+        ],
+        "no weight_map in",
+    ),
+    "tokenizer.json not JSON": _pretrain_bad_tokenizer,
+    "export --set img_size=0": lambda t, encoder_file: (
+        ["export", str(encoder_file), str(t / "e.onnx"), "--set", "img_size=0"],
+        "'img_size[0]': 0",
+    ),
+    "export --set num_heads=5": lambda t, encoder_file: (
+        ["export", str(encoder_file), str(t / "e.onnx"), "--set", "num_heads=5"],
+        "not divisible by num_heads 5",
+    ),
+    "export into a file's folder": lambda t, encoder_file: (
+        (t / "afile").write_text("") or ["export", str(encoder_file), str(t / "afile" / "e.onnx"), "--no-check"],
+        "a part of the path is a file",
+    ),
+    "extract --img-size 0": lambda t, encoder_file: (_extract(t, encoder_file, "--img-size", "0"), "--img-size 0"),
+    "extract --device bogus": lambda t, encoder_file: (_extract(t, encoder_file, "--device", "bogus"), "'bogus'"),
+    "classify --device cuda:7": lambda t, encoder_file: (
+        ["classify", str(_probe_file(t, encoder_file)), str(_images(t / "img")), "--device", "cuda:7"],
+        "--device cuda:7",
+    ),
+    "convert --to hf onto a .safetensors name": lambda t, encoder_file: (
+        ["convert", str(encoder_file), "--to", "hf", str(t / "hf.safetensors")],
+        "give a folder name",
+    ),
     "zeroshot template braces": _templates_with_braces,
     "zeroshot flat folder": _zeroshot_flat_folder,
     "demo --steps 0": lambda t: (["demo", "--steps", "0", "--out-dir", str(t / "demo")], "--steps"),
     "tokenizer onto existing file": _tokenizer_exists,
+    "tokenizer --vocab-size 40": lambda t: (_tokenizer_train(t, "--vocab-size", "40"), "--vocab-size must be >= 259"),
+    "tokenizer --limit -1": lambda t: (_tokenizer_train(t, "--vocab-size", "300", "--limit", "-1"), "--limit -1"),
+    "data inspect --limit 0": lambda t: (
+        ["data", "inspect", str(ROOT.parent / "shared" / "data" / "cc12m-train-0000.tar"), "--limit", "0"],
+        "--limit 0",
+    ),
+    "data inspect --sheet under a file": lambda t: (
+        (t / "afile").write_text("") or ["data", "inspect", str(t / "gone.tar"), "--sheet", str(t / "afile" / "s.png")],
+        "(" + str(t / "afile") + ")",
+    ),
+    "hub spec with an empty revision": lambda t: (
+        ["export", "hf:apple/aimv2-large-patch14-224@", str(t / "e.onnx")],
+        "@REVISION",
+    ),
+    "caption --length-penalty nan": lambda t: (
+        ["caption", str(t / "run"), str(_images(t / "img")), "--length-penalty", "nan"],
+        "--length-penalty must be a finite number",
+    ),
+    "probe --epochs 0": lambda t, encoder_file: (
+        [
+            *["probe", str(encoder_file), "--train", str(_images(t / "img" / "a").parent), "--val", str(t / "img")],
+            *["--method", "linear", "--epochs", "0", "--no-cache", "--workers", "0", "--no-progress"],
+        ],
+        "--epochs must be >= 1",
+    ),
+    "probe --save onto an existing file": lambda t, encoder_file: (
+        (t / "p.safetensors").write_text("")
+        or [
+            *["probe", str(encoder_file), "--train", str(_images(t / "img" / "a").parent), "--val", str(t / "img")],
+            *["--method", "linear", "--save", str(t / "p.safetensors"), "--no-cache", "--workers", "0"],
+        ],
+        "--overwrite",
+    ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
 }
 

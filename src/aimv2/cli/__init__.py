@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
+        if isinstance(getattr(args, "device", None), str):
+            from .device import check_device
+
+            check_device(args.device)
         return int(args._run(args) or 0)
     except (Exception, KeyboardInterrupt) as e:
         from .errors import debug_requested, report  # only now: `aimv2 --help` imports no command module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from .encoder_args import add_workers_argument
@@ -81,6 +82,8 @@ def run(args) -> int:
         raise UserError(f"--beam must be at least 1, got {args.beam}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not math.isfinite(args.length_penalty):
+        raise UserError(f"--length-penalty must be a finite number, got {args.length_penalty}")
     prefix = parse_prefix(args.prefix)
     paths = image_paths(args.images)
     device = resolve_device(args.device)

@@ -82,6 +82,8 @@ def run(args) -> int:
     out = Path(args.out)
     if args.to != "hf" and out.suffix != ".safetensors":
         return fail(f"OUT for --to {args.to} is one file and must end in .safetensors, got {out}")
+    if args.to == "hf" and out.suffix == ".safetensors":  # a folder named like a file would be read as one
+        return fail(f"OUT for --to hf is a folder (config.json, model.safetensors), got {out}; give a folder name")
     if args.to == "hf" and out.is_file():  # --overwrite replaces a folder, it does not turn a file into one
         return fail(f"OUT for --to hf is a folder, and {out} is a file; remove it or choose another path")
     if out.exists() and not args.overwrite:

@@ -115,6 +115,15 @@ def run_inspect(args) -> int:
     from ..data.faults import FaultRateError
     from ..data.sources.shards import ShardSamples
 
+    for flag, v in (("--limit", args.limit), ("--examples", args.examples), ("--sheet-count", args.sheet_count)):
+        if v is not None and v < (0 if flag == "--examples" else 1):
+            raise ValueError(
+                f"{flag} {v} is out of range; give a positive number" + (" or 0" if flag == "--examples" else "")
+            )
+    if args.sheet:
+        from ..weights.atomic import check_writable
+
+        check_writable(args.sheet, "--sheet")  # before the shards are read, not after
     reader = ShardSamples(
         args.sources,
         caption=args.caption,

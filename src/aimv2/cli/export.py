@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="encoder config override"
     )
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 18 to 25 (default: the exporter's)")
     parser.add_argument("--no-check", action="store_true", help="do not compare onnxruntime with PyTorch")
     parser.add_argument(
         "--overwrite",
@@ -48,7 +48,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..errors import MissingPackageError
     from ..eval.frozen_encoder import load_frozen_encoder
-    from ..weights.onnx_export import check_onnx, export_onnx, onnx_input_shape, weights_file
+    from ..weights.atomic import check_writable
+    from ..weights.onnx_export import check_onnx, check_opset, export_onnx, onnx_input_shape, weights_file
     from .encoder_args import note_random_init, parse_overrides
 
     def fail(msg: str) -> int:
@@ -63,6 +64,8 @@ def run(args) -> int:
         return fail(
             f"{' and '.join(map(str, existing))} exist{'s' * (len(existing) == 1)}; pass --overwrite to replace"
         )
+    check_opset(args.opset)
+    check_writable(out)
     note_random_init(args)
     encoder = load_frozen_encoder(  # a bad ENCODER is the command's one error line (cli/errors.py)
         args.encoder, checkpoint=args.checkpoint, overrides=parse_overrides(args.overrides), pretrained=args.pretrained

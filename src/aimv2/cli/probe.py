@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from .encoder_args import (
     add_encoder_arguments,
@@ -113,6 +114,7 @@ def add_arguments(parser) -> None:
         help="keep the trained head as a classifier (with its class names, encoder and feature settings) for "
         "`aimv2 classify PROBE IMAGES`; attentive and linear probes",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save file")
     s = parser.add_argument_group("sources (shards and Hugging Face datasets)")
     s.add_argument(
         "--label-key",
@@ -194,6 +196,13 @@ def run(args) -> int:
         )
         print(f"aimv2 probe: error: --save {args.save}: {what}", file=sys.stderr)
         return 2
+    if args.save and Path(args.save).exists() and not args.overwrite:
+        raise ValueError(f"--save {args.save} exists; pass --overwrite to replace it, or choose another path")
+    from ..weights.atomic import check_writable
+
+    for flag, out in (("--save", args.save), ("--out", args.out)):  # before the features, not after the probe
+        if out:
+            check_writable(out, flag)
     cfg = ProbeConfig(
         method=args.method,
         epochs=args.epochs,

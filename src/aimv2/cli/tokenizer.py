@@ -131,11 +131,17 @@ def read_captions(sources: list[str], caption: str, limit: int | None, faults) -
 
 def run_train(args) -> int:
     from ..data.faults import FaultCounter
-    from ..data.tokenizer import train_bpe
+    from ..data.tokenizer import SPECIAL_TOKENS, train_bpe
     from ..errors import DataError, UserError
 
-    if args.vocab_size < 4 or args.context_length < 1:
-        raise UserError("--vocab-size must be >= 4 and --context-length >= 1")
+    smallest = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes, then the special tokens
+    if args.vocab_size < smallest or args.context_length < 1:
+        raise UserError(
+            f"--vocab-size must be >= {smallest} (the 256 bytes and {len(SPECIAL_TOKENS)} special tokens) and "
+            f"--context-length >= 1, got {args.vocab_size} and {args.context_length}"
+        )
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} is out of range; give a positive number of captions, or leave it out")
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # a run may be training with it: its token ids must not change
         raise UserError(f"--out exists ({out}); pass --overwrite to replace it, or choose another --out")

@@ -158,11 +158,19 @@ class Tokenizer:
         pad_token: str | None = None,
         eos_token: str | None = None,
         bos_token: str | None = None,
+        source: str | os.PathLike | None = None,
     ) -> Tokenizer:
-        """Read a ``tokenizer.json`` text. Settings come from the file (see :meth:`to_str`); arguments override them,
+        """Read a ``tokenizer.json`` text (``source``: the file it came from, for the error messages). Settings come
+        from the file (see :meth:`to_str`); arguments override them,
         and files we did not write fall back to 77 tokens and the tokens named ``<pad>`` and ``<eos>``. The start
         and end tokens are read from a post-processor template ``[<bos>] $A <eos>`` (CLIP's files have one)."""
-        tk = HFTokenizer.from_str(text)
+        try:
+            tk = HFTokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a plain Exception; its message holds the line and column
+            raise ValueError(
+                f"not a tokenizer.json: {e} ({source or 'the text given'}); give a file written by "
+                "aimv2 tokenizer train, a transformers tokenizer.json or a SentencePiece .model"
+            ) from None
         spec = json.loads(text)
         padding = spec.get("padding") or {}
         fixed = (padding.get("strategy") or {}).get("Fixed") if isinstance(padding.get("strategy"), dict) else None
@@ -223,7 +231,7 @@ class Tokenizer:
     def from_file(cls, path: str | os.PathLike, **overrides) -> Tokenizer:
         """Read a ``tokenizer.json`` file (see :meth:`from_str` for ``overrides``)."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_str(f.read(), **overrides)
+            return cls.from_str(f.read(), source=path, **overrides)
 
     def __repr__(self) -> str:
         return (

@@ -20,6 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.sources.folders import ImageFiles, list_images
+from ..weights.errors import CheckpointError
+from ..weights.resolve import check_state_dict
+from .feature_files import check_blocks
 from .features import extract_features, extract_native_features, native_shape_groups
 from .frozen_encoder import FeatureSettings, feature_transform, load_frozen_encoder
 from .probe import AttentiveProbe, LinearProbe
@@ -108,6 +111,7 @@ class Classifier:
         probe computed them."""
         s = self.settings
         self.encoder = self.encoder if self.encoder is not None else self.encoder_spec.load(s.dtype)
+        self.check_encoder(self.encoder)
         dataset = ImageFiles(paths, transform=feature_transform(self.encoder, s))
         kw = dict(batch_size=s.batch_size, num_workers=s.num_workers, device=device, dtype=s.dtype, blocks=s.blocks,
                   pool=self.pool, mean_std=s.mean_std, progress=progress, desc="classify")  # fmt: skip
@@ -119,6 +123,19 @@ class Classifier:
             f = extract_features(self.encoder, dataset, **kw)
         logits = self.head.eval()(f["features"].float())  # [n, C]
         return {"paths": [paths[i] for i in f["indices"].tolist()], "probs": logits.softmax(-1), "errors": f["errors"]}
+
+    def check_encoder(self, encoder: nn.Module) -> None:
+        """CheckpointError unless ``encoder`` gives the features the head was trained on (its width, the blocks the
+        probe read): an encoder file replaced since ``aimv2 probe --save`` (another width or depth) is named here,
+        before any image is read."""
+        width, want = encoder.cfg.embed_dim, head_config(self.head)["dim"]
+        where = self.encoder_spec.checkpoint or self.encoder_spec.spec
+        if width != want:
+            raise CheckpointError(
+                f"the encoder gives features [N, {width}], the probe's head takes [N, {want}] ({where}: not the "
+                "encoder the probe was trained on); restore that encoder or train the probe again on this one"
+            )
+        check_blocks(encoder, self.settings.blocks)
 
 
 def load_classifier(path: str | os.PathLike) -> Classifier:
@@ -133,8 +150,13 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
         raise ValueError(f"{path}: not a safetensors file ({e})") from e
     if meta.get("kind") != KIND:
         raise ValueError(f"{path}: not a saved classifier (write one with aimv2 probe ... --save {path.name})")
+    missing = [k for k in ("head", "classes", "encoder", "features") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: a classifier file without its {', '.join(missing)} metadata; save the probe again")
     head = build_head(json.loads(meta["head"]))
-    head.load_state_dict({k.removeprefix("head."): v for k, v in load_file(path).items()})  # strict
+    sd = {k.removeprefix("head."): v for k, v in load_file(path).items()}
+    check_state_dict(sd, head, f"{path} (the probe's head)")
+    head.load_state_dict(sd)
     settings = FeatureSettings(**json.loads(meta["features"]))
     return Classifier(head.eval(), json.loads(meta["classes"]), EncoderSpec(**json.loads(meta["encoder"])), settings)
 

@@ -34,6 +34,16 @@ class FeatureSettings:
     native: bool = False  # keep each image's aspect ratio (sin-cos encoders), at most max_patches patches
     max_patches: int = 1024
 
+    def __post_init__(self):  # the command's options, named as the user typed them, before any work
+        counts = {"--img-size": self.img_size, "--batch-size": self.batch_size, "--max-patches": self.max_patches}
+        for flag, v in counts.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{flag} {v} is out of range; give a positive integer")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"--workers {self.num_workers} is out of range; workers must be 0 (decode inline) or more")
+        if not 0 < self.crop_pct <= 1:  # False for nan too
+            raise ValueError(f"--crop-pct {self.crop_pct} is out of range; give a fraction in (0, 1], e.g. 0.875")
+
 
 def load_frozen_encoder(
     spec: str | os.PathLike,

@@ -76,6 +76,10 @@ def check_probe(cfg: ProbeConfig, settings: ProbeSettings) -> None:
     """ValueError for combinations the protocol cannot run, before any work is done."""
     if cfg.method == "knn" and (settings.grid_lr or settings.grid_wd):
         raise ValueError("--grid-lr / --grid-wd tune the attentive and linear probes; knn has no lr or wd")
+    if cfg.method != "knn" and cfg.epochs < 1:  # 0 epochs: a head that never trained, reported as a score
+        raise ValueError(f"--epochs must be >= 1 for a {cfg.method} probe, got {cfg.epochs}")
+    if cfg.method == "knn" and cfg.k < 1:
+        raise ValueError(f"--k must be >= 1 neighbour, got {cfg.k}")
     if settings.train_views < 0:
         raise ValueError(f"--train-views must be >= 0, got {settings.train_views}")
     if settings.features.native and (cfg.method == "attentive" or settings.train_views):

@@ -50,6 +50,13 @@ class EncoderConfig:
     def __post_init__(self):
         if isinstance(self.img_size, list):
             self.img_size = tuple(self.img_size)
+        sizes = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads", "mlp_hidden_dim", "patch_size")}
+        sizes.update(zip(("img_size[0]", "img_size[1]"), self.image_hw, strict=True))
+        bad = {k: v for k, v in sizes.items() if not (isinstance(v, int) and not isinstance(v, bool) and v > 0)}
+        if bad:
+            raise ValueError(f"encoder sizes must be positive integers, got {bad}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed not in ("learned", "sincos"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
         h, w = self.grid_size

@@ -26,6 +26,23 @@ def crash_point(name: str) -> None:
         os._exit(137)
 
 
+def check_writable(path: str | os.PathLike, what: str = "OUT") -> Path:
+    """Refuse, before any work, a file path that cannot be written: a part of it that is a file, a folder that
+    cannot be created or written (permission, read-only file system). Creates the folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, f"{what} is a folder; give a file path", str(path))
+    blocking = next((p for p in path.parents if p.is_file()), None)
+    if blocking is not None:
+        raise NotADirectoryError(20, f"{what}'s folder is a file; choose another path", str(blocking))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> None:
     """``write_fn(tmp_path)``, then fsync and rename onto ``path`` (and fsync the folder, so the rename lasts)."""
     path = Path(path)

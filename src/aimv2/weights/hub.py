@@ -34,8 +34,8 @@ def is_hub_spec(spec: str | os.PathLike) -> bool:
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     """``hf:apple/aimv2-large-patch14-224@abc123`` -> (``apple/aimv2-large-patch14-224``, ``abc123``)."""
-    repo, _, revision = str(spec).removeprefix(HF_PREFIX).partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
+    repo, at, revision = str(spec).removeprefix(HF_PREFIX).partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")) or (at and not revision.strip()):
         raise CheckpointError(f"{spec!r}: expected hf:OWNER/NAME or hf:OWNER/NAME@REVISION")
     return repo, revision or None
 

@@ -22,6 +22,20 @@ MAX_GRID = 512  # the largest patch grid side an exported native graph accepts (
 # beside the graph. Below this (AIMv2-L and smaller: 1.2 GB) the weights are inside the one file, which can be
 # copied or served alone.
 MAX_SINGLE_FILE_BYTES = 2**31 - 2**27  # 2 GiB less 128 MiB for the graph itself
+# The opsets an export can be written in (torch 2.14's exporter, onnxscript, onnxruntime 1.31): the exporter builds
+# opset 18 graphs and converts them up or down; down (17 and lower) goes through onnx's version converter, which
+# fails on this graph and leaves it at 18; 26 and up come out as invalid graphs (RMSNormalization inside an opset-18
+# label). tests/test_onnx.py checks both ends.
+OPSETS = range(18, 26)
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the export cannot write (:data:`OPSETS`), before any work."""
+    if opset is not None and opset not in OPSETS:
+        raise ValueError(
+            f"ONNX opset {opset} cannot be written (--opset); give one of {OPSETS[0]} to {OPSETS[-1]}, "
+            "or leave it out for the exporter's default"
+        )
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -50,6 +64,7 @@ def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None
     use is removed, so none is left that belongs to another graph."""
     from torch.export import Dim
 
+    check_opset(opset)
     model = model.eval()
     p = model.cfg.patch_size
     dims = {0: Dim("batch", min=1, max=4096)}
@@ -76,7 +91,19 @@ def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None
         )
     if not external:
         weights_file(path).unlink(missing_ok=True)
+    if opset is not None and (written := written_opset(path)) != opset:  # the exporter falls back without an error
+        path.unlink()
+        weights_file(path).unlink(missing_ok=True)
+        raise ValueError(f"the exporter wrote ONNX opset {written}, not {opset} ({path}, removed); leave --opset out")
     return path
+
+
+def written_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset an ONNX file declares (its weights are not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def check_onnx(path: str | os.PathLike, model: VisionEncoder, shapes: list[tuple[int, ...]]) -> float:

@@ -8,7 +8,6 @@ name, never opened, because loading a pickle can run code.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..data.records import read_json
 from .atomic import atomic_write
 from .errors import CheckpointError
 
@@ -46,13 +46,16 @@ def checkpoint_files(
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: expected a .safetensors file, a transformers folder or a {what}")
         return [path], None
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    config = read_json(path / "config.json", "a transformers config.json") if (path / "config.json").is_file() else None
     for name in (run_file, "model.safetensors"):
         if (path / name).is_file():
             return [path / name], config
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "a transformers index of weight files")
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise CheckpointError(f"no weight_map in {index}; give a transformers model.safetensors.index.json")
+        shards = sorted(set(weight_map["weight_map"].values()))
         return [path / s for s in shards], config
     pickled = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES]
     if pickled:
