@@ -18,14 +18,14 @@ same image alone would: the padding between its patches and its caption is invis
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .attention import AttentionMask
-from .layers import KV, Block, RMSNorm, init_trunk_linear_
+from .init import init_blocks_, variance_scaling_trunc_
+from .layers import KV, Block, RMSNorm
 
 
 @dataclass
@@ -102,18 +102,17 @@ class MultimodalDecoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Xavier trunk and projection; heads truncated-normal with fan-in scaling 1/(1+depth)."""
-        init_trunk_linear_(self.blocks)
-        nn.init.xavier_uniform_(self.image_proj.weight)
-        nn.init.zeros_(self.image_proj.bias)
+        """Apple's (ml-l3m's) init, tensor by tensor (the table in ``aimv2.models.init``): Xavier trunk (q, k, v
+        each on its own [D, D]), PyTorch's default image projection, BOS and tokens normal(0.02), text positions
+        normal(0.01), heads truncated-normal fan-in scaling 1/(1+depth) with timm's truncation correction."""
+        init_blocks_(self.blocks)
+        self.image_proj.reset_parameters()
         if self.text_head is not None:
             nn.init.normal_(self.bos, std=0.02)
             nn.init.normal_(self.tok_embed.weight, std=0.02)
-            nn.init.trunc_normal_(self.text_pos, std=0.02, a=-0.04, b=0.04)
-        scale = 1.0 / (1 + self.cfg.depth)
+            nn.init.normal_(self.text_pos, std=0.01)
         for head in (h for h in (self.pixel_head, self.text_head) if h is not None):
-            std = math.sqrt(scale / head.in_features)
-            nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
+            variance_scaling_trunc_(head.weight, 1.0 / (1 + self.cfg.depth))
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)

@@ -127,12 +127,3 @@ class Block(nn.Module):
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, kv
-
-
-def init_trunk_linear_(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for every Linear in ``module`` (the reference trunk init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
