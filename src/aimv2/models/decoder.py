@@ -18,7 +18,7 @@ same image alone would: the padding between its patches and its caption is invis
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from torch import nn
 from .attention import AttentionMask
 from .init import init_blocks_, variance_scaling_trunc_
 from .layers import KV, Block, RMSNorm
+from .moe import MoEConfig, MoESwiGLU, moe_config
 
 
 @dataclass
@@ -39,6 +40,10 @@ class DecoderConfig:
     vocab_size: int = 32000
     max_text_len: int = 77  # BOS + caption tokens fed to the decoder (= the tokenizer's context length)
     norm_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)  # experts > 0: every block's SwiGLU a mixture of experts
+
+    def __post_init__(self):
+        self.moe = moe_config(self.moe)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +65,7 @@ def default_decoder_config(encoder_size: str, **overrides) -> DecoderConfig:
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown decoder option {k!r}; valid: {sorted(asdict(cfg))}")
-        setattr(cfg, k, v)
+        setattr(cfg, k, moe_config(v) if k == "moe" else v)
     return cfg
 
 
@@ -93,7 +98,9 @@ class MultimodalDecoder(nn.Module):
             self.bos = nn.Parameter(torch.zeros(1, 1, D))
             self.tok_embed = nn.Embedding(cfg.vocab_size, D)
             self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps, moe=cfg.moe) for _ in range(cfg.depth)
+        )
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.pixel_head = nn.Linear(D, patch_dim, bias=False) if patch_dim is not None else None
         self.text_head = nn.Linear(D, cfg.vocab_size, bias=False) if text else None
@@ -116,6 +123,12 @@ class MultimodalDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward: the mean over blocks of each mixture's E * sum_e f_e * P_e
+        (models/moe.py); None without ``moe``."""
+        layers = [b.mlp.balance for b in self.blocks if isinstance(b.mlp, MoESwiGLU)]
+        return torch.stack(layers).mean() if layers else None
 
     def embed_text(self, text_in: torch.Tensor) -> torch.Tensor:
         """[BOS] + tokens -> [B, 1 + T_in, D] with learned positions (0 = BOS)."""

@@ -19,6 +19,9 @@ blocks.*.mlp.fc1/fc2/fc3.weight     Xavier uniform
 every RMSNorm weight                ones
 ==================================  ============================================================================
 
+A mixture-of-experts block (``model.decoder.moe``, models/moe.py): the experts' fc1/fc2/fc3 normal(0, 0.02)
+(megablocks' init, as l3m's MoE), the router Xavier uniform (a Linear of the trunk).
+
 Decoder (``MultimodalDecoder``), D = embed_dim, L = depth:
 
 ==================================  ============================================================================
@@ -53,6 +56,7 @@ import torch
 from torch import nn
 
 from .layers import Attention, RMSNorm
+from .moe import MoESwiGLU
 
 # std of a standard normal truncated to [-2, 2] (timm's and TensorFlow's truncated-normal correction)
 TRUNC_NORMAL_2STD = 0.87962566103423978
@@ -80,6 +84,8 @@ def init_blocks_(blocks: nn.Module) -> None:
     for m in blocks.modules():
         if isinstance(m, Attention):
             xavier_qkv_(m)
+        elif isinstance(m, MoESwiGLU):
+            m.reset_parameters()  # experts normal(0, 0.02), router Xavier (models/moe.py)
 
 
 @torch.no_grad()
