@@ -12,7 +12,7 @@ and, for several, the weights saved again in transformers' layout); a pin keeps 
 Every row is pinned: the last four pins (huge-336, 3B-336, large-224-distilled and the LiT model) came later
 than the others. 3B-336's is the commit named in apple/ml-aim issue #37 as the one holding Apple's layout; LiT's
 is the commit on the repository's ``refs/pr/3``, merged into main. (Apple's inference code, apple/ml-aim's
-``aim/v2/utils.py`` since August 2025, pins later commits of the same repositories, for the weights file only.)
+``aim/v2/utils.py`` since August 2025, pins other commits of the same repositories, for the weights file only.)
 A caller pins any row with ``create_model(name, pretrained=True, revision=COMMIT)`` or
 ``hf:apple/NAME@COMMIT``; ``hf:REPO`` without ``@`` is the repository's ``main``, not the table's pin.
 
