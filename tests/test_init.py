@@ -142,3 +142,19 @@ def test_meta_device_build_then_init_gives_the_same_rules():
     check_uniform(m.encoder.blocks[0].attn.qkv.weight.detach()[:D], math.sqrt(3 / D), 0.05)
     check_normal(m.decoder.text_pos.detach(), 0.01, 0.05)
     assert (m.encoder.patch_embed.proj.bias != 0).all()
+
+
+@pytest.mark.parametrize("layout", ["apple", "hf", "aimv2"])
+def test_a_loaded_encoder_keeps_the_checkpoints_weights(tmp_path, layout):
+    """The init applies to new models only: loading a checkpoint (here one written by a model of another seed)
+    gives back its tensors exactly, whatever the fresh init drew first."""
+    from aimv2 import create_model
+    from aimv2.weights.export import save_encoder
+
+    torch.manual_seed(5)
+    src = create_model("aimv2-tiny-patch8-64", depth=1)
+    path = save_encoder(src, tmp_path / "enc.safetensors", layout=layout)
+    torch.manual_seed(6)
+    loaded = create_model("aimv2-tiny-patch8-64", checkpoint=str(path), depth=1)
+    want = src.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
