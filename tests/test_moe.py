@@ -72,6 +72,14 @@ def test_bad_config_is_a_clear_error():
         aimv2.create_pretraining_model("aimv2-tiny-patch8-32", vocab_size=10, decoder_moe={"expert": 4})
 
 
+def test_baselines_refuse_moe_with_one_line(capsys):
+    """Only the AIMv2 objective adds the balance loss: a baseline with experts is refused, not silently unbalanced."""
+    config = str(ROOT / "configs" / "tiny-synthetic.yaml")
+    code = main(["pretrain", config, "model.objective=cap", "model.decoder={moe: {experts: 2}}", "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.decoder.moe is for model.objective=aimv2" in err[0], err
+
+
 def moe_model(**kw):
     torch.manual_seed(0)
     kw.setdefault("depth", 2)
