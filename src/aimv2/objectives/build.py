@@ -36,6 +36,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1) -> n
             clip_text_size=m.clip.text_size,
             clip_projection_dim=m.clip.projection_dim,
             clip_init_temperature=m.clip.init_temperature,
+            cappa_parallel_prob=m.cappa_parallel_prob,
             encoder_overrides=m.encoder_overrides,
             decoder_overrides={"max_text_len": cfg.data.context_length, **m.decoder},
         )
