@@ -196,6 +196,8 @@ class AIMv2Pretrainer(nn.Module):
         self.pad_id = pad_id
         self.alpha = alpha
         self.patch_size = encoder.cfg.patch_size
+        if decoder.cfg.moe.enabled:  # routes have data-dependent sizes: graph breaks, so compile per block
+            self.whole_graph = False
 
     def forward(
         self,
