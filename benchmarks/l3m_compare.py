@@ -44,6 +44,7 @@ empty module when absent (nothing of it is called).
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import statistics
 import sys
 import time
@@ -66,15 +67,19 @@ from aimv2.train.parallelize import apply_compile
 SIZES = dict(img=224, patch=14, width=384, enc_depth=12, heads=6, dec_depth=4, hidden=1024, vocab=32000, text=77)
 
 
-def build_l3m(src: Path, optimizer: str = "config"):
-    """l3m's AIMv2 model, loss and optimizer at SIZES, from its own config file: (model, loss, optimizer).
+def build_l3m(src: Path, optimizer: str = "config", sizes: dict | None = None):
+    """l3m's AIMv2 model, loss and optimizer at ``sizes`` (default SIZES), from its own config file: (model, loss,
+    optimizer).
 
     optimizer: ``config`` builds what the config asks for, as l3m's runner does (``create_optimizer`` with its
     ``optim`` section merged over ``configs/defaults.yaml``: ``AdamLH``, its AdamW with fully decoupled weight
     decay, a loop over the parameters, with the config's weight-decay exclusions); ``torch-adamw`` is
     ``torch.optim.AdamW`` on every parameter with our lr / betas / eps / weight decay."""
     sys.path.insert(0, str(src / "src"))
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # imported by l3m.engine, never used here
+    if "wandb" not in sys.modules:  # imported by l3m.engine, never used here: an empty module with a spec (so that
+        stub = types.ModuleType("wandb")  # importlib.util.find_spec, which accelerate calls, accepts it)
+        stub.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        sys.modules["wandb"] = stub
     try:
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
@@ -85,13 +90,16 @@ def build_l3m(src: Path, optimizer: str = "config"):
     import l3m.helpers.omegaconf_resolvers  # noqa: F401  (registers the resolvers its configs use)
 
     cfg = OmegaConf.load(src / "configs/aimv2/001_aimv2_hfdata.yaml")
-    c, s = cfg.constants, SIZES
+    c, s = cfg.constants, sizes or SIZES
     c.img_size, c.patch_size, c.num_patches = s["img"], s["patch"], (s["img"] // s["patch"]) ** 2
     c.vision_embed_dim = c.text_embed_dim = s["width"]
     c.vision_num_heads = c.text_num_heads = s["heads"]
     c.vision_num_blocks, c.text_num_blocks = s["enc_depth"], s["dec_depth"]
     c.text_vocab_size, c.context_length = s["vocab"], s["text"]
     c.prefix_range = [1, c.num_patches - 1]
+    # The config never passes the image size to its pixel loss (RasterPixelLoss defaults to 224), so its own loss
+    # patchifies only 224 px images right: set it to the size built (nothing changes at 224).
+    cfg.loss.criteria[0].image_size = s["img"]
     model = instantiate(cfg.model.meta_model)
     if optimizer == "config":
         from l3m.optim.optimizer import create_optimizer
@@ -107,8 +115,8 @@ def build_l3m(src: Path, optimizer: str = "config"):
     return model, instantiate(cfg.loss), opt
 
 
-def build_ours():
-    s = SIZES
+def build_ours(sizes: dict | None = None):
+    s = sizes or SIZES
     return create_pretraining_model(
         f"aimv2-small-patch{s['patch']}-{s['img']}",  # 384 wide, 12 blocks, 6 heads, SwiGLU 1024
         vocab_size=s["vocab"],
@@ -117,6 +125,10 @@ def build_ours():
         decoder_depth=s["dec_depth"],
         decoder_num_heads=s["heads"],
         decoder_mlp_hidden_dim=s["hidden"],
+        embed_dim=s["width"],
+        depth=s["enc_depth"],
+        num_heads=s["heads"],
+        mlp_hidden_dim=s["hidden"],
     )
 
 

@@ -80,14 +80,14 @@ def test_offline_and_not_cached_is_one_clear_error(offline_cache):
 
 
 def test_release_table_matches_the_registry():
-    """Every published name builds as the encoder its row says (config only, on the meta device); a pin is a
-    full commit hash (the Hub resolves only those offline, from the cache's snapshot folder)."""
+    """Every published name builds as the encoder its row says (config only, on the meta device) and is pinned to a
+    full commit hash (the Hub resolves only those offline, from the cache's snapshot folder; no name follows main)."""
     with torch.device("meta"):
         for r in released.RELEASES.values():
             assert r.repo == "apple/" + r.name
             assert aimv2.create_model(r.model).name == r.model
-            assert r.revision is None or re.fullmatch("[0-9a-f]{40}", r.revision), r
-    assert set(released.PINNED) <= set(released.RELEASES) and len(released.PINNED) == 12
+            assert r.revision is not None and re.fullmatch("[0-9a-f]{40}", r.revision), r  # no name follows main
+    assert set(released.PINNED) == set(released.RELEASES) and len(released.PINNED) == 16
 
 
 def test_a_pinned_release_reads_its_commit_in_apples_layout(tmp_path, monkeypatch):

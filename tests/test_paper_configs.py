@@ -37,7 +37,8 @@ def resolved(name: str):
 
 
 def test_every_paper_config_is_tested():
-    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == sorted(CONFIGS)
+    # aimv2-moe-224 (no released encoder to count against) is tested in tests/test_moe.py
+    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == sorted([*CONFIGS, "aimv2-moe-224"])
 
 
 @pytest.mark.parametrize(("name", "timm_name"), list(CONFIGS.items()))

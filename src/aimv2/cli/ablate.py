@@ -37,13 +37,23 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
         ("aimv2-alpha0.6", ["model.alpha=0.6"]),
         ("clip", ["model.objective=clip"]),
     ],
+    # captioning against CapPa's parallel prediction (big_vision: 75% of the rows from [MASK] inputs), both on a
+    # bidirectional encoder as in CapPa
+    "cappa": [
+        ("cap-bidirectional", ["model.objective=cap", "model.encoder_attention=bidirectional"]),
+        ("cappa-bidirectional", ["model.objective=cappa", "model.encoder_attention=bidirectional"]),
+    ],
 }
 
 
 def add_arguments(p) -> None:
     p.add_argument("config", metavar="CONFIG", help="the pretraining config every point starts from")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="an axis of the grid (repeat)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named grid points (table9: the paper's Table 9)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named grid points (table9: the paper's Table 9; cappa: captioning against CapPa)",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds per point (default: %(default)s)")
     p.add_argument("--steps", type=int, help="override train.steps of every run")
     p.add_argument("--out-dir", default="runs/ablate", help="where the runs and tables go (default: %(default)s)")

@@ -141,13 +141,13 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
         attention = {"aimv2": ("auto", "prefix"), "aimv1": ("auto", "prefix"), "clip": ("auto", "bidirectional")}
         checks += [
             (
-                m.objective in ("aimv2", "cap", "aimv1", "clip"),
-                f"model.objective must be aimv2, cap, aimv1 or clip, got {m.objective!r}",
+                m.objective in ("aimv2", "cap", "cappa", "aimv1", "clip"),
+                f"model.objective must be aimv2, cap, cappa, aimv1 or clip, got {m.objective!r}",
             ),
             (
                 m.encoder_attention in attention.get(m.objective, ("auto", "prefix", "bidirectional")),
                 f"model.encoder_attention={m.encoder_attention!r} does not fit model.objective={m.objective!r} "
-                "(prefix: aimv2, aimv1, cap; bidirectional: cap, clip)",
+                "(prefix: aimv2, aimv1, cap, cappa; bidirectional: cap, cappa, clip)",
             ),
             (
                 not m.separate_decoders or m.objective == "aimv2",
@@ -155,6 +155,10 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
             ),
             (m.clip.pool in ("mean", "attention"), f"model.clip.pool must be mean or attention, got {m.clip.pool!r}"),
             in_range("model.alpha", m.alpha, 0),  # the pixel loss's weight; 0 is captioning only
+            (
+                0 <= m.cappa_parallel_prob <= 1,
+                f"model.cappa_parallel_prob must be in [0, 1], got {m.cappa_parallel_prob!r}",
+            ),
             in_range("model.clip.init_temperature", m.clip.init_temperature, 0, open_lo=True),
             # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
             (m.objective != "clip" or t.grad_accum == 1, "model.objective=clip needs train.grad_accum=1"),

@@ -26,8 +26,10 @@ class ClipConfig:
 
 @dataclass
 class ModelConfig:
-    # aimv2 | cap (captioning only) | aimv1 (image only) | clip (contrastive): the paper's baselines in this harness
+    # aimv2 | cap (captioning only) | cappa (cap + parallel prediction) | aimv1 (image only) | clip (contrastive):
+    # the paper's baselines in this harness
     objective: str = "aimv2"
+    cappa_parallel_prob: float = 0.75  # cappa: the share of rows that predict the caption in parallel (CapPa's 0.75)
     encoder_attention: str = "auto"  # auto (bidirectional for clip, else prefix) | prefix | bidirectional (cap only)
     separate_decoders: bool = False  # aimv2: one decoder for pixels and one for text instead of a shared one
     clip: ClipConfig = field(default_factory=ClipConfig)

@@ -18,14 +18,15 @@ same image alone would: the padding between its patches and its caption is invis
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .attention import AttentionMask
-from .layers import KV, Block, RMSNorm, init_trunk_linear_
+from .init import init_blocks_, variance_scaling_trunc_
+from .layers import KV, Block, RMSNorm
+from .moe import MoEConfig, MoESwiGLU, moe_config
 
 
 @dataclass
@@ -39,6 +40,10 @@ class DecoderConfig:
     vocab_size: int = 32000
     max_text_len: int = 77  # BOS + caption tokens fed to the decoder (= the tokenizer's context length)
     norm_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)  # experts > 0: every block's SwiGLU a mixture of experts
+
+    def __post_init__(self):
+        self.moe = moe_config(self.moe)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +65,7 @@ def default_decoder_config(encoder_size: str, **overrides) -> DecoderConfig:
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown decoder option {k!r}; valid: {sorted(asdict(cfg))}")
-        setattr(cfg, k, v)
+        setattr(cfg, k, moe_config(v) if k == "moe" else v)
     return cfg
 
 
@@ -84,7 +89,9 @@ class MultimodalDecoder(nn.Module):
     """``patch_dim=None``: no pixel head (a captioning decoder); ``text=False``: no BOS, token embedding, text
     positions or text head (an image-only decoder). The baselines use these; AIMv2 has both."""
 
-    def __init__(self, cfg: DecoderConfig, encoder_dim: int, patch_dim: int | None, *, text: bool = True):
+    def __init__(
+        self, cfg: DecoderConfig, encoder_dim: int, patch_dim: int | None, *, text: bool = True, parallel: bool = False
+    ):
         super().__init__()
         self.cfg = cfg
         D = cfg.embed_dim
@@ -93,7 +100,11 @@ class MultimodalDecoder(nn.Module):
             self.bos = nn.Parameter(torch.zeros(1, 1, D))
             self.tok_embed = nn.Embedding(cfg.vocab_size, D)
             self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps) for _ in range(cfg.depth))
+        # CapPa's parallel prediction: the [MASK] input of every text position (big_vision's extra embedding row)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if parallel and text else None
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps, moe=cfg.moe) for _ in range(cfg.depth)
+        )
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.pixel_head = nn.Linear(D, patch_dim, bias=False) if patch_dim is not None else None
         self.text_head = nn.Linear(D, cfg.vocab_size, bias=False) if text else None
@@ -102,21 +113,28 @@ class MultimodalDecoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Xavier trunk and projection; heads truncated-normal with fan-in scaling 1/(1+depth)."""
-        init_trunk_linear_(self.blocks)
-        nn.init.xavier_uniform_(self.image_proj.weight)
-        nn.init.zeros_(self.image_proj.bias)
+        """Apple's (ml-l3m's) init, tensor by tensor (the table in ``aimv2.models.init``): Xavier trunk (q, k, v
+        each on its own [D, D]), PyTorch's default image projection, BOS and tokens normal(0.02), text positions
+        normal(0.01), heads truncated-normal fan-in scaling 1/(1+depth) with timm's truncation correction."""
+        init_blocks_(self.blocks)
+        self.image_proj.reset_parameters()
         if self.text_head is not None:
             nn.init.normal_(self.bos, std=0.02)
             nn.init.normal_(self.tok_embed.weight, std=0.02)
-            nn.init.trunc_normal_(self.text_pos, std=0.02, a=-0.04, b=0.04)
-        scale = 1.0 / (1 + self.cfg.depth)
+            nn.init.normal_(self.text_pos, std=0.01)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)  # as the token embeddings
         for head in (h for h in (self.pixel_head, self.text_head) if h is not None):
-            std = math.sqrt(scale / head.in_features)
-            nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
+            variance_scaling_trunc_(head.weight, 1.0 / (1 + self.cfg.depth))
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward: the mean over blocks of each mixture's E * sum_e f_e * P_e
+        (models/moe.py); None without ``moe``."""
+        layers = [b.mlp.balance for b in self.blocks if isinstance(b.mlp, MoESwiGLU)]
+        return torch.stack(layers).mean() if layers else None
 
     def embed_text(self, text_in: torch.Tensor) -> torch.Tensor:
         """[BOS] + tokens -> [B, 1 + T_in, D] with learned positions (0 = BOS)."""
@@ -130,22 +148,40 @@ class MultimodalDecoder(nn.Module):
         return x + self.text_pos[:, : T_in + 1]
 
     def forward(
-        self, image_feats: torch.Tensor, text: torch.Tensor | None, image_len: torch.Tensor | None = None
+        self,
+        image_feats: torch.Tensor,
+        text: torch.Tensor | None,
+        image_len: torch.Tensor | None = None,
+        parallel: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """image_feats [B, N, D_enc], text [B, T] (right-padded) ->
         (pixel predictions [B, N - 1, p*p*3] for patches 1..N-1, text logits [B, T, V] for tokens 0..T-1).
         A part the decoder does not have (no pixel head; no text: pass ``text=None``) comes back as None.
         image_len: [B] real image positions per row when images are padded to N (None: all N are real); then
-        image_pred[b, k] for k >= image_len[b] - 1 predicts padding and has no meaning."""
+        image_pred[b, k] for k >= image_len[b] - 1 predicts padding and has no meaning.
+        parallel: bool [B] (a decoder built with ``parallel=True``): rows whose text inputs are all [MASK] and whose
+        text positions attend to every text position (CapPa's parallel prediction); the image positions stay causal.
+        """
         B, N, _ = image_feats.shape
         T = text.shape[1] if text is not None else 0
         img = self.image_proj(image_feats)  # [B, N, D]
         if T:
             txt = self.embed_text(text[:, :-1])  # [B, T, D]: BOS + tokens 0..T-2
+            if parallel is not None:  # parallel rows: [MASK] at every text position, nothing of the caption
+                masked = self.mask_token.to(txt.dtype) + self.text_pos[:, :T].to(txt.dtype)  # [1, T, D]
+                txt = torch.where(parallel.to(txt.device)[:, None, None], masked, txt)
             x = torch.cat([img, txt], dim=1)  # [B, N + T, D]
         else:
             x = img  # [B, N, D]: image-only decoder
         mask = None  # plain causal
+        if parallel is not None:
+            if image_len is not None:
+                raise ValueError("parallel prediction takes images of one grid (image_len=None)")
+            pos = torch.arange(N + T, device=x.device)
+            causal = pos[None, :] <= pos[:, None]  # [L, L]
+            text_block = (pos[:, None] >= N) & (pos[None, :] >= N)  # text queries x text keys
+            rows = parallel.to(x.device)[:, None, None, None]  # [B, 1, 1, 1]
+            mask = causal | (text_block & rows)  # [B, 1, L, L] True = may attend
         if image_len is not None:
             key_valid = torch.ones(B, N + T, dtype=torch.bool, device=x.device)  # [B, N + T]
             key_valid[:, :N] = torch.arange(N, device=x.device)[None, :] < image_len.to(x.device)[:, None]

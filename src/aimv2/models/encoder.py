@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMask
-from .layers import Block, RMSNorm, init_trunk_linear_
+from .init import init_blocks_
+from .layers import Block, RMSNorm
 
 
 @dataclass
@@ -152,19 +153,19 @@ class VisionEncoder(nn.Module):
     # ---------------------------------------------------------------- init / switches
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The reference init: xavier-uniform trunk and patch conv (flattened), zero biases, pos std 0.02.
-
-        Call it after ``to_empty`` when the model was built on the meta device.
+        """Apple's (ml-l3m's) init, tensor by tensor (the table in ``aimv2.models.init``): Xavier-uniform trunk with
+        q, k, v each on its own [D, D], Xavier patch conv (flattened) with PyTorch's default bias, positions
+        normal(0.02), norms 1. Call it after ``to_empty`` when the model was built on the meta device.
         """
-        init_trunk_linear_(self.blocks)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        init_blocks_(self.blocks)
+        conv = self.patch_embed.proj
+        conv.reset_parameters()  # PyTorch's default: the bias uniform(+-1/sqrt(C*p*p)) (l3m leaves it so)
+        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
         if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+            nn.init.normal_(self.pos_embed, std=0.02)
         self._pos_cache.clear()
 
     @property

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMask, attend
+from .moe import MoEConfig, MoESwiGLU
 
 KV = tuple[torch.Tensor, torch.Tensor]  # cached keys and values of one attention layer, each [B, H, P, head_dim]
 Mask = AttentionMask | torch.Tensor | None  # what a block's attention accepts (see models/attention.py)
@@ -107,14 +108,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: RMSNorm -> attention, RMSNorm -> SwiGLU, both residual."""
+    """Pre-norm transformer block: RMSNorm -> attention, RMSNorm -> SwiGLU (or a mixture of SwiGLU experts, ``moe``),
+    both residual."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, norm_eps: float = 1e-5):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_hidden_dim: int, norm_eps: float = 1e-5, moe: MoEConfig | None = None
+    ):
         super().__init__()
         self.norm1 = RMSNorm(dim, norm_eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = RMSNorm(dim, norm_eps)
-        self.mlp = SwiGLU(dim, mlp_hidden_dim)
+        self.mlp = (
+            MoESwiGLU(dim, mlp_hidden_dim, moe) if moe is not None and moe.enabled else SwiGLU(dim, mlp_hidden_dim)
+        )
 
     def forward(self, x: torch.Tensor, mask: Mask = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal)
@@ -127,12 +133,3 @@ class Block(nn.Module):
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, kv
-
-
-def init_trunk_linear_(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for every Linear in ``module`` (the reference trunk init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)

@@ -36,7 +36,7 @@ from .token_cross_entropy import token_cross_entropy_sum
 
 @dataclass
 class PretrainOutput:
-    loss: torch.Tensor  # scalar: text_loss + alpha * image_loss
+    loss: torch.Tensor  # scalar: text_loss + alpha * image_loss (+ moe.balance_weight * balance_loss with MoE)
     image_loss: torch.Tensor  # scalar: MSE per patch, averaged over non-prefix target patches of the batch
     text_loss: torch.Tensor  # scalar: cross-entropy averaged over non-pad tokens of the batch
     image_pred: torch.Tensor  # [B, N-1, p*p*3]; image_pred[:, k] predicts patch k+1
@@ -196,6 +196,8 @@ class AIMv2Pretrainer(nn.Module):
         self.pad_id = pad_id
         self.alpha = alpha
         self.patch_size = encoder.cfg.patch_size
+        if decoder.cfg.moe.enabled:  # routes have data-dependent sizes: graph breaks, so compile per block
+            self.whole_graph = False
 
     def forward(
         self,
@@ -226,6 +228,10 @@ class AIMv2Pretrainer(nn.Module):
         # text: next-token cross-entropy over non-pad tokens
         text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
+        balance = self.decoder.balance_loss()  # a mixture-of-experts decoder's load balancing (models/moe.py)
+        if balance is not None:  # one value per micro-batch: the trainer averages it over micro-batches and ranks
+            terms.sums["balance_loss"], terms.counts["balance_loss"] = balance.float(), count(1, balance.device)
+            terms.weights["balance_loss"] = self.decoder.cfg.moe.balance_weight
         return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len, self.predictions_keep_grad)
 
     def loss_counts(
@@ -236,7 +242,10 @@ class AIMv2Pretrainer(nn.Module):
             n = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
         else:
             n = grid_hw.to(prefix_len.device).prod(1)  # [B] each image's own patches
-        return {"image_loss": image_target_count(prefix_len, n), "text_loss": count((text != self.pad_id).sum())}
+        counts = {"image_loss": image_target_count(prefix_len, n), "text_loss": count((text != self.pad_id).sum())}
+        if self.decoder.cfg.moe.enabled:
+            counts["balance_loss"] = count(1)
+        return counts
 
 
 def create_pretraining_model(

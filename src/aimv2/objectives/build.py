@@ -18,6 +18,11 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1) -> n
     one of the baselines of ``model.objective`` / ``model.separate_decoders`` (objectives/generative.py)."""
     m = cfg.model
     if m.objective != "aimv2" or m.separate_decoders:
+        if (m.decoder.get("moe") or {}).get("experts"):  # only the AIMv2 objective adds the balance loss
+            raise ValueError(
+                "model.decoder.moe is for model.objective=aimv2 with one decoder; remove it for "
+                f"model.objective={m.objective}" + (" and model.separate_decoders=true" if m.separate_decoders else "")
+            )
         return create_baseline_model(
             m.objective,
             m.encoder,
@@ -31,6 +36,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1) -> n
             clip_text_size=m.clip.text_size,
             clip_projection_dim=m.clip.projection_dim,
             clip_init_temperature=m.clip.init_temperature,
+            cappa_parallel_prob=m.cappa_parallel_prob,
             encoder_overrides=m.encoder_overrides,
             decoder_overrides={"max_text_len": cfg.data.context_length, **m.decoder},
         )

@@ -4,6 +4,8 @@
     aimv2       prefix                      one causal decoder, pixels + caption     text + alpha * image
     separate    prefix                      a pixel decoder and a caption decoder    text + alpha * image
     cap         prefix or bidirectional     a caption decoder (no pixel head)        text
+    cappa       prefix or bidirectional     cap's decoder; a fraction of the rows     text
+                                            predict in parallel from [MASK] inputs
     aimv1       prefix                      an image-only decoder (no text)          image
     clip        bidirectional               none: pooled patches vs a text tower     symmetric InfoNCE
 
@@ -34,7 +36,7 @@ from .aimv2 import (
 from .base import count
 from .lit import CLIPBaseline, LiTConfig
 
-OBJECTIVES = ("aimv2", "cap", "aimv1", "clip")
+OBJECTIVES = ("aimv2", "cap", "cappa", "aimv1", "clip")
 
 
 class GenerativeBaseline(nn.Module):
@@ -60,6 +62,7 @@ class GenerativeBaseline(nn.Module):
         pad_id: int = 0,
         alpha: float = 0.4,
         bidirectional: bool = False,
+        parallel_prob: float = 0.0,
     ):
         super().__init__()
         if pixel_decoder is None and text_decoder is None:
@@ -72,6 +75,9 @@ class GenerativeBaseline(nn.Module):
         self.pad_id = pad_id
         self.alpha = alpha if text_decoder is not None else 1.0  # image only (AIMv1): the image loss is the loss
         self.bidirectional = bidirectional
+        # CapPa (big_vision's masked_pred_prob with masking_ratio 1): in training, each row predicts its caption in
+        # parallel from [MASK] inputs with this probability, else autoregressively
+        self.parallel_prob = parallel_prob
         self.patch_size = encoder.cfg.patch_size
 
     def forward(
@@ -79,6 +85,7 @@ class GenerativeBaseline(nn.Module):
     ) -> PretrainOutput:
         B, _, H, W = images.shape
         N = (H // self.patch_size) * (W // self.patch_size)
+        drawn_prefix = prefix_len if isinstance(prefix_len, torch.Tensor) else None  # the trainer's keyed draw
         if self.bidirectional:  # every patch sees every patch: the whole image is the prefix
             prefix_len = torch.full((B,), N, dtype=torch.long, device=images.device)  # [B]
             feats = self.encoder(images, prefix_len=None)  # [B, N, D_enc]
@@ -94,11 +101,25 @@ class GenerativeBaseline(nn.Module):
 
         text_logits, text_sum, text_count = None, zero, count(0, images.device)
         if self.text_decoder is not None:
-            _, text_logits = self.text_decoder(feats, text)  # [B, T, V]: position t predicts text[:, t]
+            parallel = None
+            if self.parallel_prob > 0 and self.training:
+                parallel = self.parallel_rows(text, drawn_prefix)  # [B]
+            _, text_logits = self.text_decoder(feats, text, parallel=parallel)  # [B, T, V]: t predicts text[:, t]
             text_sum, text_count = caption_terms(text_logits, text, self.pad_id)
 
         terms = pretraining_terms(image_sum, image_count, text_sum, text_count, self.alpha)
         return PretrainOutput.from_terms(terms, image_pred, text_logits, prefix_len, self.predictions_keep_grad)
+
+    def parallel_rows(self, text: torch.Tensor, prefix_len: torch.Tensor | None) -> torch.Tensor:
+        """CapPa's draw, bool [B]: row b predicts in parallel with probability ``parallel_prob``. Keyed by the row's
+        prefix length (which the trainer draws per global sample index) and caption, so the same sample at the same
+        step draws the same on resume, on any number of ranks; without prefix lengths, the global RNG."""
+        if prefix_len is None:
+            return torch.rand(len(text), device=text.device) < self.parallel_prob
+        weights = torch.arange(1, text.shape[1] + 1, device=text.device)
+        keys = (prefix_len.to(text.device) * 1_000_003 + (text * weights).sum(1)).tolist()
+        u = [torch.rand(1, generator=torch.Generator().manual_seed(int(k) & 0xFFFF_FFFF)).item() for k in keys]
+        return torch.tensor(u, device=text.device) < self.parallel_prob
 
     def loss_counts(self, images: torch.Tensor, text: torch.Tensor, prefix_len: torch.Tensor) -> dict:
         """The valid targets forward will count: non-prefix patches (pixel decoder), non-pad tokens (text)."""
@@ -122,6 +143,7 @@ def create_baseline_model(
     clip_text_size: str = "auto",
     clip_projection_dim: int | None = None,
     clip_init_temperature: float = 0.07,
+    cappa_parallel_prob: float = 0.75,
     encoder_overrides: dict | None = None,
     decoder_overrides: dict | None = None,
 ) -> nn.Module:
@@ -153,14 +175,15 @@ def create_baseline_model(
             pool=clip_pool,
         )
         return CLIPBaseline(cfg, encoder=encoder)
-    if objective == "cap":
-        text_decoder = MultimodalDecoder(dcfg, e.embed_dim, None)
+    if objective in ("cap", "cappa"):
+        text_decoder = MultimodalDecoder(dcfg, e.embed_dim, None, parallel=objective == "cappa")
         return GenerativeBaseline(
             encoder,
             pixel_decoder=None,
             text_decoder=text_decoder,
             pad_id=pad_id,
             bidirectional=encoder_attention == "bidirectional",
+            parallel_prob=cappa_parallel_prob if objective == "cappa" else 0.0,
         )
     if objective == "aimv1":
         pixel_decoder = MultimodalDecoder(dcfg, e.embed_dim, e.patch_dim, text=False)

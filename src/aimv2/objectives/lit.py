@@ -36,7 +36,8 @@ from torch import nn
 
 from ..models.encoder import EncoderConfig, VisionEncoder
 from ..models.heads import AttentionPoolHead
-from ..models.layers import RMSNorm, init_trunk_linear_
+from ..models.init import init_blocks_
+from ..models.layers import RMSNorm
 from ..models.registry import parse_model_name
 from ..models.text import TextConfig, TextTower
 from .base import LossTerms, count
@@ -121,7 +122,7 @@ class LiT(nn.Module):
         text positions std 0.01, projections with fan-in scaling. ``encoder=False`` keeps the given encoder."""
         if encoder:
             self.encoder.init_weights()
-        init_trunk_linear_(self.text.blocks)
+        init_blocks_(self.text.blocks)
         nn.init.normal_(self.text.token_embed.weight, std=0.02)
         nn.init.normal_(self.text.pos_embed, std=0.01)
         nn.init.ones_(self.text.norm.weight)

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..config import REQUIRED, Config, ConfigError
 from ..config.parse import resolve_config
+from ..models.moe import MoESwiGLU
 from ..models.registry import model_config
 from ..objectives.build import build_model
 from .optim import adamw_weight_decay
@@ -106,7 +107,11 @@ def _meta_model(cfg: Config, vocab: int, encoder_depth: int | None = None, decod
     dec = dict(m.decoder, **({"depth": decoder_depth} if decoder_depth else {}))
     small = dataclasses.replace(cfg, model=dataclasses.replace(m, encoder_overrides=enc, decoder=dec))
     with torch.device("meta"):
-        return build_model(small, vocab_size=vocab, pad_id=0, eos_id=1)
+        model = build_model(small, vocab_size=vocab, pad_id=0, eos_id=1)
+    for module in model.modules():  # mixtures of experts: balanced routes, which shape-only tensors can size
+        if isinstance(module, MoESwiGLU):
+            module.static_routing = True
+    return model
 
 
 def step_flops_per_image(cfg: Config, vocab: int, grid: tuple[int, int], dec_depth: int | None) -> float:

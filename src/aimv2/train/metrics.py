@@ -63,7 +63,8 @@ def flops_per_sample(model, num_patches: int, text_len: int) -> float:
         d = model.decoder.cfg
         seq = num_patches + text_len
         fwd += 2 * num_patches * e.embed_dim * d.embed_dim  # image projection
-        fwd += _stack_flops(seq, d.embed_dim, d.mlp_hidden_dim, d.depth)
+        hidden = d.mlp_hidden_dim * (d.moe.top_k if d.moe.enabled else 1)  # a token runs through top_k experts
+        fwd += _stack_flops(seq, d.embed_dim, hidden, d.depth)
         fwd += 2 * num_patches * d.embed_dim * e.patch_dim + 2 * text_len * d.embed_dim * d.vocab_size  # heads
     for name, seq in (("pixel_decoder", num_patches), ("text_decoder", num_patches + text_len)):  # baselines
         dec = getattr(model, name, None)

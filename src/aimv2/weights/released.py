@@ -9,9 +9,11 @@ pins (:data:`PINNED`) are the repositories' commits of November 2024, Apple's ow
 Apple's key layout (``preprocessor.*``, ``trunk.*``) with its ``config.json`` and ``preprocessor_config.json``,
 which the loaders read as they read any Apple file. The repositories have since gained commits (licence files
 and, for several, the weights saved again in transformers' layout); a pin keeps the files as first published.
-Four rows have no pin because no full commit hash of theirs was at hand when the table was written (huge-336,
-3B-336, large-224-distilled, and the LiT model, whose first commit has no config or tokenizer): they follow
-``main``. A caller pins any row with ``create_model(name, pretrained=True, revision=COMMIT)`` or
+Every row is pinned: the last four pins (huge-336, 3B-336, large-224-distilled and the LiT model) came later
+than the others. 3B-336's is the commit named in apple/ml-aim issue #37 as the one holding Apple's layout; LiT's
+is the commit on the repository's ``refs/pr/3``, merged into main. (Apple's inference code, apple/ml-aim's
+``aim/v2/utils.py`` since August 2025, pins other commits of the same repositories, for the weights file only.)
+A caller pins any row with ``create_model(name, pretrained=True, revision=COMMIT)`` or
 ``hf:apple/NAME@COMMIT``; ``hf:REPO`` without ``@`` is the repository's ``main``, not the table's pin.
 
 ``mean_std`` is the normalization of the repository's ``preprocessor_config.json`` (CLIP's, for every release),
@@ -34,7 +36,7 @@ class Release(NamedTuple):
     mean_std: str = "clip"  # the normalization of the repository's preprocessor_config.json
 
 
-# name -> the full commit hash its repository is pinned to (Apple's November 2024 upload); absent: main
+# name -> the full commit hash its repository is pinned to (Apple's November 2024 upload): every release
 PINNED: dict[str, str] = {
     "aimv2-large-patch14-224": "b31a84b903ef9d2393dffc59c76ae82ecc4ff4f9",
     "aimv2-large-patch14-336": "5919ff9dcc15ecd48b8557aed04339ee19c422ad",
@@ -48,6 +50,10 @@ PINNED: dict[str, str] = {
     "aimv2-3B-patch14-448": "e89f6519d77c23399299719d8f7e113e184ca0ed",
     "aimv2-large-patch14-native": "df5cf3a3f388283b723e4e3f71eff8f69c154f1a",
     "aimv2-large-patch14-336-distilled": "7a8d3fc16023fdbab6b991c20e19152115fef878",
+    "aimv2-huge-patch14-336": "c627d45c27600a0fa67d2f7f2d5aefd40fe1baec",
+    "aimv2-3B-patch14-336": "c92f718c6ebf8eb2fe6ccc3ca4a32d59d94e1602",
+    "aimv2-large-patch14-224-distilled": "a364abd6d7340b794ce9030b42e3d449d7e47230",
+    "aimv2-large-patch14-224-lit": "fb574928240d6acf48aaee63ef759a26a2c1ce4a",
 }
 
 
