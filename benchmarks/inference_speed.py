@@ -13,9 +13,10 @@ batch of real photos (the first ``--images`` JPEGs of the CC12M shard, preproces
   (``--runtime onnxruntime``, ``aimv2.eval.onnx_runtime``), its session on all usable CPUs; the static variant is
   calibrated on the 24 photos of the shard after the timed batch (on the probe's train split for the probe).
 
-``--variants`` picks some (default: all but fp16 and int8-wo); fp32 is always measured, as the baseline. The
-issue's targets are printed as MET or MISSED: ort-int8 >= 3x torch eager fp32 (paired) at <= 1 point of probe
-top-1 lost, ort-fp32 >= 1.3x; ``--profile`` adds onnxruntime's share of operator time per ONNX operator type.
+``--variants`` picks some (default: all but fp16, int8-wo and the onnxruntime int8 with the other weight scales,
+``ort-int8-pc``: dynamic per-channel, ``ort-int8-static-pt``: static per-tensor); fp32 is always measured, as the
+baseline. The issue's targets are printed as MET or MISSED: ort-int8 >= 3x torch eager fp32 (paired) at <= 1 point
+of probe top-1 lost, ort-fp32 >= 1.3x; ``--profile`` adds onnxruntime's share of operator time per ONNX operator type.
 
 How: eval mode, ``torch.inference_mode``, PyTorch's default thread count. Every variant is warmed up, then
 ``--reps`` rounds; in each round every variant does one timed forward of the batch, in an order that rotates from
@@ -73,7 +74,10 @@ from aimv2.eval.quantize import quantize_int8
 
 SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"
 ALL_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-wo", "fp32-compile", "int8-compile", "ort-fp32", "ort-int8",
-                "ort-int8-static")  # fmt: skip
+                "ort-int8-static", "ort-int8-pc", "ort-int8-static-pt")  # fmt: skip
+# the other weight scales of each int8 recipe (per-channel for dynamic, per-tensor for static), which decide the
+# defaults of aimv2.eval.onnx_runtime.PER_CHANNEL
+OTHER_SCALES = {"ort-int8-pc": True, "ort-int8-static-pt": False}
 DEFAULT_VARIANTS = "fp32,bf16,fp32-compile,int8,int8-compile,ort-fp32,ort-int8,ort-int8-static"
 TARGETS = {"ort-int8": 3.0, "ort-fp32": 1.3}  # x torch eager fp32 (paired); ort-int8 also <= 1 point of top-1 lost
 CALIBRATION = 24  # CC12M photos after the timed batch (the shard has 32) that calibrate ort-int8-static
@@ -98,8 +102,10 @@ def build(spec: str, variant: str, calibration=None):
     ``calibration``: (batches function, id) that calibrates ``ort-int8-static``."""
     model = load_frozen_encoder(spec)
     if variant.startswith("ort-"):
-        cal, cal_id = calibration if variant == "ort-int8-static" else (None, None)
-        ort = onnx_encoder(model, dtype="int8" if "int8" in variant else "fp32", calibration=cal, calibration_id=cal_id)
+        cal, cal_id = calibration if "static" in variant else (None, None)
+        dtype = "int8" if "int8" in variant else "fp32"
+        pc = OTHER_SCALES.get(variant)
+        ort = onnx_encoder(model, dtype=dtype, calibration=cal, calibration_id=cal_id, per_channel=pc)
         return ort, ort
     if variant.startswith("int8"):
         quantize_int8(model, "weight-only" if variant == "int8-wo" else "dynamic")
