@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--probe-val", type=int, default=90, help="probe val images, per variant (default: 90)")
     ap.add_argument("--no-probe", action="store_true", help="skip the probe top-1 (speed, memory, cosine only)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(ALL_VARIANTS)}")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak memory (its process builds every variant)")
     ap.add_argument("--profile", action="store_true", help="onnxruntime's per-operator time of the ort variants")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     del fwds, built
     probe = None if args.no_probe else probe_top1(variants, args)
     script_args = ["--encoder", args.encoder, "--images", str(args.images), "--variants", ",".join(variants)]
-    mems = measure_in_fresh_process(__file__, script_args) or {}
+    mems = {} if args.no_memory else measure_in_fresh_process(__file__, script_args) or {}
     rows = {}
     for v in variants:
         paired = statistics.median(a / b for a, b in zip(times["fp32"], times[v], strict=True))
