@@ -77,7 +77,7 @@ ALL_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-wo", "fp32-compile", "int8
                 "ort-int8-static", "ort-int8-pc", "ort-int8-static-pt")  # fmt: skip
 # the other weight scales of each int8 recipe (per-channel for dynamic, per-tensor for static), which decide the
 # defaults of aimv2.eval.onnx_runtime.PER_CHANNEL
-OTHER_SCALES = {"ort-int8-pc": True, "ort-int8-static-pt": False}
+OTHER_SCALES = {"ort-int8-pc": True, "ort-int8-static-pt": False}  # measured against the defaults
 DEFAULT_VARIANTS = "fp32,bf16,fp32-compile,int8,int8-compile,ort-fp32,ort-int8,ort-int8-static"
 TARGETS = {"ort-int8": 3.0, "ort-fp32": 1.3}  # x torch eager fp32 (paired); ort-int8 also <= 1 point of top-1 lost
 CALIBRATION = 24  # CC12M photos after the timed batch (the shard has 32) that calibrate ort-int8-static
