@@ -1,4 +1,4 @@
-"""Inference of a frozen encoder on CPU in fp32, bf16, fp16 and int8: images/s, peak memory, and what each loses.
+"""Inference of a frozen encoder on CPU, PyTorch and onnxruntime: images/s, peak memory, and what each loses.
 
 What it measures, for one encoder (``--encoder``: a model name, a checkpoint, a run folder or ``hf:REPO``) on a
 batch of real photos (the first ``--images`` JPEGs of the CC12M shard, preprocessed by ``aimv2.preprocessing``):
@@ -7,7 +7,16 @@ batch of real photos (the first ``--images`` JPEGs of the CC12M shard, preproces
 - ``bf16`` / ``fp16``: ``torch.autocast`` over the fp32 weights (what ``--dtype`` does in extract, probe and
   zeroshot);
 - ``int8``: torchao's int8 dynamic-activation / int8-weight quantization of every linear layer
-  (``aimv2.eval.quantize.quantize_int8``), ``int8-wo`` its int8 weight-only variant.
+  (``aimv2.eval.quantize.quantize_int8``), ``int8-wo`` its int8 weight-only variant;
+- ``fp32-compile`` / ``int8-compile``: the same under ``torch.compile`` (compiled during the warmup);
+- ``ort-fp32``, ``ort-int8`` (dynamic), ``ort-int8-static``: the encoder exported to ONNX and run by onnxruntime
+  (``--runtime onnxruntime``, ``aimv2.eval.onnx_runtime``), its session on all usable CPUs; the static variant is
+  calibrated on the 24 photos of the shard after the timed batch (on the probe's train split for the probe).
+
+``--variants`` picks some (default: all but fp16, int8-wo and the onnxruntime int8 with the other weight scales,
+``ort-int8-pc``: dynamic per-channel, ``ort-int8-static-pt``: static per-tensor); fp32 is always measured, as the
+baseline. The issue's targets are printed as MET or MISSED: ort-int8 >= 3x torch eager fp32 (paired) at <= 1 point
+of probe top-1 lost, ort-fp32 >= 1.3x; ``--profile`` adds onnxruntime's share of operator time per ONNX operator type.
 
 How: eval mode, ``torch.inference_mode``, PyTorch's default thread count. Every variant is warmed up, then
 ``--reps`` rounds; in each round every variant does one timed forward of the batch, in an order that rotates from
@@ -59,11 +68,19 @@ from aimv2.data.synthetic.probes import probe_classes, write_probe_splits
 from aimv2.eval.datasets import open_labeled_source
 from aimv2.eval.features import extract_features
 from aimv2.eval.frozen_encoder import load_frozen_encoder
+from aimv2.eval.onnx_runtime import folder_calibration, onnx_encoder, usable_cpus
 from aimv2.eval.probe import ProbeConfig, predict, probe_features
 from aimv2.eval.quantize import quantize_int8
 
 SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"
-VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-wo")
+ALL_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-wo", "fp32-compile", "int8-compile", "ort-fp32", "ort-int8",
+                "ort-int8-static", "ort-int8-pc", "ort-int8-static-pt")  # fmt: skip
+# the other weight scales of each int8 recipe (per-channel for dynamic, per-tensor for static), which decide the
+# defaults of aimv2.eval.onnx_runtime.PER_CHANNEL
+OTHER_SCALES = {"ort-int8-pc": True, "ort-int8-static-pt": False}  # measured against the defaults
+DEFAULT_VARIANTS = "fp32,bf16,fp32-compile,int8,int8-compile,ort-fp32,ort-int8,ort-int8-static"
+TARGETS = {"ort-int8": 3.0, "ort-fp32": 1.3}  # x torch eager fp32 (paired); ort-int8 also <= 1 point of top-1 lost
+CALIBRATION = 24  # CC12M photos after the timed batch (the shard has 32) that calibrate ort-int8-static
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,11 +97,20 @@ def cc12m_batch(n: int, encoder) -> torch.Tensor:
     return torch.stack(images)
 
 
-def build(spec: str, variant: str):
-    """(forward, model) for ``variant`` of the encoder ``spec``; each variant gets its own copy of the weights."""
+def build(spec: str, variant: str, calibration=None):
+    """(forward, model) for ``variant`` of the encoder ``spec``; each variant gets its own copy of the weights.
+    ``calibration``: (batches function, id) that calibrates ``ort-int8-static``."""
     model = load_frozen_encoder(spec)
-    if variant in ("int8", "int8-wo"):
-        quantize_int8(model, "dynamic" if variant == "int8" else "weight-only")
+    if variant.startswith("ort-"):
+        cal, cal_id = calibration if "static" in variant else (None, None)
+        dtype = "int8" if "int8" in variant else "fp32"
+        pc = OTHER_SCALES.get(variant)
+        ort = onnx_encoder(model, dtype=dtype, calibration=cal, calibration_id=cal_id, per_channel=pc)
+        return ort, ort
+    if variant.startswith("int8"):
+        quantize_int8(model, "weight-only" if variant == "int8-wo" else "dynamic")
+    if variant.endswith("-compile"):
+        model = torch.compile(model)
     if variant in AUTOCAST:
 
         def forward(x, model=model, dtype=AUTOCAST[variant]):
@@ -95,22 +121,34 @@ def build(spec: str, variant: str):
     return model, model
 
 
+def cc12m_calibration(encoder, skip: int, n: int = CALIBRATION):
+    """The (batches function, id) of ``n`` CC12M photos after the first ``skip`` (not the timed ones)."""
+    photos = cc12m_batch(skip + n, encoder)[skip:]
+    return (lambda: iter(photos.split(8))), f"cc12m[{skip}:{skip + n}]"
+
+
 def feature_dtype(variant: str) -> str:
     """The ``dtype`` of ``extract_features`` (and of ``--dtype``) that runs ``variant``'s model."""
-    return "int8" if variant.startswith("int8") else variant
+    return "int8" if "int8" in variant else variant if variant in AUTOCAST else "fp32"
 
 
-def probe_top1(models: dict, args) -> dict:
-    """Top-1 per variant of one linear head trained on fp32 features (see the module docstring)."""
-    fp32 = models["fp32"]
+def probe_top1(variants: list[str], args) -> dict:
+    """Top-1 per variant of one linear head trained on fp32 features (see the module docstring). The variants are
+    built here, ``ort-int8-static`` calibrated on the probe's train split (images like the ones encoded)."""
+    fp32 = load_frozen_encoder(args.encoder)
     prep = aimv2.preprocessing(fp32)
     kw = dict(pool="mean", mean_std=prep.mean_std, batch_size=args.images, device="cpu", progress=False)
     with tempfile.TemporaryDirectory() as d:
         write_probe_splits(d, args.probe_task, args.probe_train, args.probe_val, size=prep.img_size[0], seed=0)
         train, val = (open_labeled_source(f"{d}/{s}", prep.pil_transform()) for s in ("train", "val"))
+        calibration = folder_calibration(f"{d}/train", prep.pil_transform(), prep.mean_std)
         t0 = time.perf_counter()
         tr = extract_features(fp32, train, dtype="fp32", **kw)
-        va = {v: extract_features(m, val, dtype=feature_dtype(v), **kw) for v, m in models.items()}
+        va = {}
+        for v in variants:
+            _, model = build(args.encoder, v, calibration)
+            va[v] = extract_features(model, val, dtype=feature_dtype(v), **kw)
+            del model
         seconds = time.perf_counter() - t0
     classes = len(probe_classes(args.probe_task))
     cfg = ProbeConfig(method="linear", epochs=200, batch_size=32)  # ~1000 steps: 50 epochs of 256 would be ~50
@@ -139,18 +177,61 @@ def weight_mib(model: torch.nn.Module) -> float:
 
 def measure_memory(args) -> dict:
     release_freed_memory()
-    x = cc12m_batch(args.images, load_frozen_encoder(args.encoder))
+    encoder = load_frozen_encoder(args.encoder)
+    x = cc12m_batch(args.images, encoder)
+    calibration = cc12m_calibration(encoder, args.images)
     peaks = {}
-    for v in VARIANTS:
-        fwd, model = build(args.encoder, v)
+    for v in args.variants:
+        fwd, model = build(args.encoder, v, calibration)
         with torch.inference_mode():
             fwd(x)  # warm: one-time buffers are not the forward's
             with PeakMemory("cpu") as m:
                 fwd(x)
-        peaks[v] = {"weights_mib": weight_mib(model), "forward_peak_mib": m.mib}
+        mib = model.path.stat().st_size / 2**20 if v.startswith("ort-") else weight_mib(model)
+        peaks[v] = {"weights_mib": mib, "forward_peak_mib": m.mib}
         del fwd, model
         print(f"  {v}: weights {peaks[v]['weights_mib']:.0f} MiB, forward peak {m.mib} MiB", flush=True)
     return peaks
+
+
+def check_targets(rows: dict, with_probe: bool) -> dict:
+    """The issue's targets against the paired ratios (and the probe's top-1 lost), printed MET or MISSED."""
+    out = {}
+    for v, speedup in TARGETS.items():
+        if v not in rows:
+            continue
+        r = rows[v]
+        ok = r["vs_fp32_paired"] >= speedup
+        what = f"{v}: {r['vs_fp32_paired']:.2f}x torch eager fp32 (target >= {speedup}x)"
+        if v == "ort-int8" and with_probe:
+            lost = -r["probe_top1_vs_fp32"]
+            ok = ok and lost <= 1.0
+            what += f", probe top-1 lost {lost:.1f} points (target <= 1)"
+        print(f"target {'MET' if ok else 'MISSED'}: {what}")
+        out[v] = {"met": ok, "said": what}
+    return out
+
+
+def ort_profile(model, x: torch.Tensor, top: int = 8) -> dict:
+    """The share of one forward's operator time per ONNX operator type (onnxruntime's profiler), largest first."""
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as d:
+        opts = onnxruntime.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = f"{d}/ort"
+        opts.intra_op_num_threads = usable_cpus()
+        sess = onnxruntime.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"]
+    total = sum(per_op.values()) or 1.0
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return {k: v / total for k, v in ranked[:top]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,37 +243,53 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--probe-train", type=int, default=135, help="probe training images (default: 135)")
     ap.add_argument("--probe-val", type=int, default=90, help="probe val images, per variant (default: 90)")
     ap.add_argument("--no-probe", action="store_true", help="skip the probe top-1 (speed, memory, cosine only)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(ALL_VARIANTS)}")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak memory (its process builds every variant)")
+    ap.add_argument("--profile", action="store_true", help="onnxruntime's per-operator time of the ort variants")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(args.variants) - set(ALL_VARIANTS):
+        ap.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(ALL_VARIANTS)}")
+    if "fp32" not in args.variants:
+        args.variants.insert(0, "fp32")  # the baseline of every ratio
     if args.memory_only:
         result = {"peak_memory_mib": measure_memory(args)}
         args.out.write_text(json.dumps(result))
         return result
 
-    built = {v: build(args.encoder, v) for v in VARIANTS}
+    encoder = load_frozen_encoder(args.encoder)
+    x = cc12m_batch(args.images, encoder)
+    calibration = cc12m_calibration(encoder, args.images)
+    del encoder
+    variants = args.variants
+    t0 = time.perf_counter()
+    built = {v: build(args.encoder, v, calibration) for v in variants}
+    print(f"built {len(built)} variants in {time.perf_counter() - t0:.0f}s (ONNX exports cached)", flush=True)
     fwds = {v: f for v, (f, _) in built.items()}
-    x = cc12m_batch(args.images, load_frozen_encoder(args.encoder))
     with torch.inference_mode():
         ref = fwds["fp32"](x)
         quality = {}
-        for v, f in fwds.items():  # also the warmup
+        for v, f in fwds.items():  # also the warmup (and torch.compile's compilation)
+            f(x)
             cos = F.cosine_similarity(f(x).float(), ref, dim=-1)  # [B, N]
             quality[v] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.reps):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
                 t0 = time.perf_counter()
                 fwds[v](x)
                 times[v].append(time.perf_counter() - t0)
-            print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in VARIANTS), flush=True)
-    probe = None if args.no_probe else probe_top1({v: m for v, (_, m) in built.items()}, args)
+            print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants), flush=True)
+    profiles = {v: ort_profile(m, x) for v, (_, m) in built.items() if args.profile and v.startswith("ort-")}
     del fwds, built
-    script_args = ["--encoder", args.encoder, "--images", str(args.images)]
-    mems = measure_in_fresh_process(__file__, script_args) or {}
+    probe = None if args.no_probe else probe_top1(variants, args)
+    script_args = ["--encoder", args.encoder, "--images", str(args.images), "--variants", ",".join(variants)]
+    mems = {} if args.no_memory else measure_in_fresh_process(__file__, script_args) or {}
     rows = {}
-    for v in VARIANTS:
+    for v in variants:
         paired = statistics.median(a / b for a, b in zip(times["fp32"], times[v], strict=True))
         rows[v] = {
             "img_per_s": args.images / statistics.median(times[v]),
@@ -203,26 +300,37 @@ def main(argv: list[str] | None = None) -> dict:
             "times_s": times[v],
         }
     print(f"\n{args.encoder}, batch {args.images} CC12M photos, {torch.get_num_threads()} threads")
-    print(f"{'variant':8s} {'img/s':>7s} {'vs fp32':>8s} {'cos mean':>9s} {'cos min':>8s} {'probe top1':>11s} "
+    print(f"{'variant':15s} {'img/s':>7s} {'vs fp32':>8s} {'cos mean':>9s} {'cos min':>8s} {'probe top1':>11s} "
           f"{'agree':>6s} {'weights MiB':>12s} {'fwd peak MiB':>13s}")  # fmt: skip
     fmt = lambda m: "-" if m is None else f"{m:.0f}"
     pct = lambda r, k: f"{r[k]:.1f}" if k in r else "-"
     for v, r in rows.items():
         print(
-            f"{v:8s} {r['img_per_s']:7.2f} {r['vs_fp32_paired']:7.2f}x {r['cos_mean']:9.5f} {r['cos_min']:8.5f} "
+            f"{v:15s} {r['img_per_s']:7.2f} {r['vs_fp32_paired']:7.2f}x {r['cos_mean']:9.5f} {r['cos_min']:8.5f} "
             f"{pct(r, 'probe_top1'):>11s} {pct(r, 'probe_agree_fp32'):>6s} {fmt(r['weights_mib']):>12s} "
             f"{fmt(r['forward_peak_mib']):>13s}"
         )
     if probe:
         i = probe["info"]
         print(f"probe: {i['task']}, {i['n_train']} train / {i['n_val']} val scenes, chance {i['chance']:.1f}%")
+    targets = check_targets(rows, probe is not None)
+    for v, p in profiles.items():
+        print(
+            f"{v} per operator (onnxruntime profile, one forward): " + ", ".join(f"{k} {s:.0%}" for k, s in p.items())
+        )
     result = {
         "encoder": args.encoder,
         "batch": args.images,
         "reps": args.reps,
         "probe": probe["info"] if probe else None,
         "variants": rows,
-        "machine": {**machine.machine_info(("torchao",)), "torch_threads": torch.get_num_threads()},
+        "targets": targets,
+        "ort_profile": profiles or None,
+        "machine": {
+            **machine.machine_info(("torchao", "onnxruntime")),
+            "torch_threads": torch.get_num_threads(),
+            "onnxruntime_threads": usable_cpus(),
+        },  # fmt: skip
         "command": "python benchmarks/inference_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if args.out:

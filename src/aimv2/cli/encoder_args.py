@@ -7,9 +7,11 @@ import argparse
 import contextlib
 import sys
 import warnings
+from pathlib import Path
 
 from ..data.transforms import MEAN_STD
 from ..data.workers import default_workers
+from ..eval.onnx_runtime import RUNTIMES
 from ..eval.quantize import INFERENCE_DTYPES
 
 
@@ -64,14 +66,35 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         choices=INFERENCE_DTYPES,
         default=None,
         help="bf16 / fp16: autocast of the encoder forward; int8: its linear layers quantized by torchao (int8 "
-        "weights and activations; pip install 'aimv2[int8]'). Features stay float32 (default: fp32). On CPUs "
-        "bf16 is the fast one where the CPU has bf16 instructions, int8 saves 3/4 of the weight memory but need "
-        "not be faster; fp16 pays off on GPUs (benchmarks/inference_speed.py measures speed and what each loses)",
+        "weights and activations; pip install 'aimv2[int8]'), or with --runtime onnxruntime by "
+        "onnxruntime.quantization (which runs fp32 and int8 only). Features stay float32 (default: fp32). On CPUs "
+        "onnxruntime int8 is the fast one, torchao's int8 saves 3/4 of the weight memory but need not be faster; "
+        "bf16 and fp16 pay off on GPUs (benchmarks/inference_speed.py measures speed and what each loses)",
     )
     r.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
+    add_runtime_arguments(r)
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default: 64)")
     add_workers_argument(r, 4)
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a tty)")
+
+
+def add_runtime_arguments(group) -> None:
+    """``--runtime`` and ``--calibrate``: the encoder run by PyTorch, or exported to ONNX and run by onnxruntime."""
+    group.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="torch: PyTorch runs the encoder; onnxruntime: it is exported to ONNX once (cached under "
+        "$AIMV2_ONNX_CACHE, else $AIMV2_CACHE/onnx, else ~/.cache/aimv2/onnx) and onnxruntime runs it on the CPU, "
+        "--dtype fp32 or int8 (onnxruntime.quantization; pip install 'aimv2[onnx]'): the fast path on CPUs "
+        "(default: torch)",
+    )
+    group.add_argument(
+        "--calibrate",
+        metavar="DIR",
+        help="--runtime onnxruntime --dtype int8: static int8, its activation ranges set by 32 images "
+        "under DIR (images like the ones you will encode); without it int8 is dynamic (ranges per batch)",
+    )
 
 
 def add_workers_argument(group, cap: int) -> None:
@@ -130,15 +153,20 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def encoder_from_args(args):
-    """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``), quantized for ``--dtype int8``; a
-    bare model name is a random init seeded by ``--seed`` (else 0)."""
+    """The frozen encoder named by ``ENCODER`` (+ ``--checkpoint``, ``--set``) as ``--runtime`` and ``--dtype`` run
+    it: PyTorch's (quantized by torchao for int8), or onnxruntime's (fp32 or int8) exported from it; a bare model
+    name is a random init seeded by ``--seed`` (else 0)."""
     from ..eval.frozen_encoder import load_frozen_encoder
+    from ..eval.onnx_runtime import runtime_encoder
 
     overrides = parse_overrides(args.overrides)
     note_random_init(args)
-    return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
-                               seed=getattr(args, "seed", 0), pretrained=args.pretrained,
-                               dtype=encoder_dtype(args))  # fmt: skip
+
+    def load(dtype: str):
+        return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
+                                   seed=getattr(args, "seed", 0), pretrained=args.pretrained, dtype=dtype)  # fmt: skip
+
+    return runtime_encoder(load, feature_settings(args))
 
 
 def feature_settings(args):
@@ -155,6 +183,8 @@ def feature_settings(args):
         num_workers=args.workers,
         native=args.native,
         max_patches=args.max_patches,
+        runtime=args.runtime,
+        calibrate=str(Path(args.calibrate).resolve()) if args.calibrate else None,
     )
 
 
@@ -166,12 +196,16 @@ def encoder_dtype(args) -> str:
     return "bf16" if args.bf16 else (args.dtype or "fp32")
 
 
-def resolve_device(name: str | None):
-    """``--device``, else cuda when there is one."""
+def resolve_device(name: str | None, runtime: str = "torch"):
+    """``--device``, else cuda when there is one; the CPU for ``--runtime onnxruntime`` (its CPU provider)."""
     import torch
 
     from ..eval.features import default_device
 
+    if runtime == "onnxruntime":
+        if name and torch.device(name).type != "cpu":
+            raise ValueError(f"--runtime onnxruntime runs on the CPU, not --device {name}; on GPUs use --runtime torch")
+        return torch.device("cpu")
     return torch.device(name) if name else default_device()
 
 

@@ -33,10 +33,15 @@ file holds "features" [sum of N_i, D] (the images' tokens one after another), "o
 rows offsets[i]:offsets[i+1]) and "grids" long [n, 2] (gh, gw, row-major tokens); with --pool mean "features"
 is [n, D] and "grids" is written too.
 
+--runtime onnxruntime exports the encoder to ONNX once (cached, see --help of --runtime) and runs it in
+onnxruntime on the CPU, fp32 or int8 (dynamic, or static with --calibrate DIR): on CPUs several times faster than
+PyTorch (benchmarks/inference_speed.py). --blocks needs --runtime torch.
+
 examples:
   aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors photos/ feats.safetensors
   aimv2 extract runs/tiny photos/ feats.npy --pool mean --bf16
   aimv2 extract aimv2-large-patch14-224 --pretrained photos/ feats.safetensors --dtype int8
+  aimv2 extract runs/tiny photos/ feats.npy --pool mean --runtime onnxruntime --dtype int8
   aimv2 extract aimv2-large-patch14-224 --checkpoint model.safetensors photos/ f.safetensors --blocks -4,-3,-2,-1
   aimv2 extract aimv2-large-patch14-native --checkpoint native.safetensors photos/ f.safetensors --native
 """
@@ -59,6 +64,7 @@ def run(args) -> int:
 
     settings = feature_settings(args)
     check_feature_file(args.out, settings, args.pool, overwrite=args.overwrite)
+    device = resolve_device(args.device, args.runtime)
     encoder = encoder_from_args(args)
     with plain_warnings():
         result = extract_folder(
@@ -66,7 +72,7 @@ def run(args) -> int:
             args.images,
             settings,
             pool=args.pool,
-            device=resolve_device(args.device),
+            device=device,
             progress=False if args.no_progress else None,
         )
     written = write_features(args.out, result, {"encoder": args.encoder, "checkpoint": args.checkpoint})

@@ -62,6 +62,7 @@ examples:
   aimv2 probe runs/tiny --train shards/train/ --val shards/val/ --label-key json:label
   aimv2 probe runs/tiny --train hf/food/train --val hf/food/validation --image-column img --label-column label
   aimv2 probe runs/tiny --train 'parquet/train-*.parquet' --val parquet/val.parquet --method knn
+  aimv2 probe runs/tiny --train probe/train --val probe/val --runtime onnxruntime --dtype int8 --save p.safetensors
   aimv2 probe runs/tiny --train probe/train --val probe/val --grid-lr 5e-5,1e-4,2e-4,5e-4,1e-3,2e-3 \\
       --grid-wd 0.05,0.1 --holdout 0.1 --train-views 2 --out reports/tiny.json
 """
@@ -232,6 +233,7 @@ def run(args) -> int:
         grid_wd=args.grid_wd,
         holdout=args.holdout,
     )
+    device = resolve_device(args.device, args.runtime)
     with plain_warnings():
         result = run_probe(
             encoder_from_args(args),
@@ -239,7 +241,7 @@ def run(args) -> int:
             args.val,
             cfg,
             settings,
-            device=resolve_device(args.device),
+            device=device,
             progress=False if args.no_progress else None,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )

@@ -25,6 +25,7 @@ from ..weights.resolve import check_state_dict
 from .feature_files import check_blocks
 from .features import extract_features, extract_native_features, native_shape_groups
 from .frozen_encoder import FeatureSettings, feature_transform, load_frozen_encoder
+from .onnx_runtime import runtime_encoder
 from .probe import AttentiveProbe, LinearProbe
 
 KIND = "aimv2-classifier"
@@ -110,7 +111,7 @@ class Classifier:
         """``{"paths": the readable ones, "probs": float [n, C], "errors": [ReadError]}``, features computed as the
         probe computed them."""
         s = self.settings
-        self.encoder = self.encoder if self.encoder is not None else self.encoder_spec.load(s.dtype)
+        self.encoder = self.encoder if self.encoder is not None else runtime_encoder(self.encoder_spec.load, s)
         self.check_encoder(self.encoder)
         dataset = ImageFiles(paths, transform=feature_transform(self.encoder, s))
         kw = dict(batch_size=s.batch_size, num_workers=s.num_workers, device=device, dtype=s.dtype, blocks=s.blocks,

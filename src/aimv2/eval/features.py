@@ -100,7 +100,7 @@ def extract_features(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if dtype == "int8" and not is_int8(encoder):
+    if dtype == "int8" and not (is_int8(encoder) or getattr(encoder, "is_int8", False) is True):
         raise ValueError(
             "dtype int8 needs an int8 encoder; quantize it first: aimv2.eval.quantize.for_inference(encoder, 'int8')"
         )

@@ -33,6 +33,8 @@ class FeatureSettings:
     num_workers: int = 4  # image decoding processes, 0 decodes inline
     native: bool = False  # keep each image's aspect ratio (sin-cos encoders), at most max_patches patches
     max_patches: int = 1024
+    runtime: str = "torch"  # torch | onnxruntime (fp32 or int8: aimv2.eval.onnx_runtime)
+    calibrate: str | None = None  # onnxruntime int8: a folder of images that calibrates static int8 (else dynamic)
 
     def __post_init__(self):  # the command's options, named as the user typed them, before any work
         counts = {"--img-size": self.img_size, "--batch-size": self.batch_size, "--max-patches": self.max_patches}

@@ -72,18 +72,34 @@ def export_onnx(model: VisionEncoder, path: str | os.PathLike, opset: int | None
         dims.update({2: p * Dim("grid_h", min=1, max=MAX_GRID), 3: p * Dim("grid_w", min=1, max=MAX_GRID)})
     # an example of other sizes than 1, so that nothing specializes on them
     example = torch.zeros(onnx_input_shape(model, 2, (3, 2) if model.cfg.pos_embed == "sincos" else None))
+    return export_module(model, example, dims, path, opset=opset, names=("pixels", "features"))
+
+
+def export_module(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    dims: dict,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    names: tuple[str, str] = ("pixels", "features"),
+) -> Path:
+    """Write ``module`` (one tensor in, one out; eval mode, CPU) to ``path`` as ONNX, the input's dimensions in
+    ``dims`` ({axis: torch.export.Dim}) left free. The weights go to :func:`weights_file` beside the graph when
+    they are over 2 GiB (:func:`needs_external_data`), else inside it; a stale weights file is removed."""
+    module = module.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = needs_external_data(model)
+    external = needs_external_data(module)
     with warnings.catch_warnings():  # the position-embedding cache is a side effect torch.export notes, harmlessly
         warnings.simplefilter("ignore", UserWarning)
         torch.onnx.export(
-            model,
+            module,
             (example,),
             path,
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_shapes={"pixels": dims},
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_shapes={_forward_arg(module): dims},
             opset_version=opset,
             dynamo=True,
             external_data=external,
@@ -104,6 +120,13 @@ def written_opset(path: str | os.PathLike) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _forward_arg(module: torch.nn.Module) -> str:
+    """The name of the first argument of ``module.forward`` (torch.export keys dynamic shapes by it)."""
+    import inspect
+
+    return next(iter(inspect.signature(module.forward).parameters))
 
 
 def check_onnx(path: str | os.PathLike, model: VisionEncoder, shapes: list[tuple[int, ...]]) -> float:
