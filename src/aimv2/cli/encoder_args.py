@@ -166,6 +166,8 @@ def encoder_from_args(args):
         return load_frozen_encoder(args.encoder, checkpoint=args.checkpoint, overrides=overrides,
                                    seed=getattr(args, "seed", 0), pretrained=args.pretrained, dtype=dtype)  # fmt: skip
 
+    if not hasattr(args, "runtime"):  # a command without the feature options (visualize): PyTorch's encoder
+        return load(encoder_dtype(args))
     return runtime_encoder(load, feature_settings(args))
 
 
