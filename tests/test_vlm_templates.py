@@ -385,11 +385,15 @@ def test_loss_is_a_per_sample_cross_entropy_by_hand(name, spm_tmp):
     assert out.loss.item() == pytest.approx(total / n, rel=1e-4)
 
 
+STEPS = 60  # 40 left the Qwen3-style LM one step short of "red" for some inits (seeded now; 60 learns it for seeds 0-3)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "qwen3-think", "llama-sp-no-pad-no-eos"])
 def test_the_lm_learns_one_sample_and_ask_answers_it(name, spm_tmp):
     """A few steps on one repeated sample: `vlm ask`'s code (answer) then says the answer, and stops."""
     fam = FAMILIES[name]
     tok = tokenizer_of(name, spm_tmp)
+    torch.manual_seed(0)  # the encoder's and the LM's random init: what the steps below start from
     model = _vlm(fam.lm(tok), tok)
     msgs = conversation(fam)[: 3 if fam.system else 2]
     ids, lab = encode_conversation(tok, msgs, 512)
@@ -398,7 +402,7 @@ def test_the_lm_learns_one_sample_and_ask_answers_it(name, spm_tmp):
     from aimv2.data.transforms import normalize
 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(40):
+    for _ in range(STEPS):
         opt.zero_grad()
         model(normalize(image, "imagenet", torch.device("cpu")), ids, labels, mask).loss.backward()
         opt.step()
