@@ -136,10 +136,7 @@ class DetectionTask:
         }
 
     def work(self, model: DetectionObjective, batch: DetectionBatch) -> Work:
-        p = model.encoder.patch_size
-        n = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
-        B = len(batch.images)
-        return Work(B, n * B, encoder_train_flops(model.encoder, n) * B, n)
+        return dense_work(model.encoder, batch.images)
 
     def resumed(self, state: dict) -> None:
         pass
@@ -177,3 +174,12 @@ def train_detection(cfg: DetectionConfig) -> dict:
             probe = build_detection_model(cfg.detect, VisionEncoder(encoder.cfg), 2, mean_std(cfg.data.mean_std))
         cfg = with_layer_decay(cfg, probe)
     return fit(cfg, DetectionTask(cfg, encoder))
+
+
+def dense_work(encoder, images: torch.Tensor) -> Work:
+    """A dense task's step (detection, grounding): images [B, 3, H, W] through the encoder, counted as its patches
+    and the encoder's training FLOPs (the heads are small beside it)."""
+    p = encoder.patch_size
+    n = (images.shape[-2] // p) * (images.shape[-1] // p)
+    B = len(images)
+    return Work(B, n * B, encoder_train_flops(encoder, n) * B, n)

@@ -23,10 +23,10 @@ from ..data.sources.refcoco import RefCocoStyle
 from ..data.synthetic.referring import SyntheticGrounding
 from ..data.transforms import mean_std
 from ..models.grounding import encode_phrases
-from ..objectives.detection import encoder_train_flops
 from ..objectives.grounding import PARTS, GroundingObjective, build_grounding_model
 from ..weights import load_encoder
 from ..weights.safetensors_io import write_safetensors
+from .detection_task import dense_work
 from .distributed import DistInfo
 from .tasks import Work
 from .trainer import fit
@@ -117,10 +117,7 @@ class GroundingTask:
         }
 
     def work(self, model: GroundingObjective, batch: GroundingBatch) -> Work:
-        p = model.encoder.patch_size
-        n = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
-        B = len(batch.images)
-        return Work(B, n * B, encoder_train_flops(model.encoder, n) * B, n)
+        return dense_work(model.encoder, batch.images)
 
     def resumed(self, state: dict) -> None:
         pass
