@@ -19,6 +19,8 @@ from conftest import QUIET, ROOT, TINY_RUN, subprocess_env
 from aimv2.cli import main
 
 PRETRAIN = ["pretrain", str(ROOT / "configs" / "tiny-synthetic.yaml"), *TINY_RUN, "train.steps=1", "--quiet"]
+# every ablate row must be refused before the first run starts (the old code trained the points before a bad one)
+ABLATE = ["ablate", str(ROOT / "configs" / "tiny-synthetic.yaml"), *TINY_RUN, "--steps", "1", "--out-dir", "abl"]
 LINE = re.compile(r"aimv2 [a-z]+( [a-z]+)?: error: \S.*")
 
 
@@ -303,6 +305,14 @@ CASES = {
         "--overwrite",
     ),
     "data inspect missing shard": lambda t: (["data", "inspect", str(t / "gone.tar")], "gone.tar"),
+    "ablate bad value in a later point": lambda t: ([*ABLATE, "--grid", "alpha=0.2,abc"], "point alpha=abc"),
+    "ablate grid without values": lambda t: ([*ABLATE, "--grid", "alpha="], "gives no values"),
+    "ablate one key in two axes": lambda t: ([*ABLATE, "--grid", "alpha=0.2", "--grid", "alpha=0.4"], "two axes"),
+    "ablate seeds not integers": lambda t: ([*ABLATE, "--seeds", "a,b"], "--seeds 'a,b'"),
+    "ablate no seeds": lambda t: ([*ABLATE, "--seeds", ","], "--seeds is empty"),
+    "ablate steps 0": lambda t: ([*ABLATE[:-4], "--steps", "0"], "train.steps=0"),
+    "ablate unknown probe task": lambda t: ([*ABLATE, "--probe-tasks", "count,bogus"], "--probe-tasks bogus"),
+    "ablate probe-val 0": lambda t: ([*ABLATE, "--probe-val", "0"], "--probe-val 0 must be at least 1"),
 }
 
 
@@ -326,6 +336,8 @@ def test_bad_input_is_one_line_and_status_2(name, request, tmp_path, monkeypatch
     assert lines[0].startswith(f"aimv2 {' '.join(argv[:2]) if argv[0] in ('data', 'tokenizer') else argv[0]}: ")
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in err
+    if argv[0] == "ablate":
+        assert not (tmp_path / "abl").exists()  # refused before any run started
 
 
 def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch, capsys):

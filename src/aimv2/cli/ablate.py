@@ -79,8 +79,15 @@ def grid_points(grids: list[str], preset: str | None = None) -> list[tuple[str, 
         if "=" not in g:
             raise ValueError(f"--grid {g!r} is not KEY=V1,V2")
         key, values = g.split("=", 1)
+        if not key:
+            raise ValueError(f"--grid {g!r} names no key; give KEY=V1,V2, e.g. --grid alpha=0.2,0.4")
         short = key.split(".")[-1]
-        axes.append([(f"{short}={v}", f"{_key(key)}={v}") for v in values.split(",") if v != ""])
+        axis = [(f"{short}={v}", f"{_key(key)}={v}") for v in values.split(",") if v != ""]
+        if not axis:
+            raise ValueError(f"--grid {g!r} gives no values; give KEY=V1,V2, e.g. --grid {key}=0.2,0.4")
+        if _key(key) in (_key(k.split("=", 1)[0]) for k in grids[: len(axes)]):
+            raise ValueError(f"--grid sets {_key(key)} in two axes; give its values in one --grid {key}=V1,V2,...")
+        axes.append(axis)
     points = []
     bases = PRESETS[preset] if preset else [("", [])]
     for (base_name, base), combo in itertools.product(bases, itertools.product(*axes)):
@@ -91,6 +98,34 @@ def grid_points(grids: list[str], preset: str | None = None) -> list[tuple[str, 
     if len(set(names)) != len(names):
         raise ValueError(f"grid points with the same name: {names}")
     return points
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds as a list of distinct integers, or ValueError naming the flag."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds 0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} repeats a seed; each seed is one run per point")
+    return seeds
+
+
+def check_probe_args(args) -> list[str]:
+    """The probe tasks of --probe-tasks, after checking them and the probe sizes (before any run starts)."""
+    from ..data.synthetic.probes import PROBE_TASKS
+
+    tasks = [t for t in args.probe_tasks.split(",") if t]
+    if not tasks or (bad := [t for t in tasks if t not in PROBE_TASKS]):
+        given = ", ".join(bad) if tasks else "nothing"
+        raise ValueError(f"--probe-tasks {given}: choose from {', '.join(PROBE_TASKS)} (comma-separated)")
+    for flag, value in (("--probe-train", args.probe_train), ("--probe-val", args.probe_val),
+                        ("--probe-epochs", args.probe_epochs)):  # fmt: skip
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    return tasks
 
 
 def _probe_top1(run_dir: Path, split: Path, epochs: int | None) -> float:
@@ -116,19 +151,21 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("aimv2.ablate")
     points = grid_points(args.grid, args.preset)
-    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    tasks = [t for t in args.probe_tasks.split(",") if t]
+    seeds = parse_seeds(args.seeds)
+    tasks = check_probe_args(args)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    common = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    results: dict[str, list[dict]] = {}
-    for (name, overrides), seed in itertools.product(points, seeds):
+    common = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    runs = []
+    for (name, overrides), seed in itertools.product(points, seeds):  # every point checked before any run starts
         run_dir = out / name / f"seed{seed}"
         these = [*common, *overrides, f"seed={seed}", f"out_dir={run_dir}"]
         try:
-            cfg = load_config(args.config, these)  # checked here, before any run starts
+            runs.append((name, seed, run_dir, these, load_config(args.config, these)))
         except ConfigError as e:
             raise ConfigError(f"point {name}: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for name, seed, run_dir, these, cfg in runs:
         done = run_dir / "ablate.json"
         if done.exists() and json.loads(done.read_text()).get("overrides") == these:
             log.info("%s seed %d: done already", name, seed)
