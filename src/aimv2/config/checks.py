@@ -68,18 +68,24 @@ def decay_bound_checks(o) -> list[tuple[bool, str]]:
     ]
 
 
-def distill_checks(d) -> list[tuple[bool, str]]:
-    """model.distill, for model.objective=distill: a teacher, weights >= 0 and something to distill."""
+def distill_checks(d, active: bool) -> list[tuple[bool, str]]:
+    """model.distill: weights >= 0 always; with model.objective=distill (``active``) a teacher and something to
+    distill."""
+    ranges = [
+        in_range("model.distill.cosine", d.cosine, 0),
+        in_range("model.distill.smooth_l1", d.smooth_l1, 0),
+        in_range("model.distill.smooth_l1_beta", d.smooth_l1_beta, 0),
+        in_range("model.distill.aimv2", d.aimv2, 0),
+    ]
+    if not active:
+        return ranges
     return [
         (
             bool(d.teacher),
             "model.objective=distill needs model.distill.teacher=TEACHER: a model name, a .safetensors checkpoint, "
             "a pretraining run folder or hf:REPO",
         ),
-        in_range("model.distill.cosine", d.cosine, 0),
-        in_range("model.distill.smooth_l1", d.smooth_l1, 0),
-        in_range("model.distill.smooth_l1_beta", d.smooth_l1_beta, 0),
-        in_range("model.distill.aimv2", d.aimv2, 0),
+        *ranges,
         (
             not (d.cosine == 0 and d.smooth_l1 == 0),
             "model.distill.cosine and model.distill.smooth_l1 are both 0, so nothing is distilled; give one a "
@@ -189,7 +195,7 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
             # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
             (m.objective != "clip" or t.grad_accum == 1, "model.objective=clip needs train.grad_accum=1"),
             (m.objective != "clip" or not cfg.data.native.enabled, "model.objective=clip does not support data.native"),
-            *(distill_checks(m.distill) if m.objective == "distill" else []),
+            *distill_checks(m.distill, active=m.objective == "distill"),
             (
                 m.objective == "aimv2" and not m.separate_decoders or not m.init_from or not m.init_decoder,
                 "model.init_from with a decoder needs objective=aimv2 (shared decoder): set model.init_decoder=false",

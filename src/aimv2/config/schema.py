@@ -47,7 +47,9 @@ class ModelConfig:
     # the paper's baselines in this harness; distill: a frozen teacher encoder's patch features (model.distill)
     objective: str = "aimv2"
     cappa_parallel_prob: float = 0.75  # cappa: the share of rows that predict the caption in parallel (CapPa's 0.75)
-    encoder_attention: str = "auto"  # auto (bidirectional for clip, else prefix) | prefix | bidirectional (cap only)
+    # auto (bidirectional for clip, else prefix; distill: bidirectional, prefix with model.distill.aimv2 > 0) |
+    # prefix | bidirectional (cap only)
+    encoder_attention: str = "auto"
     separate_decoders: bool = False  # aimv2: one decoder for pixels and one for text instead of a shared one
     clip: ClipConfig = field(default_factory=ClipConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
