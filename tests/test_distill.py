@@ -3,13 +3,16 @@ teachers of another width and grid, gradients that never reach the teacher (nor 
 optimizer or a checkpoint), teachers read from a run folder and from a .safetensors file, one-line config errors,
 the AIMv2 part's leak checks, resume bit for bit, the FLOP count, and a student that learns."""
 
-import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import test_pretrain_objective as objective_tests
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_RUN, read_metrics
+from conftest import ROOT, TINY_RUN, read_metrics, subprocess_env
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -169,19 +172,30 @@ def test_teacher_from_a_run_folder_or_its_safetensors_trains_alike(tmp_path, tea
     assert [r["loss"] for r in rows["folder"]] == [r["loss"] for r in rows["file"]]  # the same teacher weights
 
 
-def test_resume_is_bit_identical_and_rebuilds_the_teacher(tmp_path, teacher_run):
-    args = [*RUN, "train.steps=4", f"model.distill.teacher={teacher_run}", "model.distill.aimv2=0.5"]
-    ref = tmp_path / "ref"
-    assert main(["pretrain", CONFIG, *args, f"out_dir={ref}"]) == 0
-    resumed = tmp_path / "resumed"
-    shutil.copytree(ref, resumed)
-    (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after the step-2 checkpoint
-    (resumed / "encoder.safetensors").unlink()
-    assert main(["pretrain", CONFIG, *args, f"out_dir={resumed}"]) == 0
-    a, b = load_file(ref / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
+@pytest.mark.slow
+def test_kill9_and_resume_is_bit_identical_and_rebuilds_the_teacher(tmp_path, teacher_run):
+    """As tests/test_train_loop.py's kill -9 test, with the AIMv2 part on: the killed run's resume reads the teacher
+    again (no checkpoint has it) and ends on the uninterrupted run's weights and losses, bit for bit."""
+    args = [*RUN, "train.steps=12", f"model.distill.teacher={teacher_run}", "model.distill.aimv2=0.5"]
+
+    def cmd(out):  # every run in a child process of one thread: the same float summation order in all three
+        return [sys.executable, "-m", "aimv2", "pretrain", CONFIG, *args, f"out_dir={out}"]
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(cmd(ref), env=subprocess_env(), check=True, timeout=300, capture_output=True)
+    p = subprocess.Popen(cmd(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*.pt")):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    left = sorted((out / "checkpoints").glob("step_*.pt"))
+    assert left and left[-1].name != "step_00000012.pt", "killed too late: nothing left to resume"
+    subprocess.run(cmd(out), env=subprocess_env(), check=True, timeout=300, capture_output=True)
+    a, b = load_file(ref / "encoder.safetensors"), load_file(out / "encoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = read_metrics(ref), read_metrics(resumed)
-    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    ra, rb = read_metrics(ref), read_metrics(out)
+    assert [r["step"] for r in rb] == list(range(1, 13))
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
     assert all(r["text_loss"] > 0 and r["image_loss"] > 0 for r in ra)  # the AIMv2 part trains too
 
