@@ -239,3 +239,25 @@ def test_student_learns_the_teacher(tmp_path):
     last = sum(r["distill_cosine"] for r in rows[-3:]) / 3
     assert last < 0.5 * first, (first, last)
     assert sum(r["loss"] for r in rows[-3:]) < 0.5 * sum(r["loss"] for r in rows[:3])
+
+
+def test_dry_run_counts_the_teacher_as_training_does(teacher_run):
+    """`--dry-run` sizes the teacher without reading its weights (a model name, a run folder, a file's metadata) and
+    measures a step's FLOPs as flops_per_sample (the MFU formula) counts them on the real model; a teacher it cannot
+    size without its weights is one line."""
+    from aimv2.config import ConfigError, load_config
+    from aimv2.objectives import build_model
+    from aimv2.train.dry_run import dry_run
+    from aimv2.train.tasks import load_teacher
+
+    path = ROOT / "configs" / "distill-tiny.yaml"
+    for teacher in (f"{TINY}", str(teacher_run), str(teacher_run / "encoder.safetensors")):
+        fill = [f"model.distill.teacher={teacher}", "model.distill.teacher_overrides={img_size: 32}"]
+        r = dry_run(path, fill)
+        cfg = load_config(path, fill)
+        model = build_model(cfg, 521, 0, teacher=load_teacher(cfg))
+        want = cfg.train.batch_size * flops_per_sample(model, 64, cfg.data.context_length)
+        assert r.flops_per_step[0] == pytest.approx(want, rel=0.02), teacher
+        assert r.params["total"] == sum(p.numel() for p in model.parameters())  # the teacher is not trained
+    with pytest.raises(ConfigError, match="--dry-run sizes model.distill.teacher='hf:apple/x'"):
+        dry_run(path, ["model.distill.teacher=hf:apple/x"])
