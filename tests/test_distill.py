@@ -261,3 +261,24 @@ def test_dry_run_counts_the_teacher_as_training_does(teacher_run):
         assert r.params["total"] == sum(p.numel() for p in model.parameters())  # the teacher is not trained
     with pytest.raises(ConfigError, match="--dry-run sizes model.distill.teacher='hf:apple/x'"):
         dry_run(path, ["model.distill.teacher=hf:apple/x"])
+
+
+def test_a_run_with_the_aimv2_part_reads_back_as_aimv2_for_captioning(tmp_path, teacher_run):
+    """`aimv2 caption` and continued pretraining read a run folder back: a distillation run with the AIMv2 part is
+    AIMv2's encoder + decoder (the projection stays behind); one without it has no decoder, which is said."""
+    from aimv2.objectives import AIMv2Pretrainer
+    from aimv2.weights import RunError, load_pretraining_run
+
+    out = tmp_path / "run"
+    args = [*RUN, "train.steps=1", f"model.distill.teacher={teacher_run}", "model.distill.aimv2=0.5"]
+    assert main(["pretrain", CONFIG, *args, f"out_dir={out}"]) == 0
+    run = load_pretraining_run(out)
+    assert isinstance(run.model, AIMv2Pretrainer) and run.config.model.objective == "distill"
+    exported = aimv2.create_model(None, checkpoint=out / "encoder.safetensors").state_dict()
+    assert all(torch.equal(v, run.model.encoder.state_dict()[k]) for k, v in exported.items())
+    images, text = objective_tests._batch()
+    assert run.model(images, text.clamp(max=run.tokenizer.vocab_size - 1), prefix_len=3).text_logits.ndim == 3
+    pure = tmp_path / "pure"
+    assert main(["pretrain", CONFIG, *RUN, "train.steps=1", f"model.distill.teacher={TINY}", f"out_dir={pure}"]) == 0
+    with pytest.raises(RunError, match="model.objective=distill: no caption decoder"):
+        load_pretraining_run(pure)
