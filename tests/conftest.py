@@ -2,7 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +118,21 @@ def read_metrics(out_dir) -> list[dict]:
 def subprocess_env() -> dict:
     """The environment for `python -m aimv2 ...` in a child process: this checkout's sources, one thread."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+
+
+def kill9_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float = 200) -> None:
+    """Start ``cmd`` (a training run writing ``out_dir``), SIGKILL it as soon as its checkpoint of ``step`` or later
+    exists (mid-run: no chance to save or clean up), and wait for it to die."""
+    ckpts = Path(out_dir) / "checkpoints"
+    p = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        done = sorted(ckpts.glob("step_*.pt")) if ckpts.exists() else []
+        if done and int(done[-1].stem.split("_")[1]) >= step:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
 
 
 def perturb_from(images: torch.Tensor, first_patch: int, patch: int) -> torch.Tensor:

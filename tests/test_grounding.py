@@ -6,12 +6,16 @@ image, two phrases, two objects), training through the trainer with an exact res
 import itertools
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import kill9_after_checkpoint, read_metrics, subprocess_env
 from PIL import Image
 
 import aimv2
@@ -28,6 +32,8 @@ from aimv2.eval.grounding import grounding_accuracy, load_grounder
 from aimv2.models.grounding import encode_phrases
 from aimv2.objectives.grounding import build_grounding_model, hungarian_match
 from aimv2.train.grounding_task import train_grounding
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("n,m", [(1, 1), (3, 1), (3, 3), (4, 2), (5, 3)])
@@ -155,17 +161,30 @@ def run(out, steps, *extra):
     return train_grounding(load_config("configs/ground-tiny.yaml", overrides, cls=GroundingConfig))
 
 
+def ground_cmd(out, *extra):
+    cfg = str(ROOT / "configs/ground-tiny.yaml")
+    return [sys.executable, "-m", "aimv2", "ground", "train", cfg, *TINY, f"out_dir={out}", *extra]
+
+
 @pytest.mark.slow
-def test_grounding_training_resumes_exactly(tmp_path):
-    """3 steps straight against 2 steps, then a second run of the same config to 3 (from the step-2 checkpoint):
-    the same weights, bit for bit; the frozen block stays as initialized."""
-    run(tmp_path / "straight", 3)
-    run(tmp_path / "resumed", 2)
-    run(tmp_path / "resumed", 3)
+def test_grounding_training_resumes_exactly_after_kill_9(tmp_path):
+    """`aimv2 ground train` killed with SIGKILL mid-run (after its step-2 checkpoint), then run again with the same
+    command, ends with the weights and losses of the run that was never interrupted, bit for bit; the frozen block
+    stays as initialized."""
+    steps = ["train.steps=6", "train.checkpoint_every=2"]
+    subprocess.run(ground_cmd(tmp_path / "straight", *steps), env=subprocess_env(), check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+    killed = tmp_path / "killed"
+    kill9_after_checkpoint(ground_cmd(killed, *steps), killed, 2)
+    assert not (killed / "grounder.safetensors").exists() or len(read_metrics(killed)) < 6  # it did die mid-run
+    subprocess.run(ground_cmd(killed, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     a, _ = load_grounder(tmp_path / "straight")
-    b, _ = load_grounder(tmp_path / "resumed")
+    b, _ = load_grounder(killed)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+    ra, rb = read_metrics(tmp_path / "straight"), read_metrics(killed)
+    assert [r["step"] for r in rb][-6:] == list(range(1, 7))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb][-6:]
     torch.manual_seed(0)
     init = aimv2.create_model("aimv2-tiny-patch8-64", depth=2)
     assert torch.equal(a.encoder.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)

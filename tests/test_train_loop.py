@@ -1,15 +1,13 @@
 """The training loop end to end on the built-in data: outputs, kill -9 + resume bit-identical,
 2-process DDP and FSDP2 (gloo) matching single-process training, NaN handling."""
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, read_metrics, subprocess_env
+from conftest import TINY_RUN, kill9_after_checkpoint, read_metrics, subprocess_env
 from safetensors.torch import load_file
 
 import aimv2
@@ -83,17 +81,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
 
     out = tmp_path / "killed"
     for kill_after in (2, 6):  # kill twice, at different moments after a checkpoint exists
-        p = subprocess.Popen(
-            _cmd(out, *steps), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.time() + 200
-        while time.time() < deadline:
-            ck = sorted((out / "checkpoints").glob("step_*.pt")) if (out / "checkpoints").exists() else []
-            if ck and int(ck[-1].stem.split("_")[1]) >= kill_after:
-                break
-            time.sleep(0.05)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        kill9_after_checkpoint(_cmd(out, *steps), out, kill_after)
     subprocess.run(_cmd(out, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
 
     a, b = load_file(ref / "encoder.safetensors"), load_file(out / "encoder.safetensors")

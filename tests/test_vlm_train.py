@@ -2,15 +2,13 @@
 projector), a run killed with kill -9 resumes bit-identically, and `aimv2 vlm ask` / `eval` read the run back."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, subprocess_env
+from conftest import QUIET, kill9_after_checkpoint, subprocess_env
 from safetensors.torch import load_file
 
 from aimv2.config import load_config
@@ -95,16 +93,7 @@ def test_kill9_and_resume_is_bit_identical(parts, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_cmd(parts, ref, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     out = tmp_path / "killed"
-    p = subprocess.Popen(_cmd(parts, out, *steps), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 200
-    while time.time() < deadline:
-        ck = sorted((out / "checkpoints").glob("step_*.pt")) if (out / "checkpoints").exists() else []
-        if ck and int(ck[-1].stem.split("_")[1]) >= 2:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill9_after_checkpoint(_cmd(parts, out, *steps), out, 2)
     subprocess.run(_cmd(parts, out, *steps), env=subprocess_env(), check=True, timeout=300, capture_output=True)
     a, b = load_file(ref / "vlm.safetensors"), load_file(out / "vlm.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
