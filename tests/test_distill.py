@@ -3,16 +3,14 @@ teachers of another width and grid, gradients that never reach the teacher (nor 
 optimizer or a checkpoint), teachers read from a run folder and from a .safetensors file, one-line config errors,
 the AIMv2 part's leak checks, resume bit for bit, the FLOP count, and a student that learns."""
 
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import test_pretrain_objective as objective_tests
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_RUN, read_metrics, subprocess_env
+from conftest import ROOT, TINY_RUN, kill9_after_checkpoint, read_metrics, subprocess_env
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -183,12 +181,7 @@ def test_kill9_and_resume_is_bit_identical_and_rebuilds_the_teacher(tmp_path, te
 
     ref, out = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(cmd(ref), env=subprocess_env(), check=True, timeout=300, capture_output=True)
-    p = subprocess.Popen(cmd(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 200
-    while time.time() < deadline and not list((out / "checkpoints").glob("step_*.pt")):
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill9_after_checkpoint(cmd(out), out, 2)
     left = sorted((out / "checkpoints").glob("step_*.pt"))
     assert left and left[-1].name != "step_00000012.pt", "killed too late: nothing left to resume"
     subprocess.run(cmd(out), env=subprocess_env(), check=True, timeout=300, capture_output=True)
