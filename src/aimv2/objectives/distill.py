@@ -98,7 +98,7 @@ class Distiller(nn.Module):
         # outside the registered modules (see the module docstring): a plain attribute, frozen and in eval mode
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
         self.pad_id, self.alpha = pad_id, alpha
-        self.weights = {"distill_cosine": cosine, "distill_smooth_l1": smooth_l1}
+        self.weights = dict(zip(PARTS, (cosine, smooth_l1), strict=True))
         self.beta, self.aimv2 = smooth_l1_beta, aimv2
         self.patch_size = encoder.cfg.patch_size
 
@@ -153,13 +153,8 @@ class Distiller(nn.Module):
         """The valid targets forward will count: every patch for distillation; with the AIMv2 part, its non-prefix
         patches and non-pad tokens."""
         N = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
-        n = count(len(images) * N)
+        counts = dict.fromkeys(PARTS, count(len(images) * N))
         if self.decoder is None:
-            return {"distill_cosine": n, "distill_smooth_l1": n, "image_loss": count(0), "text_loss": count(0)}
+            return {**counts, "image_loss": count(0), "text_loss": count(0)}
         text_n = count((text != self.pad_id).sum())
-        return {
-            "distill_cosine": n,
-            "distill_smooth_l1": n,
-            "image_loss": image_target_count(prefix_len, N),
-            "text_loss": text_n,
-        }
+        return {**counts, "image_loss": image_target_count(prefix_len, N), "text_loss": text_n}
