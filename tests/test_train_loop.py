@@ -392,3 +392,45 @@ def test_compile_takes_the_whole_model_only_where_it_is_one_graph(monkeypatch, o
         model.whole_graph = False
     assert par.parallelize(model, TrainConfig(compile=True), DistInfo(), torch.device("cpu"), dynamic) is model
     assert calls == [(dynamic, want)]
+
+
+MOE_DECODER = "model.decoder={embed_dim: 64, depth: 1, num_heads: 2, mlp_hidden_dim: 128, moe: {experts: 4}}"
+DISTILL = [
+    "model.objective=distill",
+    "model.distill.teacher=aimv2-tiny-patch8-64",  # a random teacher: the same on every rank under the seed
+    "model.distill.teacher_overrides={depth: 1, img_size: 32}",
+    "model.distill.aimv2=0.5",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [("cappa", ["model.objective=cappa"]), ("moe", [MOE_DECODER]), ("distill", DISTILL)],
+    ids=["cappa", "moe", "distill"],
+)
+def test_two_process_ddp_matches_single_process_for_every_objective(tmp_path, objective, extra):
+    """CapPa (its parallel rows drawn per global sample), the mixture-of-experts decoder (every expert's weights in
+    every backward, so DDP never waits for an unused one) and distillation (the teacher outside DDP's modules) train
+    under 2-process DDP (gloo) like one process. The MoE balance loss is one value per forward (a micro-batch or a
+    rank's share), averaged over them, as megablocks' is: its one-process reference runs the same two micro-batches
+    of 4 (against one batch of 8 the balance loss differs from step 1 on)."""
+    steps = ["train.steps=3", "train.checkpoint_every=3", *extra]
+    single = tmp_path / "single"
+    accum = ["train.grad_accum=2"] if objective == "moe" else []
+    subprocess.run(_cmd(single, *steps, *accum), env=subprocess_env(), check=True, timeout=300, capture_output=True)
+    multi = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aimv2"]
+    r = subprocess.run(
+        torchrun + _cmd(multi, *steps)[3:], env=subprocess_env(), capture_output=True, text=True, timeout=400
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(single)
+    keys = [k for k in rows[0] if k.endswith("_loss") or k.startswith("distill_")] + ["loss", "grad_norm"]
+    assert {"balance_loss", "distill_cosine"} & set(keys) or objective == "cappa", keys
+    for s, m in zip(rows, read_metrics(multi), strict=True):
+        for key in keys:
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (key, s, m)
+    a, b = load_file(single / "encoder.safetensors"), load_file(multi / "encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -20,6 +20,9 @@ Outputs in out_dir:
 Re-running the same command on an existing out_dir resumes from its last checkpoint; the result is
 bit-identical to an uninterrupted run. Raising train.steps continues a finished run.
 
+model.objective picks the baselines (cap, cappa, aimv1, clip) or distillation (distill): a student
+encoder trained on a frozen teacher's patch features, model.distill.teacher=RUN_FOLDER|FILE|NAME.
+
 Multi-process: torchrun --nproc_per_node=N -m aimv2 pretrain CONFIG train.parallel=fsdp
 
 --dry-run shows what the run would be and does nothing else (no out_dir, no lock, no data read
@@ -37,6 +40,7 @@ examples:
   aimv2 pretrain configs/tiny-synthetic.yaml
   aimv2 pretrain configs/tiny-synthetic.yaml train.steps=50 out_dir=runs/smoke data.num_workers=0
   aimv2 pretrain configs/tiny-synthetic.yaml train.precision=bf16 optim.lr=5e-4
+  aimv2 pretrain configs/tiny-synthetic.yaml model.objective=distill model.distill.teacher=runs/tiny-synthetic
   aimv2 pretrain configs/paper/aimv2-large-224.yaml --dry-run
   aimv2 pretrain configs/paper/aimv2-3b-224.yaml --dry-run data.mixture.0.shards='dfn/{00000..09999}.tar'
 """
@@ -69,8 +73,13 @@ def run(args) -> int:
         cfg.train.progress = False
     last = train(cfg)
     if last and int(os.environ.get("RANK", "0")) == 0:
+        parts = [("image", "image_loss"), ("text", "text_loss")]
+        if cfg.model.objective == "distill":  # the teacher's features first; image and text with the AIMv2 part
+            parts = [("cosine", "distill_cosine"), ("smooth-l1", "distill_smooth_l1")] + (
+                parts if cfg.model.distill.aimv2 > 0 else []
+            )
+        shown = ", ".join(f"{name} {last[key]:.4f}" for name, key in parts)
         print(
-            f"done: step {last['step']} loss {last['loss']:.4f} (image {last['image_loss']:.4f}, "
-            f"text {last['text_loss']:.4f}); encoder at {cfg.out_dir}/encoder.safetensors"
+            f"done: step {last['step']} loss {last['loss']:.4f} ({shown}); encoder at {cfg.out_dir}/encoder.safetensors"
         )
     return 0

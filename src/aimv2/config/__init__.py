@@ -7,6 +7,7 @@ from .schema import (
     ClipConfig,
     Config,
     DataConfig,
+    DistillConfig,
     LitConfig,
     LitTowerConfig,
     LogConfig,
@@ -19,6 +20,7 @@ from .schema import (
 __all__ = [
     "REQUIRED",
     "ClipConfig",
+    "DistillConfig",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -68,6 +68,36 @@ def decay_bound_checks(o) -> list[tuple[bool, str]]:
     ]
 
 
+def distill_checks(d, active: bool) -> list[tuple[bool, str]]:
+    """model.distill: weights >= 0 always; with model.objective=distill (``active``) a teacher and something to
+    distill."""
+    ranges = [
+        in_range("model.distill.cosine", d.cosine, 0),
+        in_range("model.distill.smooth_l1", d.smooth_l1, 0),
+        in_range("model.distill.smooth_l1_beta", d.smooth_l1_beta, 0),
+        in_range("model.distill.aimv2", d.aimv2, 0),
+    ]
+    if not active:
+        return ranges
+    return [
+        (
+            bool(d.teacher),
+            "model.objective=distill needs model.distill.teacher=TEACHER: a model name, a .safetensors checkpoint, "
+            "a pretraining run folder or hf:REPO",
+        ),
+        *ranges,
+        (
+            not (d.cosine == 0 and d.smooth_l1 == 0),
+            "model.distill.cosine and model.distill.smooth_l1 are both 0, so nothing is distilled; give one a "
+            "weight > 0 (or train model.objective=aimv2)",
+        ),
+        (
+            isinstance(d.teacher_overrides, dict),
+            f"model.distill.teacher_overrides must be a mapping such as {{img_size: 64}}, got {d.teacher_overrides!r}",
+        ),
+    ]
+
+
 def validate(cfg: Config, *, decay_bound: bool = True) -> None:
     """Every rule; ``decay_bound=False`` skips the weight-decay bound (a migrated config an earlier run trained
     with, whose value is history, not a choice to question)."""
@@ -139,15 +169,17 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
     if isinstance(cfg, Config):
         m = cfg.model
         attention = {"aimv2": ("auto", "prefix"), "aimv1": ("auto", "prefix"), "clip": ("auto", "bidirectional")}
+        attention["distill"] = ("auto",)  # bidirectional, or prefix with model.distill.aimv2 > 0
         checks += [
             (
-                m.objective in ("aimv2", "cap", "cappa", "aimv1", "clip"),
-                f"model.objective must be aimv2, cap, cappa, aimv1 or clip, got {m.objective!r}",
+                m.objective in ("aimv2", "cap", "cappa", "aimv1", "clip", "distill"),
+                f"model.objective must be aimv2, cap, cappa, aimv1, clip or distill, got {m.objective!r}",
             ),
             (
                 m.encoder_attention in attention.get(m.objective, ("auto", "prefix", "bidirectional")),
                 f"model.encoder_attention={m.encoder_attention!r} does not fit model.objective={m.objective!r} "
-                "(prefix: aimv2, aimv1, cap, cappa; bidirectional: cap, cappa, clip)",
+                "(prefix: aimv2, aimv1, cap, cappa; bidirectional: cap, cappa, clip; distill: auto only, which is "
+                "bidirectional, or prefix with model.distill.aimv2 > 0)",
             ),
             (
                 not m.separate_decoders or m.objective == "aimv2",
@@ -163,6 +195,7 @@ def validate(cfg: Config, *, decay_bound: bool = True) -> None:
             # the contrastive loss couples every pair of the batch: micro-batches would change it, not just split it
             (m.objective != "clip" or t.grad_accum == 1, "model.objective=clip needs train.grad_accum=1"),
             (m.objective != "clip" or not cfg.data.native.enabled, "model.objective=clip does not support data.native"),
+            *distill_checks(m.distill, active=m.objective == "distill"),
             (
                 m.objective == "aimv2" and not m.separate_decoders or not m.init_from or not m.init_decoder,
                 "model.init_from with a decoder needs objective=aimv2 (shared decoder): set model.init_decoder=false",

@@ -25,14 +25,34 @@ class ClipConfig:
 
 
 @dataclass
+class DistillConfig:
+    """model.objective=distill: the encoder learns a frozen teacher encoder's patch features (objectives/distill.py).
+    Our recipe: Apple distilled aimv2-large-patch14-*-distilled from AIMv2-3B but has not published how."""
+
+    # required: anything aimv2's ENCODER argument reads (a model name, a .safetensors checkpoint in any layout, a
+    # transformers folder, a pretraining run folder, hf:REPO[@REV]); rebuilt from here on resume, never saved
+    teacher: str | None = None
+    teacher_overrides: dict[str, Any] = field(default_factory=dict)  # the teacher's config fields, e.g. {img_size: 64}
+    cosine: float = 1.0  # weight of 1 - cos(projected student feature, teacher feature), per patch
+    smooth_l1: float = 1.0  # weight of the smooth-L1 distance of the same pair, averaged over channels, per patch
+    # where smooth-L1 turns from squared to absolute error; the teacher's features come out of its final RMSNorm at
+    # about unit scale per channel, so 1.0 keeps ordinary errors quadratic and makes outlier channels count linearly
+    smooth_l1_beta: float = 1.0
+    aimv2: float = 0.0  # > 0: also the AIMv2 loss (a decoder, prefix attention) with this weight; 0: distillation only
+
+
+@dataclass
 class ModelConfig:
     # aimv2 | cap (captioning only) | cappa (cap + parallel prediction) | aimv1 (image only) | clip (contrastive):
-    # the paper's baselines in this harness
+    # the paper's baselines in this harness; distill: a frozen teacher encoder's patch features (model.distill)
     objective: str = "aimv2"
     cappa_parallel_prob: float = 0.75  # cappa: the share of rows that predict the caption in parallel (CapPa's 0.75)
-    encoder_attention: str = "auto"  # auto (bidirectional for clip, else prefix) | prefix | bidirectional (cap only)
+    # auto (bidirectional for clip, else prefix; distill: bidirectional, prefix with model.distill.aimv2 > 0) |
+    # prefix | bidirectional (cap only)
+    encoder_attention: str = "auto"
     separate_decoders: bool = False  # aimv2: one decoder for pixels and one for text instead of a shared one
     clip: ClipConfig = field(default_factory=ClipConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     encoder: str = "aimv2-tiny-patch8-64"  # aimv2-{size}-patch{p}-{res|native}
     encoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 6}
     decoder: dict[str, Any] = field(default_factory=dict)  # embed_dim, depth, num_heads, mlp_hidden_dim

@@ -6,17 +6,46 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config, LitConfig
+from ..models.decoder import MultimodalDecoder, default_decoder_config
 from ..models.encoder import VisionEncoder
+from ..models.registry import build_encoder, model_size
 from ..models.text import text_config
 from .aimv2 import create_pretraining_model
+from .distill import Distiller
 from .generative import create_baseline_model
 from .lit import LiT, LiTConfig
 
 
-def build_model(cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1) -> nn.Module:
+def build_model(
+    cfg: Config, vocab_size: int, pad_id: int, eos_id: int = 1, teacher: VisionEncoder | None = None
+) -> nn.Module:
     """The pretraining objective of ``cfg.model`` (decoder context = ``data.context_length`` unless set): AIMv2, or
-    one of the baselines of ``model.objective`` / ``model.separate_decoders`` (objectives/generative.py)."""
+    one of the baselines of ``model.objective`` / ``model.separate_decoders`` (objectives/generative.py), or
+    distillation from ``teacher`` (model.objective=distill: the caller loads ``model.distill.teacher``; objectives
+    read no files)."""
     m = cfg.model
+    if m.objective == "distill":
+        if teacher is None:
+            raise ValueError("model.objective=distill needs its teacher encoder (model.distill.teacher), loaded")
+        if (m.decoder.get("moe") or {}).get("experts"):
+            raise ValueError("model.decoder.moe is for model.objective=aimv2; remove it for model.objective=distill")
+        d = m.distill
+        student, decoder = build_encoder(m.encoder, **m.encoder_overrides), None
+        if d.aimv2 > 0:  # the AIMv2 part: its decoder, sized as model.objective=aimv2 sizes it
+            dec = {"max_text_len": cfg.data.context_length, **m.decoder}
+            dcfg = default_decoder_config(model_size(m.encoder), vocab_size=vocab_size, **dec)
+            decoder = MultimodalDecoder(dcfg, student.cfg.embed_dim, student.cfg.patch_dim)
+        return Distiller(
+            student,
+            teacher,
+            decoder=decoder,
+            pad_id=pad_id,
+            alpha=m.alpha,
+            cosine=d.cosine,
+            smooth_l1=d.smooth_l1,
+            smooth_l1_beta=d.smooth_l1_beta,
+            aimv2=d.aimv2,
+        )
     if m.objective != "aimv2" or m.separate_decoders:
         if (m.decoder.get("moe") or {}).get("experts"):  # only the AIMv2 objective adds the balance loss
             raise ValueError(

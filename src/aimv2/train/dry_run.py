@@ -31,9 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..config import REQUIRED, Config, ConfigError
 from ..config.parse import resolve_config
+from ..models.encoder import VisionEncoder
 from ..models.moe import MoESwiGLU
 from ..models.registry import model_config
 from ..objectives.build import build_model
+from ..weights import encoder_config_of
 from .optim import adamw_weight_decay
 
 ASSUMED_VOCAB = 32000  # SigLIP's SentencePiece vocabulary (the paper's), when data.tokenizer is still ???
@@ -107,11 +109,27 @@ def _meta_model(cfg: Config, vocab: int, encoder_depth: int | None = None, decod
     dec = dict(m.decoder, **({"depth": decoder_depth} if decoder_depth else {}))
     small = dataclasses.replace(cfg, model=dataclasses.replace(m, encoder_overrides=enc, decoder=dec))
     with torch.device("meta"):
-        model = build_model(small, vocab_size=vocab, pad_id=0, eos_id=1)
+        model = build_model(small, vocab_size=vocab, pad_id=0, eos_id=1, teacher=_meta_teacher(cfg))
     for module in model.modules():  # mixtures of experts: balanced routes, which shape-only tensors can size
         if isinstance(module, MoESwiGLU):
             module.static_routing = True
     return model
+
+
+def _meta_teacher(cfg: Config) -> VisionEncoder | None:
+    """model.objective=distill: the teacher on the meta device, sized from its name, run folder or file metadata."""
+    d = cfg.model.distill
+    if cfg.model.objective != "distill":
+        return None
+    if d.teacher in (None, REQUIRED):
+        raise ConfigError("--dry-run of model.objective=distill needs its teacher: give model.distill.teacher=TEACHER")
+    tcfg = encoder_config_of(d.teacher, **d.teacher_overrides)
+    if tcfg is None:
+        raise ConfigError(
+            f"--dry-run sizes model.distill.teacher={d.teacher!r} from a model name, a run folder or a .safetensors "
+            "file with its config in the metadata; give one of those (or train without --dry-run)"
+        )
+    return VisionEncoder(tcfg)
 
 
 def step_flops_per_image(cfg: Config, vocab: int, grid: tuple[int, int], dec_depth: int | None) -> float:
@@ -124,6 +142,8 @@ def step_flops_per_image(cfg: Config, vocab: int, grid: tuple[int, int], dec_dep
         model = _meta_model(cfg, vocab, e, d)
         with FakeTensorMode(allow_non_fake_inputs=True):  # meta storage, CPU device: autocast and SDPA run as on CPU
             model = model.to_empty(device="cpu")
+            if getattr(model, "teacher", None) is not None:  # distillation: the frozen teacher, no registered module
+                model.teacher.to_empty(device="cpu")
             images = torch.empty(1, 3, grid[0] * enc.patch_size, grid[1] * enc.patch_size)
             text = torch.ones(1, cfg.data.context_length, dtype=torch.long)
             with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
@@ -267,7 +287,7 @@ def dry_run(path: str | Path, overrides: list[str] = ()) -> DryRun:
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     n_all = sum(p.numel() for p in model.parameters())
     enc = model_config(cfg.model.encoder, **cfg.model.encoder_overrides)
-    dec_depth = model.decoder.cfg.depth if hasattr(model, "decoder") else None
+    dec_depth = model.decoder.cfg.depth if getattr(model, "decoder", None) is not None else None
     if cfg.data.native.enabled:
         plans = _native_batches(cfg)
         per = [b * step_flops_per_image(cfg, vocab, grid, dec_depth) for _, b, grid in plans]

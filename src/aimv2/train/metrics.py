@@ -51,15 +51,26 @@ def _stack_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> float:
     return depth * (2 * n_tokens * (4 * dim * dim + 3 * dim * hidden) + 4 * n_tokens * n_tokens * dim)
 
 
+def encoder_forward_flops(e, num_patches: int) -> float:
+    """Forward FLOPs of an encoder of config ``e`` over ``num_patches`` patches: blocks and patch embedding."""
+    blocks = _stack_flops(num_patches, e.embed_dim, e.mlp_hidden_dim, e.depth)
+    return blocks + 2 * num_patches * e.patch_dim * e.embed_dim  # + the patch embedding
+
+
 def flops_per_sample(model, num_patches: int, text_len: int) -> float:
     """Training FLOPs of one image-text pair: 3x the forward (forward + backward), matmuls and attention; a frozen
-    encoder (LiT) runs forward only."""
+    encoder (LiT) runs forward only, and so does a distillation teacher (at its own grid), whose features the
+    student's projection maps to."""
     e = model.encoder.cfg
-    enc = _stack_flops(num_patches, e.embed_dim, e.mlp_hidden_dim, e.depth)
-    enc += 2 * num_patches * e.patch_dim * e.embed_dim  # patch embed
+    enc = encoder_forward_flops(e, num_patches)
     frozen = not any(p.requires_grad for p in model.encoder.parameters())
-    fwd = 0.0
-    if hasattr(model, "decoder"):  # AIMv2: one decoder over image + text
+    fwd, teacher_fwd = 0.0, 0.0
+    teacher = getattr(model, "teacher", None)  # distillation: forward only, outside the trained modules
+    if teacher is not None:
+        t = teacher.cfg
+        teacher_fwd = encoder_forward_flops(t, t.grid_size[0] * t.grid_size[1])
+        fwd += 2 * num_patches * e.embed_dim * t.embed_dim  # the projection
+    if getattr(model, "decoder", None) is not None:  # AIMv2: one decoder over image + text
         d = model.decoder.cfg
         seq = num_patches + text_len
         fwd += 2 * num_patches * e.embed_dim * d.embed_dim  # image projection
@@ -78,7 +89,7 @@ def flops_per_sample(model, num_patches: int, text_len: int) -> float:
     if text is not None:
         t = text.cfg
         fwd += _stack_flops(text_len, t.embed_dim, t.mlp_hidden_dim, t.depth)
-    return 3 * fwd + (1 if frozen else 3) * enc
+    return 3 * fwd + (1 if frozen else 3) * enc + teacher_fwd
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

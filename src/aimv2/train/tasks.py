@@ -5,8 +5,9 @@ how its objective is built (after the data source, whose tokenizer sizes it), wh
 keep, and which weights file it exports after every checkpoint. ``ImageTextTask`` holds what the image-caption
 objectives share (train/sources.py, train/data.py):
 
-    PretrainTask   ``aimv2 pretrain``: AIMv2 or a baseline from ``cfg.model`` (optionally ``model.init_from``);
-                   exports encoder.safetensors (the encoder in Apple's layout)
+    PretrainTask   ``aimv2 pretrain``: AIMv2, a baseline or distillation from ``cfg.model`` (optionally
+                   ``model.init_from``); exports encoder.safetensors (the encoder in Apple's layout); a distillation
+                   teacher is read on every rank from the config, fresh or resumed, and never checkpointed
     LiTTask        ``aimv2 lit``: a text tower and pooling head against a frozen encoder; exports lit.safetensors
 
 A new objective (a VLM stage, detection) is a new task here and an objective in ``objectives/``: the loop, resume,
@@ -27,7 +28,7 @@ from ..config import Config, LitConfig
 from ..data.transforms import normalize
 from ..models.encoder import VisionEncoder
 from ..objectives import LiT, build_lit_model, build_model
-from ..weights import LIT_FILE, load_encoder, save_encoder, save_lit
+from ..weights import LIT_FILE, CheckpointError, load_encoder, save_encoder, save_lit
 from .data import Batch, ShardStepBatches, StepBatches
 from .distributed import DistInfo
 from .init_from import init_from
@@ -156,14 +157,20 @@ class PretrainTask(ImageTextTask):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.origin = None  # where the weights came from (model.init_from); every checkpoint of the run keeps it
+        self.teacher: VisionEncoder | None = None  # model.objective=distill: the frozen teacher, never checkpointed
+        if cfg.model.objective == "distill":
+            self.show = {"loss": "loss", "distill_cosine": "cos", "distill_smooth_l1": "l1"}
+            if cfg.model.distill.aimv2 > 0:
+                self.show.update(image_loss="img", text_loss="txt")
 
     def prepare(self) -> None:
-        pass
+        if self.cfg.model.objective == "distill":  # every rank reads the teacher itself, fresh run or resumed
+            self.teacher = load_teacher(self.cfg)
 
     def build(self, source: Source, fresh: bool) -> nn.Module:
         tok = source.tokenizer
         self.pad_id = tok.pad_id
-        model = build_model(self.cfg, tok.vocab_size, tok.pad_id, tok.eos_id)
+        model = build_model(self.cfg, tok.vocab_size, tok.pad_id, tok.eos_id, teacher=self.teacher)
         if self.cfg.model.init_from and fresh:  # resume wins: never re-apply init_from
             self.origin = init_from(model, self.cfg)
         return model
@@ -182,6 +189,17 @@ class PretrainTask(ImageTextTask):
         sd = {k.removeprefix("encoder."): v for k, v in model_sd.items() if k.startswith("encoder.")}
         enc.load_state_dict(sd, strict=True, assign=True)
         save_encoder(enc, out_dir / ENCODER_FILE, layout="apple")  # atomic
+
+
+def load_teacher(cfg: Config) -> VisionEncoder:
+    """The frozen teacher of a distillation run: ``model.distill.teacher`` read like any ENCODER argument (a model
+    name is a random encoder, the same on every rank and on resume under the run's seed)."""
+    d = cfg.model.distill
+    try:
+        teacher = load_encoder(d.teacher, **d.teacher_overrides)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise CheckpointError(f"model.distill.teacher: {e}") from e
+    return teacher.requires_grad_(False).eval()
 
 
 class LiTTask(ImageTextTask):

@@ -25,7 +25,7 @@ pickle refusal), ``hf_config`` (config.json), ``resolve`` (shapes -> config, str
 ``atomic``, ``errors``.
 """
 
-from .encoders import create_model, load_encoder, read_checkpoint
+from .encoders import create_model, encoder_config_of, load_encoder, read_checkpoint
 from .errors import CheckpointError, RunError
 from .export import convert_checkpoint, export_hf, save_encoder
 from .hub import download
@@ -60,6 +60,7 @@ __all__ = [
     "export_hf",
     "export_hf_lit",
     "is_run_folder",
+    "encoder_config_of",
     "load_encoder",
     "load_lit",
     "load_pretraining_run",

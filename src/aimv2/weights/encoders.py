@@ -12,8 +12,10 @@ import logging
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..models.encoder import EncoderConfig, VisionEncoder
-from ..models.registry import build_encoder
+from ..models.registry import build_encoder, model_config, with_overrides
 from .errors import CheckpointError, RunError
 from .hf_config import encoder_config_from_hf
 from .hub import fetch_release, fetch_spec, is_hub_spec
@@ -101,6 +103,28 @@ def create_model(
         return build_encoder(name, **overrides)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     return encoder_from_checkpoint(ckpt, name, **overrides)
+
+
+def encoder_config_of(spec: str | os.PathLike, **overrides) -> EncoderConfig | None:
+    """The config of the encoder ``load_encoder(spec, **overrides)`` would give, read without its weights: from a model
+    name, a run folder's ``config.yaml`` or a ``.safetensors`` file's metadata; None where only the weights tell
+    (a transformers folder, a file without our metadata, a Hub repository, which would be downloaded)."""
+    path = Path(spec)
+    try:
+        if is_hub_spec(spec):
+            return None
+        if is_run_folder(path):
+            model = read_run(path).config.model
+            return model_config(model.encoder, **{**model.encoder_overrides, **overrides})
+        if path.is_file() and path.suffix == ".safetensors":
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            return with_overrides(EncoderConfig(**json.loads(meta["config"])), overrides) if "config" in meta else None
+        if path.exists():
+            return None
+        return model_config(str(spec), **overrides)
+    except (ValueError, TypeError, KeyError, RunError, OSError):
+        return None
 
 
 def load_encoder(

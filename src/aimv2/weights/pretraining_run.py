@@ -8,6 +8,7 @@ the one run-folder reader (``aimv2.weights.read_run``); the model is rebuilt fro
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,13 @@ def load_pretraining_run(run_dir: str | Path, *, device: str | torch.device = "c
     if not any(k.startswith(("decoder.", "text_decoder.")) for k in state.model):
         kind = f" (model.objective={cfg.model.objective}: no caption decoder)" if cfg.model.objective != "aimv2" else ""
         raise RunError(f"{state.path} holds no caption decoder weights{kind}, so it cannot caption")
-    model = build_model(cfg, tokenizer.vocab_size, tokenizer.pad_id)
+    build_cfg, weights = cfg, state.model
+    if cfg.model.objective == "distill":  # its AIMv2 part is AIMv2's encoder + decoder; projection and teacher train
+        build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, objective="aimv2"))
+        weights = {k: v for k, v in state.model.items() if not k.startswith("projection.")}
+    model = build_model(build_cfg, tokenizer.vocab_size, tokenizer.pad_id)
     try:
-        model.load_state_dict(state.model, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise RunError(f"{state.path} does not match the model of {run.path}/config.yaml: {e}") from e
     return PretrainedRun(model.to(device).eval(), tokenizer, cfg, state.step, state.path)
