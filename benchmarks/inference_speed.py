@@ -14,7 +14,7 @@ batch of real photos (the first ``--images`` JPEGs of the CC12M shard, preproces
   calibrated on the 24 photos of the shard after the timed batch (on the probe's train split for the probe).
 
 ``--variants`` picks some (default: all but fp16, int8-wo and the onnxruntime int8 with the other weight scales,
-``ort-int8-pc``: dynamic per-channel, ``ort-int8-static-pt``: static per-tensor); fp32 is always measured, as the
+``ort-int8-pc``: dynamic per-channel, ``ort-int8-static-pc``: static per-channel); fp32 is always measured, as the
 baseline. The issue's targets are printed as MET or MISSED: ort-int8 >= 3x torch eager fp32 (paired) at <= 1 point
 of probe top-1 lost, ort-fp32 >= 1.3x; ``--profile`` adds onnxruntime's share of operator time per ONNX operator type.
 
@@ -48,6 +48,7 @@ above what the process held before it (activations and temporaries).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import statistics
@@ -71,13 +72,14 @@ from aimv2.eval.frozen_encoder import load_frozen_encoder
 from aimv2.eval.onnx_runtime import folder_calibration, onnx_encoder, usable_cpus
 from aimv2.eval.probe import ProbeConfig, predict, probe_features
 from aimv2.eval.quantize import quantize_int8
+from aimv2.weights.onnx_quantize import quantize_onnx
 
 SHARD = Path(__file__).resolve().parents[1].parent / "shared/data/cc12m-train-0000.tar"
 ALL_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-wo", "fp32-compile", "int8-compile", "ort-fp32", "ort-int8",
-                "ort-int8-static", "ort-int8-pc", "ort-int8-static-pt")  # fmt: skip
-# the other weight scales of each int8 recipe (per-channel for dynamic, per-tensor for static), which decide the
-# defaults of aimv2.eval.onnx_runtime.PER_CHANNEL
-OTHER_SCALES = {"ort-int8-pc": True, "ort-int8-static-pt": False}  # measured against the defaults
+                "ort-int8-static", "ort-int8-pc", "ort-int8-static-pc", "ort-int8-static-pt")  # fmt: skip
+# each int8 recipe with its weight scales set explicitly (-pc per-channel, -pt per-tensor), measured against the
+# defaults of aimv2.eval.onnx_runtime.PER_CHANNEL (per-tensor for both recipes: ort-int8-static-pt is ort-int8-static)
+OTHER_SCALES = {"ort-int8-pc": True, "ort-int8-static-pc": True, "ort-int8-static-pt": False}  # vs the defaults
 DEFAULT_VARIANTS = "fp32,bf16,fp32-compile,int8,int8-compile,ort-fp32,ort-int8,ort-int8-static"
 TARGETS = {"ort-int8": 3.0, "ort-fp32": 1.3}  # x torch eager fp32 (paired); ort-int8 also <= 1 point of top-1 lost
 CALIBRATION = 24  # CC12M photos after the timed batch (the shard has 32) that calibrate ort-int8-static
@@ -234,6 +236,86 @@ def ort_profile(model, x: torch.Tensor, top: int = 8) -> dict:
     return {k: v / total for k, v in ranked[:top]}
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector-ISA flags that decide int8 and fp32 GEMM speed (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f)
+
+
+def gemm_ceiling(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict:
+    """What this CPU's matrix multiplies can do at the encoder's own shapes, to read the speedups against.
+
+    The forward's FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the fp32 encoder. The rates
+    are those of one GEMM of its largest linear layer (the batch's tokens x its input width -> its output width):
+    torch fp32 (``F.linear``, as the forward calls it), onnxruntime fp32 (a one-MatMul graph) and onnxruntime int8
+    (the same graph through ``quantize_dynamic``, as ``ort-int8`` quantizes the encoder).
+    ``int8_over_torch_eager`` is the int8 GEMM's rate over the rate the eager fp32 forward reaches: the speedup
+    ort-int8 could reach if the whole forward ran at the int8 GEMM's rate.
+    """
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    cfg = model.cfg
+    n = model(x[:1]).shape[1]
+    # FlopCounterMode counts the linear layers and the patch conv; SDPA's two products it does not count on CPU:
+    # 2 * (2 * N^2 * D) per image and block
+    attention = 4.0 * x.shape[0] * n * n * cfg.embed_dim * cfg.depth
+    flops = counter.get_total_flops() + attention
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    big = max(linears, key=lambda m: m.weight.numel())
+    tokens = x.shape[0] * n
+    a = torch.randn(tokens, big.in_features)
+    weight = big.weight.detach()  # [out, in]: torch's own layout, as the forward calls it
+    w = weight.T.contiguous()  # [in, out]: the exported graph's MatMul initializer
+    gemm_flops = 2.0 * tokens * big.in_features * big.out_features
+
+    def timed(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    rates = {}
+    with torch.inference_mode():
+        rates["torch_fp32"] = gemm_flops / timed(lambda: F.linear(a, weight))
+    with tempfile.TemporaryDirectory() as d:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "w"], ["y"])],
+            "gemm",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, big.out_features])],
+            [numpy_helper.from_array(w.numpy(), "w")],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        proto.ir_version = 10  # what onnxruntime 1.2x reads (onnx's newest may be ahead of it)
+        onnx.save(proto, f"{d}/fp32.onnx")
+        with contextlib.redirect_stderr(io.StringIO()):  # the quantizer's pre-processing advice
+            quantize_onnx(f"{d}/fp32.onnx", f"{d}/int8.onnx", mode="dynamic", input_name="a")
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = usable_cpus()
+        feed = {"a": a.numpy()}
+        for name in ("fp32", "int8"):
+            sess = onnxruntime.InferenceSession(f"{d}/{name}.onnx", opts, providers=["CPUExecutionProvider"])
+            rates[f"ort_{name}"] = gemm_flops / timed(lambda sess=sess: sess.run(None, feed))
+    return {
+        "forward_gflop": flops / 1e9,
+        "gemm": [tokens, big.in_features, big.out_features],
+        "gflops": {k: v / 1e9 for k, v in rates.items()},
+        "cpu_flags": cpu_flags(),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", default="aimv2-base-patch14-224", help="model name, checkpoint, run or hf:REPO")
@@ -246,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(ALL_VARIANTS)}")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak memory (its process builds every variant)")
     ap.add_argument("--profile", action="store_true", help="onnxruntime's per-operator time of the ort variants")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the GEMM rates of this CPU at the encoder's shapes")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -284,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                 times[v].append(time.perf_counter() - t0)
             print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants), flush=True)
     profiles = {v: ort_profile(m, x) for v, (_, m) in built.items() if args.profile and v.startswith("ort-")}
+    ceiling = None if args.no_ceiling else gemm_ceiling(built["fp32"][1], x)
     del fwds, built
     probe = None if args.no_probe else probe_top1(variants, args)
     script_args = ["--encoder", args.encoder, "--images", str(args.images), "--variants", ",".join(variants)]
@@ -314,6 +398,24 @@ def main(argv: list[str] | None = None) -> dict:
         i = probe["info"]
         print(f"probe: {i['task']}, {i['n_train']} train / {i['n_val']} val scenes, chance {i['chance']:.1f}%")
     targets = check_targets(rows, probe is not None)
+    if ceiling:
+        g = ceiling["gflops"]
+        for r in rows.values():
+            r["gflops"] = ceiling["forward_gflop"] / statistics.median(r["times_s"])  # the batch's FLOPs
+        eager = rows["fp32"]["gflops"]
+        ceiling["torch_eager_fp32_share_of_gemm"] = eager / g["torch_fp32"]
+        ceiling["int8_over_torch_eager"] = g["ort_int8"] / eager
+        ceiling["ort_fp32_over_torch_eager"] = g["ort_fp32"] / eager
+        print(
+            f"GEMM rates at {'x'.join(map(str, ceiling['gemm']))} (CPU flags {' '.join(ceiling['cpu_flags'])}): "
+            + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in g.items())
+        )
+        print(
+            f"the eager fp32 forward ({ceiling['forward_gflop']:.0f} GFLOP) runs at {eager:.0f} GFLOP/s, "
+            f"{ceiling['torch_eager_fp32_share_of_gemm']:.0%} of torch's fp32 GEMM: at most "
+            f"{ceiling['ort_fp32_over_torch_eager']:.2f}x for ort-fp32 and "
+            f"{ceiling['int8_over_torch_eager']:.2f}x for ort-int8 if every FLOP ran at its GEMM's rate"
+        )
     for v, p in profiles.items():
         print(
             f"{v} per operator (onnxruntime profile, one forward): " + ", ".join(f"{k} {s:.0%}" for k, s in p.items())
@@ -326,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         "variants": rows,
         "targets": targets,
         "ort_profile": profiles or None,
+        "gemm_ceiling": ceiling,
         "machine": {
             **machine.machine_info(("torchao", "onnxruntime")),
             "torch_threads": torch.get_num_threads(),
