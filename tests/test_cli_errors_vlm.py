@@ -226,6 +226,20 @@ def test_eval_captions_scores_the_users_data(parts, tmp_path, capsys):
     assert json.loads(out.read_text()) == result
 
 
+def test_eval_leaves_text_only_records_out_and_counts_them(parts, tmp_path, capsys):
+    """LLaVA's mixes hold text-only conversations; `vlm eval --data` used to score them against a black image."""
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red square"}]
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
+    data = _write(tmp_path, [_record(turns), text_only, _record(turns)])
+    argv = ["vlm", "eval", str(parts / "run"), "--captions", "--data", str(data), "--images", str(parts / "images")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    assert result["n"] == 2 and result["text_only"] == 1 and result["skipped"] == 0
+    assert all(e["references"] == ["a red square"] for e in result["examples"])
+    assert "left out 1 text-only record" in captured.err
+
+
 @pytest.mark.parametrize(
     "argv, key, value",
     [

@@ -277,9 +277,11 @@ def run_eval(args) -> int:
     if args.out:
         _check_writable(args.out)
     model, tokenizer, cfg = load_vlm_run(_quiet_lm_loading(args.run))
-    skipped = 0
+    skipped = text_only = 0
     if args.data:
-        samples, skipped = llava_vqa_samples(args.data, args.images, model.image_size, with_skipped=True)
+        samples, skipped, text_only = llava_vqa_samples(args.data, args.images, model.image_size, with_skipped=True)
+        if text_only:
+            print(f"left out {text_only} text-only record(s) of {args.data}: no image to ask about", file=sys.stderr)
     if args.captions and not args.data:
         result = _captions(model, tokenizer, cfg, args)
     elif args.captions:
@@ -292,6 +294,7 @@ def run_eval(args) -> int:
                                   mean_std=cfg.data.mean_std, progress=bar.update)  # fmt: skip
     if args.data:
         result["skipped"] = skipped
+        result["text_only"] = text_only
     for k, v in result.items():
         if k.startswith("accuracy") or k == "cider":
             print(f"{k:<22} {v:.3f}")

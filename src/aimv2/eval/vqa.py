@@ -143,13 +143,17 @@ def llava_vqa_samples(json_path, images, size: tuple[int, int], with_skipped: bo
     """A LLaVA file as evaluate_vqa's samples: the first human turn is the question, the references are the
     record's ``answers`` (VQAv2's ten: strings, or VQAv2's ``{"answer": ...}`` objects) or else its first gpt turn;
     the type is ``question_type`` or "all". Records whose image is missing or unreadable are skipped (warned about,
-    counted: ``(samples, skipped)`` with ``with_skipped``)."""
+    counted: ``(samples, skipped)`` with ``with_skipped``). Text-only records (no ``image``) ask nothing about an
+    image: they are left out too, and counted apart (``(samples, skipped, text_only)`` with ``with_skipped``)."""
     from ..data.records import RecordAt, RecordError, field
     from ..data.sources.llava import LlavaConversations
 
     ds = LlavaConversations(json_path, images, size, max_fault_rate=1.0)
-    out, skipped = [], 0
+    out, skipped, text_only = [], 0, 0
     for i, rec in enumerate(ds.records):
+        if "image" not in rec:  # LLaVA's mixes hold text-only conversations: no image question to score
+            text_only += 1
+            continue
         where = RecordAt(json_path, "", i)
         answers = field(rec, "answers", list, where=where, optional=True,
                         fix='give "answers" as a list of strings or of {"answer": ...} objects')  # fmt: skip
@@ -172,8 +176,11 @@ def llava_vqa_samples(json_path, images, size: tuple[int, int], with_skipped: bo
         question = next(m["content"] for m in messages if m["role"] == "user").replace("<image>", "").strip()
         out.append((str(rec.get("question_type", "all")), image, question, refs))
     if not out:
-        raise RecordError(f"no record of {json_path} has a readable image (skipped {skipped}); check --images")
-    return (out, skipped) if with_skipped else out
+        raise RecordError(
+            f"no record of {json_path} has a readable image (skipped {skipped}, text-only {text_only}); "
+            "check --images, and that the records name an 'image'"
+        )
+    return (out, skipped, text_only) if with_skipped else out
 
 
 def evaluate_captions(model, tokenizer, samples, *, batch_size=32, mean_std="imagenet") -> dict:
