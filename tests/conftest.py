@@ -135,6 +135,22 @@ def kill9_after_checkpoint(cmd: list[str], out_dir, step: int, timeout: float = 
     p.wait()
 
 
+def training_flops(model, *inputs) -> float:
+    """FLOPs of one forward + backward of ``model(*inputs).loss``, counted by torch's FlopCounterMode with the
+    two-matmul attention (whose products the counter sees; SDPA's it does not count on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aimv2.models.attention import set_attention_backend
+
+    set_attention_backend("matmul")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(*inputs).loss.backward()
+    finally:
+        set_attention_backend("auto")
+    return counter.get_total_flops()
+
+
 def perturb_from(images: torch.Tensor, first_patch: int, patch: int) -> torch.Tensor:
     """A copy of ``images`` [B, 3, H, W] with noise on every patch of raster index >= first_patch."""
     x = images.clone()

@@ -10,13 +10,11 @@ import pytest
 import test_pretrain_objective as objective_tests
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_RUN, kill9_after_checkpoint, read_metrics, subprocess_env
+from conftest import ROOT, TINY_RUN, kill9_after_checkpoint, read_metrics, subprocess_env, training_flops
 from safetensors.torch import load_file
-from torch.utils.flop_counter import FlopCounterMode
 
 import aimv2
 from aimv2.cli import main
-from aimv2.models.attention import set_attention_backend
 from aimv2.models.decoder import MultimodalDecoder, default_decoder_config
 from aimv2.objectives import Distiller
 from aimv2.train.metrics import encoder_forward_flops, flops_per_sample
@@ -99,13 +97,7 @@ def test_flops_per_sample_counts_the_teacher_forward_once():
     finer grid) against the formula."""
     model = distiller(teacher="aimv2-small-patch8-64", teacher_overrides={"img_size": 64, "depth": 2})
     images, text = objective_tests._batch()
-    set_attention_backend("matmul")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(images, text).loss.backward()
-    finally:
-        set_attention_backend("auto")
-    counted = counter.get_total_flops() / 2
+    counted = training_flops(model, images, text) / 2
     assert counted == pytest.approx(flops_per_sample(model, 16, 7), rel=0.01)
     assert encoder_forward_flops(model.teacher.cfg, 64) > 0.2 * counted  # the teacher's share is no rounding error
 
@@ -115,15 +107,7 @@ def distill_model(img_size=32, **kw):
     return distiller(img_size=img_size, aimv2_weight=0.5).eval()
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        lambda: objective_tests.test_patch_prediction_ignores_target_and_later_patches((32, 32)),
-        objective_tests.test_gradients_of_patch_predictions_reach_only_allowed_patches,
-        objective_tests.test_text_logits_ignore_current_and_later_tokens,
-    ],
-    ids=["patches", "patch-gradients", "text"],
-)
+@pytest.mark.parametrize("check", objective_tests.LEAK_CHECKS, ids=objective_tests.LEAK_CHECK_IDS)
 def test_no_leakage_in_the_aimv2_part(check, monkeypatch):
     monkeypatch.setattr(objective_tests, "_model", distill_model)
     check()

@@ -3,9 +3,8 @@ FlopCounterMode, and the peak of the GPU by its CUDA name."""
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import training_flops
 
-from aimv2.models.attention import set_attention_backend
 from aimv2.objectives import create_pretraining_model
 from aimv2.train.metrics import flops_per_sample, peak_flops
 
@@ -17,13 +16,7 @@ def test_flops_per_sample_matches_torch_flop_counter():
     model = create_pretraining_model("aimv2-tiny-patch8-64", vocab_size=500, decoder_max_text_len=16)
     B, N, T = 2, 64, 16
     images, text = torch.randn(B, 3, 64, 64), torch.randint(3, 500, (B, T))
-    set_attention_backend("matmul")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(images, text).loss.backward()
-    finally:
-        set_attention_backend("auto")
-    counted = counter.get_total_flops() / B
+    counted = training_flops(model, images, text) / B
     assert counted == pytest.approx(flops_per_sample(model, N, T), rel=0.01)
 
 

@@ -106,15 +106,7 @@ def test_loss_adds_the_weighted_balance_and_every_parameter_gets_a_gradient():
     assert not model.whole_graph  # data-dependent routes break graphs: compiled per block
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        lambda: objective_tests.test_patch_prediction_ignores_target_and_later_patches((32, 32)),
-        objective_tests.test_gradients_of_patch_predictions_reach_only_allowed_patches,
-        objective_tests.test_text_logits_ignore_current_and_later_tokens,
-    ],
-    ids=["patches", "patch-gradients", "text"],
-)
+@pytest.mark.parametrize("check", objective_tests.LEAK_CHECKS, ids=objective_tests.LEAK_CHECK_IDS)
 def test_no_leakage_with_experts(check, monkeypatch):
     """Dropless routing is per token, so the AIMv2 leakage tests hold as they are on an MoE decoder."""
     monkeypatch.setattr(objective_tests, "_model", moe_model)

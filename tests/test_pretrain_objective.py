@@ -210,3 +210,13 @@ def test_prefix_sampler_differs_across_workers_ranks_and_steps_and_is_reproducib
     big = s(100_000, 5)
     assert set(big.unique().tolist()) == {1, 2, 3, 4}  # uniform over {1..N-1}
     assert (big.bincount(minlength=5)[1:].float() / 100_000 - 0.25).abs().max() < 0.01
+
+
+# The three no-leak checks above, for another objective's tests to run on its own model (monkeypatch ``_model``):
+# pytest.mark.parametrize("check", LEAK_CHECKS, ids=LEAK_CHECK_IDS)
+LEAK_CHECKS = [
+    lambda: test_patch_prediction_ignores_target_and_later_patches((32, 32)),
+    lambda: test_gradients_of_patch_predictions_reach_only_allowed_patches(),
+    lambda: test_text_logits_ignore_current_and_later_tokens(),
+]
+LEAK_CHECK_IDS = ["patches", "patch-gradients", "text"]
