@@ -12,7 +12,8 @@ the AIMv2 encoder.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/detection_compare.py --work runs/detcmp
 
-Writes benchmarks/results/detection_tiny_<device>.json and detection_tiny_boxes.png (or --out-prefix). The
+Writes benchmarks/results/detection_tiny_<device>.json, detection_tiny_boxes.png and detection_tiny_grounding.png
+(phrases and boxes of the AIMv2 grounder on held-out scenes) (or --out-prefix). The
 protocol's defaults (400 pretraining steps, the demo's) take hours on a laptop's CPU; --device cuda runs it on a GPU.
 """
 
@@ -144,6 +145,34 @@ def picture(run: Path, path: Path, n: int = 8) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+def grounding_picture(run: Path, path: Path, n: int = 8, scale: int = 4) -> None:
+    """Held-out scenes with the phrase under each: the grounder's top box (green where IoU >= 0.5 with the true
+    box, red otherwise) and the true box (white)."""
+    from PIL import ImageDraw
+    from torchvision.ops import box_iou
+    from torchvision.utils import draw_bounding_boxes
+
+    from aimv2.eval.grounding import ground_phrases
+
+    model, meta = load_grounder(run)
+    data = SyntheticGrounding(HELD_OUT_SEED, meta["ground"].image_size, n)
+    tiles = []
+    for i in range(n):
+        fitted, phrase, truth = data.fitted(i)
+        boxes, scores = ground_phrases(model, fitted, [phrase])
+        hit = float(box_iou(boxes, truth[None])[0, 0]) >= 0.5
+        big = torch.nn.functional.interpolate(fitted.pixels[None].float(), scale_factor=scale, mode="nearest")[0]
+        drawn = draw_bounding_boxes(
+            big.byte(), torch.cat([truth[None], boxes]) * scale, colors=["white", "lime" if hit else "red"], width=2
+        )
+        tile = Image.new("RGB", (drawn.shape[2], drawn.shape[1] + 30), "white")
+        tile.paste(Image.fromarray(drawn.permute(1, 2, 0).numpy()), (0, 0))
+        ImageDraw.Draw(tile).text((4, drawn.shape[1] + 8), f"{phrase} ({scores[0]:.2f})", fill="black")
+        tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
+    grid = make_grid(tiles, nrow=4, padding=4, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for the runs (reused when present)")
@@ -182,6 +211,10 @@ def main() -> None:
         }
     picture(
         args.work / f"detect-aimv2-seed{args.seeds[0]}", args.out_prefix.with_name(args.out_prefix.name + "_boxes.png")
+    )
+    grounding_picture(
+        args.work / f"ground-aimv2-seed{args.seeds[0]}",
+        args.out_prefix.with_name(args.out_prefix.name + "_grounding.png"),
     )
     result = {
         "protocol": {
