@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import MissingPackageError
 from ..models.encoder import VisionEncoder, resize_pos_embed
+from ..objectives.lit import LiTTower
 from ..weights.onnx_export import export_module, export_onnx, needs_external_data, weights_file
 from ..weights.onnx_quantize import quantize_onnx
 from .feature_cache import weights_digest
@@ -213,8 +214,8 @@ def onnx_encoder(
         "input": "native" if native else list(encoder.cfg.image_hw),
         "opset": opset,
     }
-    path = cached_graph(graph_key(fp32), lambda p: export_onnx(encoder, p, opset=opset), cache_dir)
     key = graph_key(fp32)
+    path = cached_graph(key, lambda p: export_onnx(encoder, p, opset=opset), cache_dir)
     if dtype == "int8":
         path, key = _int8(path, fp32, encoder, calibration, calibration_id, per_channel, cache_dir)
     return OrtEncoder(path, key, dtype, encoder.cfg)
@@ -312,24 +313,6 @@ def runtime_encoder(load: Callable[[str], nn.Module], settings) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- LiT: both towers
-class _TextTower(nn.Module):
-    def __init__(self, lit):
-        super().__init__()
-        self.lit = lit
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lit.encode_text(ids)
-
-
-class _ImageTower(nn.Module):
-    def __init__(self, lit):
-        super().__init__()
-        self.lit = lit
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.lit.encode_image(pixels)
-
-
 class OrtLiT(nn.Module):
     """A LiT model's two towers run by onnxruntime: ``encode_image(pixels) -> [B, P]`` and ``encode_text(ids) ->
     [B, P]``, unit-norm embeddings as :class:`~aimv2.objectives.lit.LiT` gives them; ``cfg`` is the model's."""
@@ -365,19 +348,20 @@ def onnx_lit(
     weights = weights_digest(lit)
     cfg = lit.cfg.encoder
     towers = {}
-    for name, module, example, dims, names in (
-        ("image", _ImageTower(lit), torch.zeros(2, cfg.in_chans, *cfg.image_hw), {0: Dim("batch", min=1, max=4096)},
+    for name, example, dims, names in (
+        ("image", torch.zeros(2, cfg.in_chans, *cfg.image_hw), {0: Dim("batch", min=1, max=4096)},
          ("pixels", "embeddings")),
-        ("text", _TextTower(lit), torch.zeros(2, lit.cfg.text.context_length, dtype=torch.long),
-         {0: Dim("batch", min=1, max=65536)}, ("ids", "embeddings")),
+        ("text", torch.zeros(2, lit.cfg.text.context_length, dtype=torch.long), {0: Dim("batch", min=1, max=65536)},
+         ("ids", "embeddings")),
     ):  # fmt: skip
+        module = LiTTower(lit, name)
         parts = {"graph": f"lit-{name}", "weights": weights, "opset": opset}
 
         def write(p, module=module, example=example, dims=dims, names=names):
             export_module(module, example, dims, p, opset=opset, names=names)
 
-        path = cached_graph(graph_key(parts), write, cache_dir)
         key = graph_key(parts)
+        path = cached_graph(key, write, cache_dir)
         if dtype == "int8":
             cal = calibration if name == "image" else None
             path, key = _int8(path, parts, module, cal, calibration_id if cal else None, None, cache_dir, names[0])

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data.sources.folders import ImageFiles
 from ..data.tokenizer import Tokenizer, UnknownSpecialToken
 from ..data.transforms import eval_transform
 from ..errors import DataError
-from ..objectives.lit import LiT
+from ..objectives.lit import LiT, LiTTower
 from ..weights import read_lit
 from .features import DTYPES, default_device, extract_features
 from .probe import topk_accuracy
@@ -141,17 +140,6 @@ def class_embeddings(
     return F.normalize(emb.mean(dim=1), dim=-1)  # [C, P]
 
 
-class _ImageTower(nn.Module):
-    """``extract_features`` calls its model on pixels: this one answers with LiT image embeddings [B, P]."""
-
-    def __init__(self, lit: LiT):
-        super().__init__()
-        self.lit = lit
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.lit.encode_image(pixels)
-
-
 def zeroshot_classify(
     model: LiT,
     tokenizer,
@@ -180,7 +168,7 @@ def zeroshot_classify(
         raise ValueError(f"{len(names)} class names for {len(folders)} class folders")
     text = class_embeddings(model, tokenizer, names, templates, device, dtype=dtype).cpu()  # [C, P]
     feats = extract_features(
-        _ImageTower(model),
+        LiTTower(model, "image"),  # extract_features calls its model on pixels: LiT image embeddings [B, P]
         ds,
         batch_size=batch_size,
         num_workers=num_workers,

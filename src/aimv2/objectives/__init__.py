@@ -12,7 +12,7 @@ from .base import LossTerms
 from .build import build_lit_model, build_model
 from .distill import Distiller
 from .generative import OBJECTIVES, GenerativeBaseline, create_baseline_model
-from .lit import CLIPBaseline, LiT, LiTConfig, LiTOutput, contrastive_loss
+from .lit import CLIPBaseline, LiT, LiTConfig, LiTOutput, LiTTower, contrastive_loss
 
 __all__ = [
     "OBJECTIVES",
@@ -23,6 +23,7 @@ __all__ = [
     "LiT",
     "LiTConfig",
     "LiTOutput",
+    "LiTTower",
     "LossTerms",
     "PrefixSampler",
     "PretrainOutput",

@@ -198,6 +198,22 @@ class LiT(nn.Module):
         return {"contrastive_loss": count(len(images), images.device), **{k: count(0) for k in self.extra_parts}}
 
 
+class LiTTower(nn.Module):
+    """One tower of a LiT model as a module of its own, for code that calls a model on one input (feature
+    extraction, ONNX export): ``forward`` is ``lit.encode_image`` (``which="image"``: pixels [B, 3, H, W]) or
+    ``lit.encode_text`` (``which="text"``: ids [B, T]), unit-norm embeddings [B, P] either way."""
+
+    def __init__(self, lit: LiT, which: str):
+        super().__init__()
+        if which not in ("image", "text"):
+            raise ValueError(f"a LiT tower is 'image' or 'text', not {which!r}")
+        self.lit = lit
+        self.which = which
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lit.encode_image(x) if self.which == "image" else self.lit.encode_text(x)
+
+
 class CLIPBaseline(LiT):
     """The paper's contrastive baseline: the same two towers as LiT, with a randomly initialised, trainable,
     bidirectional encoder. It reports ``image_loss`` and ``text_loss`` as 0 so that every pretraining run logs the
