@@ -236,16 +236,6 @@ def ort_profile(model, x: torch.Tensor, top: int = 8) -> dict:
     return {k: v / total for k, v in ranked[:top]}
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's vector-ISA flags that decide int8 and fp32 GEMM speed (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f)
-
-
 def gemm_ceiling(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict:
     """What this CPU's matrix multiplies can do at the encoder's own shapes, to read the speedups against.
 
@@ -264,7 +254,7 @@ def gemm_ceiling(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
     cfg = model.cfg
-    n = model(x[:1]).shape[1]
+    n = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size)  # patch tokens per image
     # FlopCounterMode counts the linear layers and the patch conv; SDPA's two products it does not count on CPU:
     # 2 * (2 * N^2 * D) per image and block
     attention = 4.0 * x.shape[0] * n * n * cfg.embed_dim * cfg.depth
@@ -312,7 +302,7 @@ def gemm_ceiling(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict
         "forward_gflop": flops / 1e9,
         "gemm": [tokens, big.in_features, big.out_features],
         "gflops": {k: v / 1e9 for k, v in rates.items()},
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": machine.cpu_flags(),
     }
 
 

@@ -10,15 +10,26 @@ import platform
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+def cpuinfo_line(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (Linux), None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    return cpuinfo_line("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector-ISA flags that decide int8 and fp32 GEMM speed (from /proc/cpuinfo; empty elsewhere)."""
+    flags = (cpuinfo_line("flags") or "").split()
+    return sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f)
 
 
 def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "transformers", "pillow")) -> dict:

@@ -74,7 +74,7 @@ def _key(key: str) -> str:
 
 def grid_points(grids: list[str], preset: str | None = None) -> list[tuple[str, list[str]]]:
     """[(point name, config overrides)]: the preset's points (or one empty point) x the product of the axes."""
-    axes = []
+    axes, keys = [], set()
     for g in grids:
         if "=" not in g:
             raise ValueError(f"--grid {g!r} is not KEY=V1,V2")
@@ -85,8 +85,9 @@ def grid_points(grids: list[str], preset: str | None = None) -> list[tuple[str, 
         axis = [(f"{short}={v}", f"{_key(key)}={v}") for v in values.split(",") if v != ""]
         if not axis:
             raise ValueError(f"--grid {g!r} gives no values; give KEY=V1,V2, e.g. --grid {key}=0.2,0.4")
-        if _key(key) in (_key(k.split("=", 1)[0]) for k in grids[: len(axes)]):
+        if _key(key) in keys:
             raise ValueError(f"--grid sets {_key(key)} in two axes; give its values in one --grid {key}=V1,V2,...")
+        keys.add(_key(key))
         axes.append(axis)
     points = []
     bases = PRESETS[preset] if preset else [("", [])]

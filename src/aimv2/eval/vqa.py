@@ -143,8 +143,8 @@ def llava_vqa_samples(json_path, images, size: tuple[int, int], with_skipped: bo
     """A LLaVA file as evaluate_vqa's samples: the first human turn is the question, the references are the
     record's ``answers`` (VQAv2's ten: strings, or VQAv2's ``{"answer": ...}`` objects) or else its first gpt turn;
     the type is ``question_type`` or "all". Records whose image is missing or unreadable are skipped (warned about,
-    counted: ``(samples, skipped)`` with ``with_skipped``). Text-only records (no ``image``) ask nothing about an
-    image: they are left out too, and counted apart (``(samples, skipped, text_only)`` with ``with_skipped``)."""
+    counted); text-only records (no ``image``) ask nothing about an image and are left out, counted apart. With
+    ``with_skipped``: ``(samples, skipped, text_only)``."""
     from ..data.records import RecordAt, RecordError, field
     from ..data.sources.llava import LlavaConversations
 
