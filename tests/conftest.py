@@ -151,6 +151,50 @@ def training_flops(model, *inputs) -> float:
     return counter.get_total_flops()
 
 
+def photos_and_encoder(root: Path, n: int, **overrides):
+    """root/photos: the first ``n`` CC12M photos as JPEG files; root/enc.safetensors: a seeded tiny encoder (64 px,
+    ``overrides`` e.g. depth=2). Returns (photos folder, encoder path); skips the test without the shard."""
+    from test_preprocessing import SHARD, cc12m_images
+
+    from aimv2 import create_model
+    from aimv2.weights import save_encoder
+
+    if not SHARD.is_file():
+        pytest.skip("needs the CC12M shard")
+    (root / "photos").mkdir()
+    for i, img in enumerate(cc12m_images(n)):
+        img.save(root / "photos" / f"{i}.jpg", quality=95)
+    torch.manual_seed(0)
+    return root / "photos", save_encoder(create_model("aimv2-tiny-patch8-64", **overrides), root / "enc.safetensors")
+
+
+def tiny_lit_run(root: Path, depth: int):
+    """A random tiny LiT model (64-wide encoder, 48-wide text tower, ``depth`` blocks each, 32 px) saved with its
+    tokenizer as root/lit (what `aimv2 zeroshot` reads), and root/images: class folders blue, red, white of two
+    odd-sized images each. Returns (model, tokenizer)."""
+    from PIL import Image
+
+    from aimv2.data.tokenizer import default_synthetic_tokenizer
+    from aimv2.models.encoder import EncoderConfig
+    from aimv2.models.text import TextConfig
+    from aimv2.objectives.lit import LiT, LiTConfig
+    from aimv2.weights import save_lit
+
+    tok = default_synthetic_tokenizer(context_length=16)
+    torch.manual_seed(0)
+    enc = EncoderConfig(embed_dim=64, depth=depth, num_heads=4, mlp_hidden_dim=128, patch_size=8, img_size=32)
+    text = TextConfig(vocab_size=tok.vocab_size, embed_dim=48, depth=depth, num_heads=3, mlp_hidden_dim=96,
+                      context_length=16, eos_id=tok.eos_id)  # fmt: skip
+    model = LiT(LiTConfig(encoder=enc, text=text, projection_dim=32)).eval()
+    for c, rgb in {"blue": (40, 90, 225), "red": (220, 40, 40), "white": (245, 245, 245)}.items():
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 36 + i), tuple(v - 10 * i for v in rgb)).save(root / "images" / c / f"{i}.png")
+    save_lit(model, root / "lit" / "lit.safetensors")
+    tok.save(root / "lit" / "tokenizer.json")
+    return model, tok
+
+
 def perturb_from(images: torch.Tensor, first_patch: int, patch: int) -> torch.Tensor:
     """A copy of ``images`` [B, 3, H, W] with noise on every patch of raster index >= first_patch."""
     x = images.clone()

@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import subprocess_env
+from conftest import photos_and_encoder, subprocess_env, tiny_lit_run
 from PIL import Image
 from safetensors.torch import load_file
-from test_preprocessing import SHARD, cc12m_images
 
 import aimv2
 from aimv2.cli import main
@@ -72,15 +71,7 @@ def test_int8_quantization_keeps_the_features(mode):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Six real CC12M photos as JPEG files, and a seeded full-depth tiny encoder (6 blocks, 64 px) saved once."""
-    if not SHARD.is_file():
-        pytest.skip("needs the CC12M shard")
-    root = tmp_path_factory.mktemp("int8")
-    (root / "photos").mkdir()
-    for i, img in enumerate(cc12m_images(6)):
-        img.save(root / "photos" / f"{i}.jpg", quality=95)
-    torch.manual_seed(0)
-    enc = save_encoder(aimv2.create_model("aimv2-tiny-patch8-64"), root / "enc.safetensors")
-    return root / "photos", enc
+    return photos_and_encoder(tmp_path_factory.mktemp("int8"), 6)
 
 
 def test_extract_int8_is_torchao_int8_and_keeps_the_features(photos, tmp_path):
@@ -140,25 +131,9 @@ def test_zeroshot_int8_quantizes_both_towers(tmp_path, capsys):
     """`zeroshot --dtype int8` on a saved LiT model runs int8 linear layers in both towers; through the library the
     image and class embeddings stay within cosine 0.99 of fp32's."""
     pytest.importorskip("torchao")
-    from aimv2.data.tokenizer import default_synthetic_tokenizer
     from aimv2.eval.zeroshot import zeroshot_classify
-    from aimv2.models.encoder import EncoderConfig
-    from aimv2.models.text import TextConfig
-    from aimv2.objectives.lit import LiT, LiTConfig
-    from aimv2.weights import save_lit
 
-    tok = default_synthetic_tokenizer(context_length=16)
-    torch.manual_seed(0)
-    enc = EncoderConfig(embed_dim=64, depth=2, num_heads=4, mlp_hidden_dim=128, patch_size=8, img_size=32)
-    text = TextConfig(vocab_size=tok.vocab_size, embed_dim=48, depth=2, num_heads=3, mlp_hidden_dim=96,
-                      context_length=16, eos_id=tok.eos_id)  # fmt: skip
-    model = LiT(LiTConfig(encoder=enc, text=text, projection_dim=32)).eval()
-    for c, rgb in {"blue": (40, 90, 225), "red": (220, 40, 40), "white": (245, 245, 245)}.items():
-        (tmp_path / "images" / c).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (40, 36 + i), tuple(v - 10 * i for v in rgb)).save(tmp_path / "images" / c / f"{i}.png")
-    save_lit(model, tmp_path / "lit" / "lit.safetensors")
-    tok.save(tmp_path / "lit" / "tokenizer.json")
+    model, tok = tiny_lit_run(tmp_path, depth=2)
     cmd = ["zeroshot", str(tmp_path / "lit"), "--images", str(tmp_path / "images"), "--device", "cpu"]
     assert main([*cmd, "--dtype", "int8"]) == 0
     assert "top1" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import photos_and_encoder, tiny_lit_run
 from PIL import Image
 from safetensors.torch import load_file
-from test_preprocessing import SHARD, cc12m_images
 
 import aimv2
 from aimv2.cli import main
@@ -35,15 +35,7 @@ def onnx_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Eight real CC12M photos as JPEG files, and a seeded 2-block tiny encoder (64 px) saved once."""
-    if not SHARD.is_file():
-        pytest.skip("needs the CC12M shard")
-    root = tmp_path_factory.mktemp("ort")
-    (root / "photos").mkdir()
-    for i, img in enumerate(cc12m_images(8)):
-        img.save(root / "photos" / f"{i}.jpg", quality=95)
-    torch.manual_seed(0)
-    enc = save_encoder(aimv2.create_model("aimv2-tiny-patch8-64", depth=2), root / "enc.safetensors")
-    return root / "photos", enc
+    return photos_and_encoder(tmp_path_factory.mktemp("ort"), 8, depth=2)
 
 
 def _pixels(model, folder, n=8):
@@ -175,26 +167,10 @@ def test_probe_and_classify_with_onnxruntime(photos, tmp_path, capsys):
 def test_zeroshot_with_onnxruntime_both_towers(tmp_path, capsys):
     """`zeroshot --runtime onnxruntime` runs both towers as graphs: the same scores as PyTorch (fp32, 1e-4 through
     the library) and the same top-1 from the command; int8 stays within cosine 0.95 (image) and 0.9 (text)."""
-    from aimv2.data.tokenizer import default_synthetic_tokenizer
     from aimv2.eval.onnx_runtime import onnx_lit
     from aimv2.eval.zeroshot import zeroshot_classify
-    from aimv2.models.encoder import EncoderConfig
-    from aimv2.models.text import TextConfig
-    from aimv2.objectives.lit import LiT, LiTConfig
-    from aimv2.weights import save_lit
 
-    tok = default_synthetic_tokenizer(context_length=16)
-    torch.manual_seed(0)
-    enc = EncoderConfig(embed_dim=64, depth=1, num_heads=4, mlp_hidden_dim=128, patch_size=8, img_size=32)
-    text = TextConfig(vocab_size=tok.vocab_size, embed_dim=48, depth=1, num_heads=3, mlp_hidden_dim=96,
-                      context_length=16, eos_id=tok.eos_id)  # fmt: skip
-    model = LiT(LiTConfig(encoder=enc, text=text, projection_dim=32)).eval()
-    for c, rgb in {"blue": (40, 90, 225), "red": (220, 40, 40), "white": (245, 245, 245)}.items():
-        (tmp_path / "images" / c).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (40, 36 + i), tuple(v - 10 * i for v in rgb)).save(tmp_path / "images" / c / f"{i}.png")
-    save_lit(model, tmp_path / "lit" / "lit.safetensors")
-    tok.save(tmp_path / "lit" / "tokenizer.json")
+    model, tok = tiny_lit_run(tmp_path, depth=1)
     cmd = ["zeroshot", str(tmp_path / "lit"), "--images", str(tmp_path / "images"), "--workers", "0"]
     rc, out, err = _run([*cmd, "--device", "cpu"], capsys)
     assert rc == 0, err
